@@ -1,0 +1,50 @@
+# Two commands do everything: `make run` (the main job) and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+TORCH_VERSION ?= 2.13.0
+MAX_ADS ?= 3000
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export GX_ANALYTICS_ENABLED := false
+export MLFLOW_DISABLE_TELEMETRY := true
+export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 60
+export OMP_WAIT_POLICY := PASSIVE
+
+.PHONY: setup run test lint bench ui clean openclipart
+
+setup: $(STAMP)
+
+# Reinstall only when the project metadata changed.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PIP) show torch 2>/dev/null | grep -q "^Version: $(TORCH_VERSION)" || $(PIP) install -q "torch==$(TORCH_VERSION)"
+	$(PIP) install -q -e ".[dev]"
+	@touch $(STAMP)
+
+# The clip art the default dataset is built from (Debian package).
+openclipart:
+	@bash infra/ensure_openclipart.sh
+
+run: setup openclipart
+	$(VENV)/bin/alignsearch run
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check components flows tests
+
+bench: setup openclipart
+	$(VENV)/bin/alignsearch benchmark --data data/openclipart --out reports/benchmark
+
+ui: setup
+	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root mlruns/artifacts
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,113 @@
+"""Typed configuration: `params.yaml` loaded once into one pydantic model per stage.
+
+Stages receive their own section (`cfg.data`, `cfg.validate`, ...) and never read
+`params.yaml`, argv or the environment themselves. `--set key=value` overrides are
+applied here, with the same dotted keys as in `params.yaml`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_PARAMS_PATH = Path("params.yaml")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SyntheticConfig(_Section):
+    num_ads: int = Field(240, ge=10)
+    parts_per_ad_min: int = Field(2, ge=1)
+    parts_per_ad_max: int = Field(4, ge=1)
+    title_words_min: int = Field(1, ge=0)
+    title_words_max: int = Field(2, ge=0)
+    image_size: int = Field(224, ge=32)
+
+
+class CocoConfig(_Section):
+    captions: Path | None = None
+    images: Path | None = None
+
+
+class DataConfig(_Section):
+    """How a dataset is built (`alignsearch data build`, DVC stage `build_data`)."""
+
+    source: Literal["openclipart", "synthetic", "coco"] = "openclipart"
+    out_dir: Path = Path("data/openclipart")
+    svg_root: Path = Path("/usr/share/openclipart/svg")
+    max_ads: int | None = Field(3000, ge=1)
+    seed: int = 0
+    image_size: int = Field(224, ge=32)
+    title_group_cap: int = Field(3, ge=1)
+    split_fractions: dict[str, float] = {"train": 0.7, "valid": 0.1, "test": 0.2}
+    tag_max_ad_share: float = Field(0.05, gt=0, le=1)
+    tag_min_ads: int = Field(5, ge=1)
+    pair_min_ads: int = Field(3, ge=1)
+    raster_timeout_s: float = Field(20.0, gt=0)
+    workers: int = Field(0, ge=0, description="0 = one per core")
+    cache_dir: Path = Path(".cache/alignsearch")
+    synthetic: SyntheticConfig = SyntheticConfig()
+    coco: CocoConfig = CocoConfig()
+
+
+class ValidateConfig(_Section):
+    """Great Expectations validation (`alignsearch data validate`, DVC stage `validate`)."""
+
+    min_image_side: int = Field(32, ge=1)
+    report_dir: Path = Path("reports/validation")
+    max_examples: int = Field(5, ge=1)
+
+
+class DvcConfig(_Section):
+    remote_name: str = "local"
+    # Relative to the repository root; outside the repo so `git clean` never touches it.
+    remote_dir: Path = Path("../alignsearch-dvc-remote")
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    data: DataConfig = DataConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    dvc: DvcConfig = DvcConfig()
+
+    @property
+    def validation(self) -> ValidateConfig:
+        return self.validate_
+
+
+def _parse_value(raw: str):
+    """`--set` values are YAML scalars: numbers, booleans, null and lists parse as such."""
+    return yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
+    """Apply `key.sub=value` overrides to a nested params dict (returns a new dict)."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value (e.g. data.max_ads=500)")
+        key, value = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = _parse_value(value)
+    return out
+
+
+def load_params(path: Path | None = DEFAULT_PARAMS_PATH, overrides: list[str] | None = None) -> Params:
+    """Load `params.yaml` (defaults when the file does not exist) and apply overrides."""
+    raw: dict = {}
+    if path is not None and Path(path).is_file():
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    return Params.model_validate(apply_overrides(raw, overrides))

