@@ -1,0 +1,1 @@
+"""Text side: the MiniLM sentence encoder (offline weights) and the content-word vocabulary."""
