@@ -1,5 +1,4 @@
-"""Retrieval: a faiss index over L2-normalised ad embeddings (inner product = cosine)."""
+"""Retrieval: a faiss index over L2-normalised ad embeddings (inner product = cosine).
 
-from components.retrieve.index import AdIndex, IndexConfig
-
-__all__ = ["AdIndex", "IndexConfig"]
+`index.AdIndex` builds, searches, saves and loads it; `config.IndexConfig` says how.
+"""

@@ -15,7 +15,8 @@ from typing import Literal
 
 import faiss
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+
+from components.retrieve.config import IndexConfig
 
 logger = logging.getLogger(__name__)
 
@@ -25,20 +26,6 @@ FORMAT_VERSION = 1
 
 # faiss warns below ~39 training points per IVF list; fewer lists than that is still correct.
 _IVF_MIN_POINTS_PER_LIST = 39
-
-
-class IndexConfig(BaseModel):
-    """How the ad index is built and searched (`retrieve` section of params.yaml)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    kind: Literal["auto", "flat", "hnsw", "ivf"] = "auto"
-    exact_max: int = Field(20000, ge=0, description="auto: exact flat index up to this many ads, HNSW past it")
-    hnsw_m: int = Field(32, ge=2, description="HNSW graph degree")
-    hnsw_ef_construction: int = Field(80, ge=1)
-    hnsw_ef_search: int = Field(128, ge=1, description="HNSW search breadth (raised to k when k is larger)")
-    ivf_nlist: int = Field(256, ge=1, description="IVF lists (capped so each list gets enough training points)")
-    ivf_nprobe: int = Field(16, ge=1, description="IVF lists visited per query")
 
 
 def resolve_kind(cfg: IndexConfig, num_ads: int) -> Literal["flat", "hnsw", "ivf"]:

@@ -10,19 +10,21 @@ import pytest
 from PIL import Image
 
 from components.data.format import Dataset
-from components.evaluate import (
+from components.evaluate import metrics as metrics_module
+from components.evaluate.metrics import (
     ScoreMatrix,
     auc_over_pairs,
-    evaluate_scores,
-    image_only_queries,
     labelled_pairs,
-    pair_subsets,
     per_query_metrics,
-    query_subsets,
     ranking_metrics,
 )
-from components.evaluate import metrics as metrics_module
 from components.evaluate.plots import plot_alignment_gallery, plot_data_efficiency, plot_subset_bars
+from components.evaluate.subsets import (
+    evaluate_scores,
+    image_only_queries,
+    pair_subsets,
+    query_subsets,
+)
 
 
 def _dcg(ranks: list[int]) -> float:

@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from components.retrieve import AdIndex, IndexConfig
+from components.retrieve.config import IndexConfig
+from components.retrieve.index import AdIndex
 
 
 def _normalised(x: np.ndarray) -> np.ndarray:

@@ -1,0 +1,21 @@
+"""How the ad index is built and searched (the `retrieve` section of params.yaml)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class IndexConfig(BaseModel):
+    """How the ad index is built and searched (`retrieve` section of params.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["auto", "flat", "hnsw", "ivf"] = "auto"
+    exact_max: int = Field(20000, ge=0, description="auto: exact flat index up to this many ads, HNSW past it")
+    hnsw_m: int = Field(32, ge=2, description="HNSW graph degree")
+    hnsw_ef_construction: int = Field(80, ge=1)
+    hnsw_ef_search: int = Field(128, ge=1, description="HNSW search breadth (raised to k when k is larger)")
+    ivf_nlist: int = Field(256, ge=1, description="IVF lists (capped so each list gets enough training points)")
+    ivf_nprobe: int = Field(16, ge=1, description="IVF lists visited per query")
