@@ -13,6 +13,12 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from components.align.config import AlignConfig
+from components.evaluate.config import BenchmarkConfig
+from components.match.config import MatchConfig
+from components.retrieve.config import IndexConfig
+from components.vision.config import PartsConfig
+
 DEFAULT_PARAMS_PATH = Path("params.yaml")
 
 
@@ -63,6 +69,15 @@ class ValidateConfig(_Section):
     max_examples: int = Field(5, ge=1)
 
 
+class PathsConfig(_Section):
+    """Where the pipeline stages write (DVC outputs under data/, reports under reports/)."""
+
+    features_dir: Path = Path("data/stages/features")
+    align_dir: Path = Path("data/stages/align")
+    matcher_dir: Path = Path("data/stages/matcher")
+    reports_dir: Path = Path("reports")
+
+
 class DvcConfig(_Section):
     remote_name: str = "local"
     # Relative to the repository root; outside the repo so `git clean` never touches it.
@@ -70,10 +85,16 @@ class DvcConfig(_Section):
 
 
 class Params(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
 
     data: DataConfig = DataConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    vision: PartsConfig = PartsConfig()
+    align: AlignConfig = AlignConfig()
+    match: MatchConfig = MatchConfig()
+    retrieve: IndexConfig = IndexConfig()
+    benchmark: BenchmarkConfig = BenchmarkConfig()
+    paths: PathsConfig = PathsConfig()
     dvc: DvcConfig = DvcConfig()
 
     @property

@@ -24,6 +24,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Build, validate and version datasets in the interchange format.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+align_app = typer.Typer(help="The label-free alignment of image parts to words.", no_args_is_help=True)
+app.add_typer(align_app, name="align")
 
 # No emoji codes: query ids such as "q:train:..." would render ":train:" as a picture.
 console = Console(emoji=False, highlight=False)
@@ -151,6 +153,145 @@ def run(
                   f"({cfg.validation.report_dir / 'validation.md'})")
     console.print(f"Dataset hash (dvc.lock): {dataset_hash(dataset_dir)}")
     console.print(f"Summary: {dataset_dir / 'README.txt'}    Time: {time.perf_counter() - started:.0f} s")
+
+
+DataOption = Annotated[Optional[Path], typer.Option("--data", help="Dataset directory (default: params data.out_dir).")]  # noqa: UP045
+
+
+@app.command("features")
+def features(data: DataOption = None, out: Annotated[Optional[Path], typer.Option(help="Output directory.")] = None,  # noqa: UP045
+             params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
+    """Visual parts of every ad image (EfficientNet-Lite0; cached by image content)."""
+    from components.vision.stage import run_features
+
+    cfg = _load(params, set_)
+    result = run_features(cfg.vision, dataset_dir=data or cfg.data.out_dir, out_dir=out or cfg.paths.features_dir,
+                          cache_dir=cfg.data.cache_dir)
+    console.print(f"Features: {result.features_path} {result.metrics}")
+
+
+@align_app.command("train")
+def align_train(data: DataOption = None,
+                features_dir: Annotated[Optional[Path], typer.Option("--features", help="Output of `alignsearch features`.")] = None,  # noqa: UP045
+                out: Annotated[Optional[Path], typer.Option(help="Output directory.")] = None,  # noqa: UP045
+                params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
+    """Train the alignment network on the training split (no tags, qrels or queries) and
+    write the visual words of every ad."""
+    from components.align.stage import run_align
+    from components.vision.stage import FEATURES_FILE, load_features
+
+    cfg = _load(params, set_)
+    feats = load_features((features_dir or cfg.paths.features_dir) / FEATURES_FILE)
+    result = run_align(cfg.align, dataset_dir=data or cfg.data.out_dir, features=feats,
+                       out_dir=out or cfg.paths.align_dir, cache_dir=cfg.data.cache_dir)
+    console.print(f"Alignment model: {result.model_dir}\nWords: {result.words_path}\nGallery: {result.gallery_path}")
+    console.print(json.dumps(result.metrics, indent=2))
+
+
+@align_app.command("show")
+def align_show(data: DataOption = None,
+               align_dir: Annotated[Optional[Path], typer.Option("--align", help="Output of `alignsearch align train`.")] = None,  # noqa: UP045
+               ad_id: Annotated[Optional[list[str]], typer.Option("--ad-id", help="Ads to show (repeatable).")] = None,  # noqa: UP045
+               split: Annotated[str, typer.Option(help="Split to sample ads from when no --ad-id is given.")] = "test",
+               limit: Annotated[int, typer.Option(help="How many ads.")] = 10,
+               params: ParamsOption = Path("params.yaml")) -> None:
+    """Show ads with their titles and aligned visual words (scores in brackets)."""
+    from components.align.stage import WORDS_FILE, load_words
+    from components.data.format import read_dataset
+
+    cfg = _load(params, None)
+    dataset = read_dataset(data or cfg.data.out_dir)
+    words = load_words((align_dir or cfg.paths.align_dir) / WORDS_FILE)
+    ads = dataset.ads.set_index("ad_id")
+    chosen = ad_id or dataset.split(split).ads["ad_id"].head(limit).tolist()
+    table = Table(title="Visual words")
+    for column in ("ad id", "title", "visual words"):
+        table.add_column(column)
+    for ad in chosen:
+        if ad not in ads.index:
+            err_console.print(f"[red]unknown ad id {ad!r}[/red]")
+            raise typer.Exit(1)
+        table.add_row(ad, str(ads.loc[ad, "title"]), ", ".join(f"{w} ({s:.2f})" for w, s in words.get(ad, [])))
+    console.print(table)
+
+
+@app.command("train-matcher")
+def train_matcher(data: DataOption = None,
+                  system: Annotated[str, typer.Option(help="ours | text_only | implicit_fusion | late_fusion | ...")] = "ours",
+                  features_dir: Annotated[Optional[Path], typer.Option("--features")] = None,  # noqa: UP045
+                  align_dir: Annotated[Optional[Path], typer.Option("--align")] = None,  # noqa: UP045
+                  out: Annotated[Optional[Path], typer.Option(help="Output directory.")] = None,  # noqa: UP045
+                  params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
+    """Train the language-space matcher (or a baseline) on the training split."""
+    from components.align.stage import WORDS_FILE, load_words
+    from components.match.stage import run_train_matcher
+    from components.vision.stage import FEATURES_FILE, load_features
+
+    cfg = _load(params, set_)
+    feats = load_features((features_dir or cfg.paths.features_dir) / FEATURES_FILE)
+    words = load_words((align_dir or cfg.paths.align_dir) / WORDS_FILE) if system == "ours" else None
+    result = run_train_matcher(cfg.match, dataset_dir=data or cfg.data.out_dir, out_dir=out or cfg.paths.matcher_dir,
+                               system=system, features=feats, words=words)
+    console.print(f"Matcher: {result.scorer_dir} {result.metrics}")
+
+
+@app.command("evaluate")
+def evaluate(data: DataOption = None,
+             matcher_dir: Annotated[Optional[Path], typer.Option("--matcher", help="Output of `train-matcher`.")] = None,  # noqa: UP045
+             features_dir: Annotated[Optional[Path], typer.Option("--features")] = None,  # noqa: UP045
+             align_dir: Annotated[Optional[Path], typer.Option("--align")] = None,  # noqa: UP045
+             out: Annotated[Optional[Path], typer.Option(help="Reports directory.")] = None,  # noqa: UP045
+             params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
+    """Metrics (auc, ndcg@10, recall@10, mrr@10 per system, per split) and plots."""
+    from components.align.stage import WORDS_FILE, load_words
+    from components.evaluate.stage import run_evaluate
+    from components.match.stage import SCORER_SUBDIR
+    from components.vision.stage import FEATURES_FILE, load_features
+
+    cfg = _load(params, set_)
+    feats = load_features((features_dir or cfg.paths.features_dir) / FEATURES_FILE)
+    words = load_words((align_dir or cfg.paths.align_dir) / WORDS_FILE)
+    result = run_evaluate(dataset_dir=data or cfg.data.out_dir,
+                          scorer_dir=(matcher_dir or cfg.paths.matcher_dir) / SCORER_SUBDIR,
+                          out_dir=out or cfg.paths.reports_dir, features=feats, words=words,
+                          seed=cfg.match.seed, match_cfg=cfg.match)
+    console.print_json(json.dumps(result.metrics))
+
+
+def _float_list(text: str | None) -> list[float] | None:
+    return None if text is None else [float(x) for x in text.split(",") if x.strip()]
+
+
+@app.command("benchmark")
+def benchmark(
+    data: Annotated[Path, typer.Option("--data", help="Dataset directory in the interchange format.")],
+    systems: Annotated[Optional[str], typer.Option(help="Comma-separated systems (default: all of params benchmark.systems).")] = None,  # noqa: UP045
+    fractions: Annotated[Optional[str], typer.Option(help="Training-query fractions, e.g. 0.25,0.5,1.0.")] = None,  # noqa: UP045
+    seeds: Annotated[Optional[str], typer.Option(help="Seeds, e.g. 0,1,2.")] = None,  # noqa: UP045
+    ablations: Annotated[Optional[str], typer.Option(help="Comma-separated ablations of ours ('' for none).")] = None,  # noqa: UP045
+    out: Annotated[Path, typer.Option(help="Where benchmark.json, benchmark.md and the plots go.")] = Path("reports/benchmark"),
+    quick: Annotated[bool, typer.Option("--quick", help="A small configuration that runs in minutes.")] = False,
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+) -> None:
+    """Train and evaluate every system on one dataset; write benchmark.json/.md and plots."""
+    from components.evaluate.benchmark import run_benchmark
+
+    cfg = _load(params, set_)
+    update: dict = {}
+    if systems is not None:
+        update["systems"] = [s.strip() for s in systems.split(",") if s.strip()]
+    if ablations is not None:
+        update["ablations"] = [s.strip() for s in ablations.split(",") if s.strip()]
+    if fractions is not None:
+        update["fractions"] = _float_list(fractions)
+    if seeds is not None:
+        update["seeds"] = [int(x) for x in seeds.split(",") if x.strip()]
+    bench_cfg = cfg.benchmark.model_validate({**cfg.benchmark.model_dump(), **update})
+    result = run_benchmark(bench_cfg, dataset_dir=data, out_dir=out, cache_dir=cfg.data.cache_dir,
+                           parts_cfg=cfg.vision, align_cfg=cfg.align, match_cfg=cfg.match, quick=quick)
+    console.print(result.paths["markdown"].read_text(), markup=False, soft_wrap=True)
+    console.print(f"Reports: {out}  ({result.seconds / 60:.1f} min)")
 
 
 def main() -> None:  # pragma: no cover - console entry

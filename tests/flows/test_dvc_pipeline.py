@@ -1,4 +1,5 @@
-"""The DVC pipeline (build_data -> validate) in a temporary git repo: repro, no-op, push/pull."""
+"""The DVC pipeline's data stages (build_data -> validate) in a temporary git repo: repro,
+no-op, push/pull. The model stages run end to end in test_pipeline_stages.py."""
 
 from __future__ import annotations
 
@@ -51,16 +52,16 @@ def test_param_change_reruns_build(dvc_repro_result):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["data"]["seed"] = 1
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    assert "Running stage 'build_data'" in run_dvc(["repro"], repo)
+    assert "Running stage 'build_data'" in run_dvc(["repro", "validate"], repo)
 
 
 def test_push_then_pull_restores_the_dataset(dvc_repro_result):
     repo, _, _ = dvc_repro_result
     before = dataset_hash(repo / "data/synthetic")
-    run_dvc(["push"], repo)
+    run_dvc(["push", "--with-deps", "validate"], repo)
     shutil.rmtree(repo / "data/synthetic")
     shutil.rmtree(repo / ".dvc/cache")
-    run_dvc(["pull"], repo)
+    run_dvc(["pull", "--with-deps", "validate"], repo)
     assert dataset_hash(repo / "data/synthetic") == before
 
 
@@ -73,6 +74,6 @@ def test_ensure_dvc_project_is_idempotent(dvc_repo):
 
 @pytest.fixture()
 def dvc_repro_result(dvc_repo):
-    first = run_dvc(["repro"], dvc_repo)
-    second = run_dvc(["repro"], dvc_repo)
+    first = run_dvc(["repro", "validate"], dvc_repo)
+    second = run_dvc(["repro", "validate"], dvc_repo)
     return dvc_repo, first, second

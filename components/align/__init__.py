@@ -1,0 +1,5 @@
+"""Label-free alignment of visual parts to words (METHOD.md sections 2, 3 and 8).
+
+`train_alignment` (train.py) is the stage function; `AlignmentModel` (model.py) is what it
+saves and what the matcher uses to translate an image into words.
+"""

@@ -1,0 +1,143 @@
+"""How good the alignment is, measured directly (METHOD.md sections 6 and 7).
+
+- `alignment_precision_at_1`: on the synthetic set, whether each visual concept's top word
+  names the planted part kind its regions cover (the truth is used only here, never in
+  training).
+- `visual_word_precision`: on real data, the share of an ad's visual words found among its
+  held-out words (e.g. the texts of its positive test queries).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from components.align.model import AlignmentModel, word_stem
+from components.text.vocabulary import tokenize
+from components.vision.parts import PartsFeatures
+
+
+def region_kinds(boxes: np.ndarray, mask: np.ndarray, truth_parts: list[dict],
+                 min_coverage: float = 0.5) -> list[str | None]:
+    """The planted word of each region: the truth part whose box covers the largest share of
+    the region, if that share is at least `min_coverage`; None for background or mixed."""
+    out: list[str | None] = []
+    for box, valid in zip(boxes, mask, strict=True):
+        if not valid:
+            out.append(None)
+            continue
+        area = max((box[2] - box[0]) * (box[3] - box[1]), 1e-9)
+        best, best_share = None, 0.0
+        for part in truth_parts:
+            x0, y0, x1, y1 = part["bbox"]
+            iw = max(0.0, min(box[2], x1) - max(box[0], x0))
+            ih = max(0.0, min(box[3], y1) - max(box[1], y0))
+            share = iw * ih / area
+            if share > best_share:
+                best, best_share = part["word"], share
+        out.append(best if best_share >= min_coverage else None)
+    return out
+
+
+def concept_kinds(concepts: np.ndarray, kinds: list[list[str | None]], min_regions: int = 3,
+                  min_share: float = 0.5) -> dict[int, str]:
+    """Concept -> majority planted word over its regions (background counts as a label of its
+    own), for concepts with >= `min_regions` regions whose majority word has >= `min_share`."""
+    counts: dict[int, Counter] = {}
+    for row_c, row_k in zip(concepts, kinds, strict=True):
+        for c, kind in zip(row_c, row_k, strict=True):
+            if c >= 0:
+                counts.setdefault(int(c), Counter())[kind] += 1
+    out = {}
+    for c, counter in counts.items():
+        total = sum(counter.values())
+        kind, n = counter.most_common(1)[0]
+        if kind is not None and total >= min_regions and n / total >= min_share:
+            out[c] = kind
+    return out
+
+
+def alignment_precision_at_1(model: AlignmentModel, parts: PartsFeatures, truth: dict,
+                             ad_ids: Sequence[str], *, min_coverage: float = 0.5,
+                             min_regions: int = 3, min_share: float = 0.5,
+                             concept_words: Sequence[str] | None = None) -> dict[str, float]:
+    """Label-free alignment quality on a synthetic dataset with planted parts.
+
+    `parts[i]` belongs to `ad_ids[i]`; `truth` is `load_synthetic_truth(root)`.
+    `concept_words` (optional, one word per concept) replaces the model's concept words, for
+    controls such as a shuffled assignment.
+    Returns `precision@1` (concepts whose top word names their majority kind),
+    `num_concepts_scored`, `translate_precision@1` (images whose top translated word names
+    a part present in the image), `translate_recall` (share of an image's planted parts
+    named among its translated words) and `translate_precision@m`.
+    """
+    if len(ad_ids) != len(parts):
+        raise ValueError("one ad id per row of parts")
+    concepts = model.assign_concepts(parts)
+    kinds = [region_kinds(parts.boxes[i], parts.mask[i], truth["ads"][a]["parts"], min_coverage)
+             for i, a in enumerate(ad_ids)]
+    majority = concept_kinds(concepts, kinds, min_regions, min_share)
+    if concept_words is None:
+        concept_words = [ws[0][0] for ws in model.concept_words(top=1)]
+    hits = [concept_words[c] == kind for c, kind in majority.items()]
+
+    translated = model.translate(parts)
+    top1, recall, precision_m = [], [], []
+    for a, words in zip(ad_ids, translated, strict=True):
+        present = {p["word"] for p in truth["ads"][a]["parts"]}
+        names = [w for w, _ in words]
+        top1.append(bool(names) and names[0] in present)
+        recall.append(len(present & set(names)) / max(1, len(present)))
+        precision_m.append(sum(w in present for w in names) / max(1, len(names)))
+    return {
+        "precision@1": float(np.mean(hits)) if hits else 0.0,
+        "num_concepts_scored": len(hits),
+        "num_concepts": int(len(model.centroids)),
+        "translate_precision@1": float(np.mean(top1)),
+        "translate_recall": float(np.mean(recall)),
+        "translate_precision@m": float(np.mean(precision_m)),
+    }
+
+
+def held_out_words(texts: Sequence[str]) -> set[str]:
+    """The stems of all tokens of some held-out texts (e.g. an ad's positive query texts)."""
+    return {word_stem(t) for text in texts for t in tokenize(text)}
+
+
+def visual_word_precision(words_per_ad: Mapping[str, Sequence[str]] | Sequence[Sequence[str]],
+                          held_out_words_per_ad: Mapping[str, Sequence[str] | set[str]] | Sequence,
+                          k: int = 8) -> dict[str, float]:
+    """Precision of each ad's visual words against its held-out words (METHOD.md section 7).
+
+    Both arguments are keyed alike (dicts by ad id, or parallel lists); held-out entries are
+    words or texts (tokenised, stemmed). Only ads with held-out words count. Words are
+    compared by stem (plural-insensitive). Returns `precision@k` (hits in the first k words
+    over k), `precision` (hits over the words actually given), `hit_rate` (ads with at least
+    one hit), `mean_words` and `num_ads`.
+    """
+    if isinstance(words_per_ad, Mapping):
+        keys = [a for a in words_per_ad if a in held_out_words_per_ad]
+        pairs = [(words_per_ad[a], held_out_words_per_ad[a]) for a in keys]
+    else:
+        pairs = list(zip(words_per_ad, held_out_words_per_ad, strict=True))
+    p_at_k, precision, hit, lengths = [], [], [], []
+    for words, held in pairs:
+        held_stems = held_out_words(list(held))
+        if not held_stems:
+            continue
+        words = [w[0] if isinstance(w, tuple) else w for w in words][:k]
+        hits = sum(word_stem(w) in held_stems for w in words)
+        p_at_k.append(hits / k)
+        precision.append(hits / len(words) if words else 0.0)
+        hit.append(hits > 0)
+        lengths.append(len(words))
+    n = len(p_at_k)
+    return {
+        f"precision@{k}": float(np.mean(p_at_k)) if n else 0.0,
+        "precision": float(np.mean(precision)) if n else 0.0,
+        "hit_rate": float(np.mean(hit)) if n else 0.0,
+        "mean_words": float(np.mean(lengths)) if n else 0.0,
+        "num_ads": n,
+    }

@@ -1,0 +1,216 @@
+"""What a matcher sees: queries, ads (title, aligned visual words, image features) and qrels.
+
+Everything here is plain data (lists and arrays), so any system can be trained and scored
+on any split, and the alignment hands its words over without being imported.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from components.data.format import Dataset
+
+log = logging.getLogger(__name__)
+
+SEP = "[SEP]"
+
+# One ad's visual words: (word, score) pairs, best first (plain words are accepted too).
+Words = Sequence[tuple[str, float]] | Sequence[str]
+
+
+def normalize_text(text: object) -> str:
+    """Whitespace collapsed and stripped; None/NaN become "". (MiniLM lowercases itself.)"""
+    if text is None or (isinstance(text, float) and np.isnan(text)) or text is pd.NA:
+        return ""
+    return " ".join(str(text).split())
+
+
+def _word(item: str | tuple[str, float]) -> str:
+    return item if isinstance(item, str) else str(item[0])
+
+
+def ad_text(title: str, words: Words | None = None, max_words: int | None = None) -> str:
+    """The matcher's text of one ad: "title [SEP] w1 w2 ...".
+
+    Only the title when there are no words, only the words when the title is empty; words
+    keep their order (best first), duplicates dropped, at most `max_words` of them.
+    """
+    title = normalize_text(title)
+    kept: list[str] = []
+    for item in words or ():
+        word = normalize_text(_word(item))
+        if word and word not in kept:
+            kept.append(word)
+    if max_words is not None:
+        kept = kept[:max_words]
+    if not kept:
+        return title
+    if not title:
+        return " ".join(kept)
+    return f"{title} {SEP} {' '.join(kept)}"
+
+
+@dataclass
+class QuerySide:
+    """Queries to score, in row order."""
+
+    query_ids: list[str]
+    texts: list[str]
+
+    def __post_init__(self) -> None:
+        self.query_ids = [str(q) for q in self.query_ids]
+        self.texts = [normalize_text(t) for t in self.texts]
+        if len(self.query_ids) != len(self.texts):
+            raise ValueError(f"{len(self.query_ids)} query ids but {len(self.texts)} texts")
+
+    def __len__(self) -> int:
+        return len(self.query_ids)
+
+
+@dataclass
+class AdSide:
+    """Candidate ads, in row order, with whatever inputs the systems may use.
+
+    - `words[i]`: visual words of ad i from the alignment ((word, score), best first);
+    - `pooled` (N,1280), `parts` (N,P,1280), `parts_mask` (N,P) bool: image features
+      (`components.vision.parts.PartsFeatures` rows in ad order).
+    """
+
+    ad_ids: list[str]
+    titles: list[str]
+    words: list[list[tuple[str, float]]] | None = None
+    pooled: np.ndarray | None = None
+    parts: np.ndarray | None = None
+    parts_mask: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.ad_ids = [str(a) for a in self.ad_ids]
+        self.titles = [normalize_text(t) for t in self.titles]
+        n = len(self.ad_ids)
+        if len(self.titles) != n:
+            raise ValueError(f"{n} ad ids but {len(self.titles)} titles")
+        if self.words is not None:
+            self.words = [[(w, 1.0) if isinstance(w, str) else (str(w[0]), float(w[1])) for w in ws]
+                          for ws in self.words]
+            if len(self.words) != n:
+                raise ValueError(f"{n} ads but words for {len(self.words)}")
+        if self.pooled is not None:
+            self.pooled = np.asarray(self.pooled, dtype=np.float32)
+            if self.pooled.shape[0] != n:
+                raise ValueError(f"{n} ads but {self.pooled.shape[0]} pooled vectors")
+        if self.parts is not None:
+            self.parts = np.asarray(self.parts, dtype=np.float32)  # (N,P,D)
+            if self.parts.shape[0] != n:
+                raise ValueError(f"{n} ads but {self.parts.shape[0]} part sets")
+            if self.parts_mask is None:
+                self.parts_mask = np.ones(self.parts.shape[:2], dtype=bool)
+            self.parts_mask = np.asarray(self.parts_mask, dtype=bool)
+            if self.parts_mask.shape != self.parts.shape[:2]:
+                raise ValueError(f"parts_mask {self.parts_mask.shape} does not match parts {self.parts.shape}")
+
+    def __len__(self) -> int:
+        return len(self.ad_ids)
+
+    @property
+    def has_images(self) -> bool:
+        return self.pooled is not None and self.parts is not None
+
+    def texts(self, use_words: bool, max_words: int | None = None) -> list[str]:
+        """The ad texts a text tower reads: titles, or `ad_text(title, words)`."""
+        if not use_words or self.words is None:
+            return list(self.titles)
+        return [ad_text(t, w, max_words) for t, w in zip(self.titles, self.words, strict=True)]
+
+    def take(self, index: Sequence[int] | np.ndarray) -> AdSide:
+        index = np.asarray(index, dtype=np.int64)
+        pick = (lambda a: None if a is None else a[index])  # noqa: E731
+        return AdSide(ad_ids=[self.ad_ids[i] for i in index], titles=[self.titles[i] for i in index],
+                      words=None if self.words is None else [self.words[i] for i in index],
+                      pooled=pick(self.pooled), parts=pick(self.parts), parts_mask=pick(self.parts_mask))
+
+
+@dataclass
+class MatchData:
+    """One split for matching: its queries, its ads (every ad a candidate) and its qrels."""
+
+    queries: QuerySide
+    ads: AdSide
+    qrels: pd.DataFrame = field(repr=False)
+
+    def positives(self) -> np.ndarray:
+        """(M,2) int64 (query row, ad row) of every positive qrel of this split, sorted."""
+        rel = self.qrels[self.qrels["relevance"] > 0]
+        q_row = pd.Index(self.queries.query_ids).get_indexer(rel["query_id"].astype(str))
+        a_row = pd.Index(self.ads.ad_ids).get_indexer(rel["ad_id"].astype(str))
+        keep = (q_row >= 0) & (a_row >= 0)
+        if not keep.all():
+            log.warning("%d positive qrels name a query or ad outside this split: ignored", int((~keep).sum()))
+        pairs = np.unique(np.stack([q_row[keep], a_row[keep]], axis=1).astype(np.int64), axis=0)
+        return pairs.reshape(-1, 2)
+
+
+def _words_in_order(ad_ids: list[str], words: Mapping[str, Words] | Sequence[Words]) -> list[list]:
+    if isinstance(words, Mapping):
+        return [list(words.get(a, [])) for a in ad_ids]
+    words = list(words)
+    if len(words) != len(ad_ids):
+        raise ValueError(f"words for {len(words)} ads, the split has {len(ad_ids)}")
+    return [list(w) for w in words]
+
+
+def match_data(dataset_split: Dataset, words: Mapping[str, Words] | Sequence[Words] | None = None,
+               features=None) -> MatchData:
+    """`MatchData` of one split (`dataset.split(name)`).
+
+    `words`: visual words per ad, a mapping ad_id -> [(word, score), ...] (ads missing from
+    it get none) or a list in the split's ad order. `features`: a `PartsFeatures` (or any
+    object with `pooled`, `parts`, `mask`) whose rows follow the split's ad order.
+    """
+    ads_table, queries_table = dataset_split.ads, dataset_split.queries
+    ad_ids = ads_table["ad_id"].astype(str).tolist()
+    titles = ads_table["title"].astype(object).where(ads_table["title"].notna(), "").tolist()
+    pooled = parts = mask = None
+    if features is not None:
+        pooled, parts, mask = features.pooled, features.parts, features.mask
+    ads = AdSide(ad_ids=ad_ids, titles=titles,
+                 words=None if words is None else _words_in_order(ad_ids, words),
+                 pooled=pooled, parts=parts, parts_mask=mask)
+    queries = QuerySide(query_ids=queries_table["query_id"].astype(str).tolist(),
+                        texts=queries_table["text"].astype(object).where(queries_table["text"].notna(), "").tolist())
+    return MatchData(queries=queries, ads=ads, qrels=dataset_split.qrels.reset_index(drop=True))
+
+
+def load_features(dataset_split: Dataset, parts_cfg=None, cache_dir: Path | None = None, **kwargs):
+    """Image features of a split's ads in ad order, through the vision cache (`PartsFeatures`)."""
+    from components.vision.cache import extract_parts_cached
+    from components.vision.parts import PartsConfig, extract_parts
+
+    paths = [dataset_split.image_file(p) for p in dataset_split.ads["image_path"].astype(str)]
+    if cache_dir is None:
+        return extract_parts(paths, parts_cfg or PartsConfig(), **kwargs)
+    return extract_parts_cached(paths, parts_cfg or PartsConfig(), cache_dir=cache_dir, **kwargs)
+
+
+def training_pairs(data: MatchData, fraction: float = 1.0, seed: int = 0) -> np.ndarray:
+    """Positive (query row, ad row) pairs of a seeded share of the training queries, (M,2).
+
+    The queries with a positive are shuffled by `seed` and the first
+    round(fraction * n) (at least one) are kept, so for one seed the 25% queries are inside
+    the 50% ones, which are inside 100%: data-efficiency curves differ only in data amount.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    pairs = data.positives()
+    if len(pairs) == 0:
+        return pairs
+    queries = np.unique(pairs[:, 0])
+    order = np.random.default_rng(seed).permutation(len(queries))
+    keep_n = max(1, int(round(fraction * len(queries))))
+    kept = np.sort(queries[order[:keep_n]])
+    return pairs[np.isin(pairs[:, 0], kept)]

@@ -1,0 +1,284 @@
+"""Lightning training of every trained matcher (text_only, ours, implicit_fusion).
+
+`MatcherModule` receives plain config values (so a checkpoint reloads on its own) and
+owns the network, the loss, the optimiser and validation (`val/ndcg@10`: every valid ad
+ranked for every valid query). `MatchBatches` turns (query, ad) positive pairs into
+batches of texts (+ image features) with the in-batch false-negative mask.
+Checkpoints hold only what training changes (top text layers, image head): the frozen
+rest is the bundled MiniLM.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from components.evaluate.metrics import ScoreMatrix, qrels_from_frame, ranking_metrics
+from components.match.data import MatchData
+from components.match.encoder import TextTower, TowerConfig, TwoTowerMatcher
+from components.match.fusion import ImageFusionHead
+from components.match.losses import InfoNCELoss
+
+log = logging.getLogger(__name__)
+
+VAL_METRIC = "val/ndcg@10"
+_ENCODE_CHUNK = 256
+
+
+# --------------------------------------------------------------------------- batches
+
+
+class MatchBatches(pl.LightningDataModule):
+    """Training batches of positive pairs, and the whole valid split as one "batch".
+
+    `ad_texts` are the texts the ad tower reads (titles, or title + words), row-aligned with
+    `train.ads`; `valid_ad_texts` likewise for `valid.ads`. `use_images` adds features.
+    """
+
+    def __init__(self, train: MatchData, pairs: np.ndarray, ad_texts: list[str], valid: MatchData,
+                 valid_ad_texts: list[str], batch_size: int, seed: int, use_images: bool = False) -> None:
+        super().__init__()
+        if len(pairs) == 0:
+            raise ValueError("no training pairs")
+        self.train_data, self.valid_data = train, valid
+        self.pairs = np.asarray(pairs, dtype=np.int64)  # (M,2) query row, ad row
+        self.ad_texts, self.valid_ad_texts = ad_texts, valid_ad_texts
+        self.batch_size, self.seed, self.use_images = batch_size, seed, use_images
+        if use_images and not (train.ads.has_images and valid.ads.has_images):
+            raise ValueError("image features are needed for train and valid ads")
+        self.positive_ads: dict[int, set[int]] = {}
+        for q, a in self.pairs:
+            self.positive_ads.setdefault(int(q), set()).add(int(a))
+
+    def texts_to_cache(self) -> tuple[list[str], list[str]]:
+        """(query texts, ad texts) the module will encode: their frozen prefix is cached once."""
+        q = self.train_data.queries.texts
+        queries = [q[i] for i in np.unique(self.pairs[:, 0])] + list(self.valid_data.queries.texts)
+        ads = [self.ad_texts[i] for i in np.unique(self.pairs[:, 1])] + list(self.valid_ad_texts)
+        return queries, ads
+
+    def _collate(self, rows: list[int]) -> dict:
+        pairs = self.pairs[np.asarray(rows, dtype=np.int64)]  # (B,2)
+        q_rows, a_rows = pairs[:, 0], pairs[:, 1]
+        false_negative = torch.tensor([[int(a) in self.positive_ads[int(q)] for a in a_rows] for q in q_rows])
+        batch = {
+            "query_texts": [self.train_data.queries.texts[i] for i in q_rows],
+            "ad_texts": [self.ad_texts[i] for i in a_rows],
+            "false_negative": false_negative,  # (B,B) ad j relevant to query i
+        }
+        if self.use_images:
+            batch.update(_features(self.train_data, a_rows))
+        return batch
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        drop_last = len(self.pairs) >= 2 * self.batch_size  # never drop everything on tiny data
+        return DataLoader(range(len(self.pairs)), batch_size=self.batch_size, shuffle=True,
+                          generator=generator, drop_last=drop_last, collate_fn=self._collate)
+
+    def val_dataloader(self) -> DataLoader:
+        batch = {
+            "query_texts": self.valid_data.queries.texts,
+            "query_ids": self.valid_data.queries.query_ids,
+            "ad_texts": self.valid_ad_texts,
+            "ad_ids": self.valid_data.ads.ad_ids,
+            "qrels": qrels_from_frame(self.valid_data.qrels),
+        }
+        if self.use_images:
+            batch.update(_features(self.valid_data, np.arange(len(self.valid_data.ads))))
+        return DataLoader([batch], batch_size=None, collate_fn=lambda b: b)
+
+
+def _features(data: MatchData, rows: np.ndarray) -> dict[str, torch.Tensor]:
+    ads = data.ads
+    return {"pooled": torch.from_numpy(ads.pooled[rows]),  # (B,D)
+            "parts": torch.from_numpy(ads.parts[rows]),  # (B,P,D)
+            "parts_mask": torch.from_numpy(ads.parts_mask[rows])}  # (B,P)
+
+
+# --------------------------------------------------------------------------- module
+
+
+class MatcherModule(pl.LightningModule):
+    """One LightningModule for all trained matchers; `image_head=True` is implicit fusion."""
+
+    def __init__(self, *, lr: float = 1e-4, head_lr_multiplier: float = 10.0, weight_decay: float = 0.01,
+                 warmup_steps: int = 0, max_steps: int = 300, temperature: float = 0.05,
+                 symmetric_loss: bool = True, trainable_layers: int = 2, max_query_len: int = 16,
+                 max_ad_len: int = 48, image_head: bool = False, image_dim: int = 1280,
+                 fusion: str = "residual", fusion_query: str = "title", fusion_dropout: float = 0.1,
+                 fusion_hidden: int = 384) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        tower = TextTower(TowerConfig(trainable_layers=trainable_layers, max_query_len=max_query_len,
+                                      max_ad_len=max_ad_len))
+        head = (ImageFusionHead(image_dim=image_dim, hidden=fusion_hidden, fusion=fusion,
+                                query=fusion_query, dropout=fusion_dropout) if image_head else None)
+        self.net = TwoTowerMatcher(tower, head)
+        self.loss = InfoNCELoss(temperature=temperature, symmetric=symmetric_loss)
+        self.val_history: list[tuple[int, float]] = []
+
+    # -- data hooks -------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "texts_to_cache"):
+            queries, ads = datamodule.texts_to_cache()
+            started = time.perf_counter()
+            n = (self.net.tower.cache_texts(queries, self.hparams.max_query_len)
+                 + self.net.tower.cache_texts(ads, self.hparams.max_ad_len))
+            if n:
+                log.info("cached the frozen prefix of %d texts in %.1f s", n, time.perf_counter() - started)
+
+    # -- steps ----------------------------------------------------------------------------------
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        return self.net(batch["query_texts"], batch["ad_texts"], batch.get("pooled"), batch.get("parts"),
+                        batch.get("parts_mask"))
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self(batch)
+        losses = self.loss(out["query"], out["ad"], batch["false_negative"])
+        bs = len(batch["query_texts"])
+        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=bs)
+        self.log("train/query_to_ad", losses["query_to_ad"], batch_size=bs)
+        return losses["loss"]
+
+    @torch.no_grad()
+    def encode_in_chunks(self, batch: dict, side: str) -> torch.Tensor:
+        texts = batch[f"{side}_texts"]
+        chunks = []
+        for start in range(0, len(texts), _ENCODE_CHUNK):
+            sl = slice(start, start + _ENCODE_CHUNK)
+            if side == "query":
+                chunks.append(self.net.encode_query(texts[sl]))
+            else:
+                feats = {k: batch[k][sl] for k in ("pooled", "parts", "parts_mask") if k in batch}
+                chunks.append(self.net.encode_ad(texts[sl], **feats))
+        return torch.cat(chunks) if chunks else torch.zeros(0, 384, device=self.device)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        query = self.encode_in_chunks(batch, "query")  # (Q,384)
+        ad = self.encode_in_chunks(batch, "ad")  # (A,384)
+        scores = (query @ ad.T).double().cpu().numpy()  # (Q,A)
+        matrix = ScoreMatrix(batch["query_ids"], batch["ad_ids"], scores)
+        qrels = batch["qrels"]
+        value = ranking_metrics(qrels, matrix.top_k_run(100, sorted(qrels)), ["ndcg@10"])["ndcg@10"]
+        value = 0.0 if np.isnan(value) else value
+        self.val_history.append((int(self.global_step), float(value)))
+        self.log(VAL_METRIC, value, prog_bar=True, batch_size=1)
+
+    # -- optimisation ----------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = [{"params": self.net.encoder_parameters(), "lr": hp.lr}]
+        head = self.net.head_parameters()
+        if head:  # new layers: the same multiplier rule for every system that has them
+            groups.append({"params": head, "lr": hp.lr * hp.head_lr_multiplier})
+        groups = [g for g in groups if g["params"]]
+        optimizer = torch.optim.AdamW(groups, weight_decay=hp.weight_decay)
+        warmup, total = max(0, hp.warmup_steps), max(1, hp.max_steps)
+
+        def factor(step: int) -> float:  # linear warm-up, then linear decay to 0 at the budget
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return max(0.0, (total - step) / max(1, total - warmup))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = {f"net.{k}" for k in self.net.trainable_state_dict()}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Frozen tensors are not in the checkpoint: they are the bundled weights this module
+        was just built with, so fill them in and keep loading strict."""
+        for key, value in self.state_dict().items():
+            checkpoint["state_dict"].setdefault(key, value)
+
+    def load_trained_state(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load a checkpoint's (partial) state dict; every trained tensor must be in it."""
+        expected = {f"net.{k}" for k in self.net.trainable_state_dict()}
+        missing = expected - set(state_dict)
+        if missing:
+            raise KeyError(f"checkpoint lacks {len(missing)} trained tensors, e.g. {sorted(missing)[:3]}")
+        self.load_state_dict(state_dict, strict=False)
+
+
+# --------------------------------------------------------------------------- fitting
+
+
+@dataclass
+class FitResult:
+    best_score: float
+    best_step: int
+    steps: int
+    seconds: float
+    checkpoint_path: Path | None
+    history: list[tuple[int, float]]
+
+
+def fit_matcher(module: MatcherModule, batches: MatchBatches, *, max_steps: int, eval_every: int,
+                seed: int, out_dir: Path, patience: int | None = None, device: str = "auto",
+                logger=None) -> FitResult:
+    """Train for `max_steps` steps, validating every `eval_every`; restore the best weights.
+
+    Deterministic for a seed (same data order, dropout and init). `logger` is any Lightning
+    logger (e.g. `MLFlowLogger`), or None for no logging.
+    """
+    from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+
+    out_dir = Path(out_dir)
+    pl.seed_everything(seed, workers=True, verbose=False)
+    checkpoint = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="best", monitor=VAL_METRIC,
+                                 mode="max", save_top_k=1, save_weights_only=True,
+                                 enable_version_counter=False)
+    callbacks: list = [checkpoint]
+    if patience is not None:
+        callbacks.append(EarlyStopping(monitor=VAL_METRIC, mode="max", patience=patience,
+                                       check_on_train_epoch_end=False))
+    accelerator = "auto" if device == "auto" else device
+    eval_every = min(eval_every, max_steps)
+    trainer = pl.Trainer(max_steps=max_steps, max_epochs=-1, val_check_interval=eval_every,
+                         check_val_every_n_epoch=None, num_sanity_val_steps=0, accelerator=accelerator,
+                         devices=1, deterministic=True, logger=logger if logger is not None else False,
+                         log_every_n_steps=max(1, min(10, eval_every)), enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=callbacks, default_root_dir=out_dir)
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        # The frozen layers are in eval mode on purpose (they match their cached states).
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+        trainer.fit(module, datamodule=batches)
+        # The budget may end between evaluations: validate the final weights too.
+        if not module.val_history or module.val_history[-1][0] != module.global_step:
+            trainer.validate(module, datamodule=batches, verbose=False)
+            final_score = module.val_history[-1][1]
+            best = checkpoint.best_model_score
+            if best is None or final_score > float(best):
+                trainer.save_checkpoint(out_dir / "checkpoints" / "best.ckpt", weights_only=True)
+                checkpoint.best_model_path = str(out_dir / "checkpoints" / "best.ckpt")
+                checkpoint.best_model_score = torch.tensor(final_score)
+    seconds = time.perf_counter() - started
+    best_path = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
+    if best_path is not None and best_path.is_file():
+        state = torch.load(best_path, map_location="cpu", weights_only=False)["state_dict"]
+        module.load_trained_state(state)
+    history = list(module.val_history)
+    best_step, best_score = max(history, key=lambda sv: (sv[1], -sv[0])) if history else (0, float("nan"))
+    module.net.tower.clear_cache()
+    module.cpu().eval()
+    return FitResult(best_score=float(best_score), best_step=int(best_step), steps=int(module.global_step),
+                     seconds=seconds, checkpoint_path=best_path, history=history)

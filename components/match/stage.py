@@ -1,0 +1,57 @@
+"""The `train_matcher` stage: one system (by default `ours`) trained on the training split,
+with its learning rate picked on the valid split when the config leaves it open."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from components.data.format import Dataset, read_dataset
+from components.match.config import MatchConfig
+from components.match.data import MatchData, match_data
+from components.match.systems import train_system
+from components.vision.parts import PartsFeatures
+
+log = logging.getLogger(__name__)
+
+SCORER_SUBDIR = "scorer"
+
+
+@dataclass
+class MatcherStageResult:
+    scorer_dir: Path
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def split_data(dataset: Dataset, split_name: str, *, features: PartsFeatures | None,
+               words: dict | None) -> MatchData:
+    """`MatchData` of one split, with the split's rows of the dataset-wide features."""
+    split = dataset.split(split_name)
+    split_features = None
+    if features is not None:
+        row = {ad_id: i for i, ad_id in enumerate(dataset.ads["ad_id"].astype(str))}
+        split_features = features.take([row[a] for a in split.ads["ad_id"].astype(str)])
+    return match_data(split, words=words, features=split_features)
+
+
+def run_train_matcher(cfg: MatchConfig, *, dataset_dir: Path, out_dir: Path, system: str = "ours",
+                      features: PartsFeatures | None = None, words: dict | None = None,
+                      logger=None) -> MatcherStageResult:
+    """Train `system` on the training split (model selection on valid); save it under
+    `out_dir/scorer`. `ours` needs the aligned `words`; `implicit_fusion` and `late_fusion`
+    need the image `features`."""
+    started = time.perf_counter()
+    dataset = read_dataset(dataset_dir)
+    train = split_data(dataset, "train", features=features, words=words)
+    valid = split_data(dataset, "valid", features=features, words=words)
+    out_dir = Path(out_dir)
+    scorer = train_system(system, cfg, train, valid, out_dir, logger=logger)
+    info = getattr(scorer, "info", {}) or {}
+    metrics = {key: float(value) for key, value in info.items()
+               if isinstance(value, int | float) and not isinstance(value, bool)}
+    metrics["train_matcher_seconds"] = round(time.perf_counter() - started, 2)
+    (out_dir / "metrics.json").write_text(json.dumps({"system": system, **metrics}, indent=2) + "\n")
+    return MatcherStageResult(out_dir / SCORER_SUBDIR, metrics)

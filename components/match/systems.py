@@ -1,0 +1,375 @@
+"""The six matching systems behind one interface.
+
+`train_system(name, cfg, train, valid, out_dir)` returns a `Scorer`;
+`scorer.score(queries, ads)` gives a (Q, A) relevance matrix; `scorer.save(dir)` /
+`load_scorer(dir)` round-trip it (JSON + safetensors, never pickle). Two-tower systems
+(`text_zero_shot`, `text_only`, `ours`, `implicit_fusion`) also expose `encode_queries` /
+`encode_ads`, whose inner product is the score (the faiss index is built over
+`encode_ads`).
+
+- lexical: BM25 over titles.                 - text_zero_shot: MiniLM query vs title.
+- text_only: the matcher trained on titles.  - ours: trained on title [SEP] aligned words.
+- implicit_fusion: title tower + image head, trained end to end (same loss, budget, LR search).
+- late_fusion: z(text_zero_shot) + w * z(term probe on the pooled image vector).
+
+The trained systems share `MatchConfig`: budget, LR grid (`select_learning_rate`), head-LR
+rule, batch size, loss, checkpoint selection on the valid split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from abc import ABC, abstractmethod
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
+from safetensors.torch import load_file as load_torch
+from safetensors.torch import save_file as save_torch
+
+from components.evaluate.metrics import ScoreMatrix, qrels_from_frame, ranking_metrics
+from components.match.config import MatchConfig
+from components.match.data import AdSide, MatchData, QuerySide, training_pairs
+from components.match.encoder import TextTower, TowerConfig, TwoTowerMatcher
+from components.match.fusion import ImageFusionHead
+from components.match.lexical import bm25_scores
+from components.match.module import MatchBatches, MatcherModule, fit_matcher
+from components.match.probe import TermProbe, fit_logistic, term_labels, zscore_rows
+
+log = logging.getLogger(__name__)
+
+SYSTEMS: tuple[str, ...] = ("lexical", "text_zero_shot", "text_only", "ours", "implicit_fusion", "late_fusion")
+TRAINED_SYSTEMS: tuple[str, ...] = ("text_only", "ours", "implicit_fusion")
+TWO_TOWER_SYSTEMS: tuple[str, ...] = ("text_zero_shot", "text_only", "ours", "implicit_fusion")
+
+FORMAT_VERSION = 1
+SCORER_FILE = "scorer.json"
+WEIGHTS_FILE = "weights.safetensors"
+PROBE_FILE = "probe.safetensors"
+_ENCODE_BATCH = 256
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _ndcg_at_10(query_ids: list[str], ad_ids: list[str], scores: np.ndarray, qrels: dict) -> float:
+    if not qrels:
+        return float("nan")
+    matrix = ScoreMatrix(query_ids, ad_ids, scores)
+    return ranking_metrics(qrels, matrix.top_k_run(100, sorted(qrels)), ["ndcg@10"])["ndcg@10"]
+
+
+# --------------------------------------------------------------------------- scorers
+
+
+class Scorer(ABC):
+    """A fitted system: scores every (query, ad) pair."""
+
+    system: str
+    info: dict
+
+    @abstractmethod
+    def score(self, queries: QuerySide, ads: AdSide) -> np.ndarray:
+        """(len(queries), len(ads)) float64 scores, higher = more relevant."""
+
+    @abstractmethod
+    def _save(self, out_dir: Path) -> dict:
+        """Write weights; return the JSON description (without system/version/info)."""
+
+    def save(self, out_dir: Path) -> Path:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        meta = {"format_version": FORMAT_VERSION, "system": self.system, **self._save(out_dir),
+                "info": self.info}
+        (out_dir / SCORER_FILE).write_text(json.dumps(meta, indent=2, default=float))
+        return out_dir
+
+
+class LexicalScorer(Scorer):
+    def __init__(self, k1: float = 1.2, b: float = 0.75, info: dict | None = None) -> None:
+        self.system, self.k1, self.b, self.info = "lexical", k1, b, info or {}
+
+    def score(self, queries: QuerySide, ads: AdSide) -> np.ndarray:
+        return bm25_scores(queries.texts, ads.titles, self.k1, self.b)
+
+    def _save(self, out_dir: Path) -> dict:
+        return {"k1": self.k1, "b": self.b}
+
+
+class TwoTowerScorer(Scorer):
+    """Score = <encode_queries, encode_ads> (both L2-normalised: cosine)."""
+
+    def __init__(self, system: str, net: TwoTowerMatcher, *, use_words: bool = False, words_per_ad: int = 5,
+                 trained: bool = False, head_config: dict | None = None, device: str = "auto",
+                 info: dict | None = None) -> None:
+        self.system, self.net = system, net
+        self.use_words, self.words_per_ad = use_words, words_per_ad
+        self.trained, self.head_config = trained, head_config
+        self.device = resolve_device(device)
+        self.net.to(self.device).eval()
+        self.info = info or {}
+
+    @classmethod
+    def zero_shot(cls, cfg: MatchConfig, system: str = "text_zero_shot") -> TwoTowerScorer:
+        tower = TextTower(TowerConfig(trainable_layers=0, max_query_len=cfg.max_query_len,
+                                      max_ad_len=cfg.max_ad_len))
+        return cls(system, TwoTowerMatcher(tower), device=cfg.device)
+
+    @torch.no_grad()
+    def _encode(self, texts: list[str], encode, extra: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        out = np.zeros((len(texts), 384), dtype=np.float32)
+        order = np.argsort([len(t) for t in texts], kind="stable")  # less padding per batch
+        for start in range(0, len(texts), _ENCODE_BATCH):
+            rows = order[start:start + _ENCODE_BATCH]
+            kwargs = {k: torch.from_numpy(v[rows]).to(self.device) for k, v in (extra or {}).items()}
+            out[rows] = encode([texts[i] for i in rows], **kwargs).float().cpu().numpy()
+        return out
+
+    def encode_queries(self, queries: QuerySide) -> np.ndarray:
+        """(Q,384) float32, L2-normalised."""
+        return self._encode(queries.texts, self.net.encode_query)
+
+    def ad_texts(self, ads: AdSide) -> list[str]:
+        return ads.texts(self.use_words, self.words_per_ad)
+
+    def encode_ads(self, ads: AdSide) -> np.ndarray:
+        """(A,384) float32, L2-normalised (what the faiss index holds)."""
+        extra = None
+        if self.net.image_head is not None:
+            if not ads.has_images:
+                raise ValueError(f"{self.system} needs image features of the ads (AdSide.pooled/parts)")
+            extra = {"pooled": ads.pooled, "parts": ads.parts, "parts_mask": ads.parts_mask}
+        return self._encode(self.ad_texts(ads), self.net.encode_ad, extra)
+
+    def score(self, queries: QuerySide, ads: AdSide) -> np.ndarray:
+        return (self.encode_queries(queries) @ self.encode_ads(ads).T).astype(np.float64)
+
+    def _save(self, out_dir: Path) -> dict:
+        if self.trained:
+            state = {k: v.detach().cpu().contiguous() for k, v in self.net.trainable_state_dict().items()}
+            save_torch(state, str(out_dir / WEIGHTS_FILE))
+        return {"tower": asdict(self.net.tower.cfg), "head": self.head_config, "use_words": self.use_words,
+                "words_per_ad": self.words_per_ad, "trained": self.trained}
+
+    @classmethod
+    def _load(cls, out_dir: Path, meta: dict, device: str) -> TwoTowerScorer:
+        tower = TextTower(TowerConfig(**meta["tower"]))
+        head = ImageFusionHead(**meta["head"]) if meta.get("head") else None
+        net = TwoTowerMatcher(tower, head)
+        if meta["trained"]:
+            state = load_torch(str(out_dir / WEIGHTS_FILE))
+            expected = set(net.trainable_state_dict())
+            if set(state) != expected:
+                raise ValueError(f"{out_dir / WEIGHTS_FILE}: tensors do not match the model "
+                                 f"({len(expected - set(state))} missing, {len(set(state) - expected)} unexpected)")
+            net.load_state_dict(state, strict=False)
+        return cls(meta["system"], net, use_words=meta["use_words"], words_per_ad=meta["words_per_ad"],
+                   trained=meta["trained"], head_config=meta.get("head"), device=device, info=meta.get("info"))
+
+
+class LateFusionScorer(Scorer):
+    """z(text_zero_shot score) + weight * z(term-probe score), z-scored per query."""
+
+    def __init__(self, text: TwoTowerScorer, probe: TermProbe, weight: float, info: dict | None = None) -> None:
+        self.system, self.text, self.probe, self.weight = "late_fusion", text, probe, float(weight)
+        self.info = info or {}
+
+    def parts(self, queries: QuerySide, ads: AdSide) -> tuple[np.ndarray, np.ndarray]:
+        """(z text, z probe), each (Q,A)."""
+        if ads.pooled is None:
+            raise ValueError("late_fusion needs the ads' pooled image vectors (AdSide.pooled)")
+        text = zscore_rows(self.text.score(queries, ads))
+        probe = zscore_rows(self.probe.query_scores(queries.texts, ads.pooled))
+        return text, probe
+
+    def score(self, queries: QuerySide, ads: AdSide) -> np.ndarray:
+        text, probe = self.parts(queries, ads)
+        return text + self.weight * probe
+
+    def _save(self, out_dir: Path) -> dict:
+        arrays = {"mean": self.probe.mean, "std": self.probe.std, "weights": self.probe.weights,
+                  "intercepts": self.probe.intercepts}
+        if self.probe.components is not None:
+            arrays["components"] = self.probe.components
+        save_numpy({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(out_dir / PROBE_FILE))
+        return {"weight": self.weight, "terms": self.probe.terms, "tower": asdict(self.text.net.tower.cfg)}
+
+    @classmethod
+    def _load(cls, out_dir: Path, meta: dict, device: str) -> LateFusionScorer:
+        arrays = load_numpy(str(out_dir / PROBE_FILE))
+        probe = TermProbe(meta["terms"], arrays["mean"], arrays["std"], arrays["weights"], arrays["intercepts"],
+                          arrays.get("components"))
+        tower = TextTower(TowerConfig(**meta["tower"]))
+        text = TwoTowerScorer("text_zero_shot", TwoTowerMatcher(tower), device=device)
+        return cls(text, probe, meta["weight"], info=meta.get("info"))
+
+
+def load_scorer(out_dir: Path, device: str = "auto") -> Scorer:
+    """A scorer saved by `Scorer.save`."""
+    out_dir = Path(out_dir)
+    meta = json.loads((out_dir / SCORER_FILE).read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{out_dir}: scorer format {meta.get('format_version')}, expected {FORMAT_VERSION}")
+    system = meta["system"]
+    if system == "lexical":
+        return LexicalScorer(meta["k1"], meta["b"], info=meta.get("info"))
+    if system == "late_fusion":
+        return LateFusionScorer._load(out_dir, meta, device)
+    if system in TWO_TOWER_SYSTEMS:
+        return TwoTowerScorer._load(out_dir, meta, device)
+    raise ValueError(f"{out_dir}: unknown system {system!r}")
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _check_name(name: str) -> None:
+    if name not in SYSTEMS:
+        raise ValueError(f"unknown system {name!r}; expected one of {SYSTEMS}")
+
+
+def _lr_dir(out_dir: Path, lr: float) -> Path:
+    return Path(out_dir) / f"lr-{lr:g}"
+
+
+def _train_matcher(name: str, cfg: MatchConfig, lr: float, train: MatchData, valid: MatchData,
+                   run_dir: Path, logger=None) -> TwoTowerScorer:
+    """One fine-tune of a trained system at one learning rate (best valid checkpoint kept)."""
+    use_words, use_images = name == "ours", name == "implicit_fusion"
+    if use_words and train.ads.words is None:
+        log.warning("ours without aligned words: the ad text is the title alone (= text_only)")
+    pairs = training_pairs(train, cfg.train_fraction, cfg.seed)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the head's initialisation too
+    image_dim = train.ads.pooled.shape[1] if use_images and train.ads.pooled is not None else 1280
+    hparams = dict(lr=lr, head_lr_multiplier=cfg.head_lr_multiplier, weight_decay=cfg.weight_decay,
+                   warmup_steps=int(cfg.warmup_fraction * cfg.max_steps), max_steps=cfg.max_steps,
+                   temperature=cfg.temperature, symmetric_loss=cfg.symmetric_loss,
+                   trainable_layers=cfg.trainable_layers, max_query_len=cfg.max_query_len,
+                   max_ad_len=cfg.max_ad_len, image_head=use_images, image_dim=image_dim, fusion=cfg.fusion,
+                   fusion_query=cfg.fusion_query, fusion_dropout=cfg.fusion_dropout,
+                   fusion_hidden=cfg.fusion_hidden)
+    module = MatcherModule(**hparams)
+    if use_images:
+        if not (train.ads.has_images and valid.ads.has_images):
+            raise ValueError("implicit_fusion needs image features for the train and valid ads")
+        module.net.image_head.fit_statistics(train.ads.pooled, train.ads.parts, train.ads.parts_mask)
+    batches = MatchBatches(train, pairs, train.ads.texts(use_words, cfg.words_per_ad), valid,
+                           valid.ads.texts(use_words, cfg.words_per_ad), batch_size=cfg.batch_size,
+                           seed=cfg.seed, use_images=use_images)
+    result = fit_matcher(module, batches, max_steps=cfg.max_steps, eval_every=cfg.eval_every, seed=cfg.seed,
+                         out_dir=run_dir, patience=cfg.patience, device=cfg.device, logger=logger)
+    head_config = None
+    if use_images:
+        head_config = dict(image_dim=image_dim, hidden=cfg.fusion_hidden, fusion=cfg.fusion,
+                           query=cfg.fusion_query, dropout=cfg.fusion_dropout)
+    info = {"lr": lr, "val_ndcg@10": result.best_score, "best_step": result.best_step, "steps": result.steps,
+            "train_seconds": round(result.seconds, 2), "num_pairs": int(len(pairs)),
+            "num_train_queries": int(len(np.unique(pairs[:, 0]))), "val_history": result.history,
+            "seed": cfg.seed, "train_fraction": cfg.train_fraction}
+    log.info("%s lr=%g: best val/ndcg@10 %.4f at step %d of %d (%.1f s, %d pairs)", name, lr,
+             result.best_score, result.best_step, result.steps, result.seconds, len(pairs))
+    scorer = TwoTowerScorer(name, module.net, use_words=use_words, words_per_ad=cfg.words_per_ad, trained=True,
+                            head_config=head_config, device=cfg.device, info=info)
+    scorer.save(Path(run_dir) / "scorer")
+    return scorer
+
+
+def select_learning_rate(name: str, cfg: MatchConfig, train: MatchData, valid: MatchData, out_dir: Path,
+                         logger=None) -> tuple[float, dict[float, float]]:
+    """Train `name` at every lr of `cfg.lr_grid` (same budget each) and pick the best
+    val/ndcg@10 (ties: the earlier grid entry). Each run is kept in `out_dir/lr-<lr>/`;
+    the losers' weights are deleted (their scorer.json keeps the numbers)."""
+    _check_name(name)
+    if name not in TRAINED_SYSTEMS:
+        raise ValueError(f"{name} is not trained; learning-rate search applies to {TRAINED_SYSTEMS}")
+    values: dict[float, float] = {}
+    for lr in cfg.lr_grid:
+        scorer = _train_matcher(name, cfg, lr, train, valid, _lr_dir(out_dir, lr), logger)
+        values[lr] = scorer.info["val_ndcg@10"]
+        del scorer
+    best_lr = max(cfg.lr_grid, key=lambda lr: (np.nan_to_num(values[lr], nan=-1.0), -cfg.lr_grid.index(lr)))
+    for lr in cfg.lr_grid:
+        if lr != best_lr:
+            shutil.rmtree(_lr_dir(out_dir, lr) / "checkpoints", ignore_errors=True)
+            (_lr_dir(out_dir, lr) / "scorer" / WEIGHTS_FILE).unlink(missing_ok=True)
+    log.info("%s learning rates (val/ndcg@10): %s -> %g", name,
+             ", ".join(f"{lr:g}: {v:.4f}" for lr, v in values.items()), best_lr)
+    return best_lr, values
+
+
+def fit_late_fusion(cfg: MatchConfig, train: MatchData, valid: MatchData) -> LateFusionScorer:
+    """Term probe on the training ads' pooled vectors (C picked on valid) + zero-shot text,
+    summed with the weight that maximises valid ndcg@10."""
+    if train.ads.pooled is None or valid.ads.pooled is None:
+        raise ValueError("late_fusion needs pooled image vectors for the train and valid ads")
+    text = TwoTowerScorer.zero_shot(cfg)
+    pairs = training_pairs(train, cfg.train_fraction, cfg.seed)
+    terms, labels = term_labels(train, pairs)
+    keep = (labels.sum(0) > 0) & (labels.sum(0) < len(labels))
+    terms, labels = [t for t, k in zip(terms, keep, strict=True) if k], labels[:, keep]
+    pooled = train.ads.pooled.astype(np.float64)
+    mean, std = pooled.mean(0), np.maximum(pooled.std(0), 1e-3)
+    components = None
+    if cfg.late_fusion_pca:
+        from sklearn.decomposition import PCA
+
+        pca = PCA(n_components=min(cfg.late_fusion_pca, *pooled.shape), random_state=cfg.seed)
+        pca.fit((pooled - mean) / std)
+        components = pca.components_
+    x = TermProbe.features(pooled, mean, std, components)
+    qrels = qrels_from_frame(valid.qrels)
+    valid_text = zscore_rows(text.score(valid.queries, valid.ads))
+    grid: dict[tuple[float, float], float] = {}
+    best: tuple[float, float, float, TermProbe | None] = (-1.0, 0.0, 0.0, None)
+    fitted = None
+    for c in sorted(cfg.late_fusion_c):  # weaker regularisation next: warm-start from the last fit
+        fitted = weights, intercepts = fit_logistic(x, labels, c, max_iter=cfg.late_fusion_max_iter,
+                                                    init=fitted)
+        probe = TermProbe(terms, mean, std, weights, intercepts, components)
+        valid_probe = zscore_rows(probe.query_scores(valid.queries.texts, valid.ads.pooled))
+        for w in cfg.late_fusion_weights:
+            value = _ndcg_at_10(valid.queries.query_ids, valid.ads.ad_ids, valid_text + w * valid_probe, qrels)
+            grid[(c, w)] = value
+            if np.nan_to_num(value, nan=-1.0) > best[0]:
+                best = (float(np.nan_to_num(value, nan=-1.0)), c, w, probe)
+    value, c, w, probe = best
+    log.info("late_fusion: C=%g weight=%g val/ndcg@10 %.4f (%d terms)", c, w, value, len(terms))
+    info = {"C": c, "weight": w, "val_ndcg@10": value, "num_terms": len(terms),
+            "grid": {f"C={k[0]:g},w={k[1]:g}": v for k, v in grid.items()},
+            "seed": cfg.seed, "train_fraction": cfg.train_fraction}
+    return LateFusionScorer(text, probe, w, info=info)
+
+
+def train_system(name: str, cfg: MatchConfig, train: MatchData, valid: MatchData, out_dir: Path,
+                 logger=None) -> Scorer:
+    """Fit one system on `train` (model selection on `valid`) and save it to `out_dir/scorer`.
+
+    Trained systems use `cfg.lr`, or when it is None the best of `cfg.lr_grid`
+    (`select_learning_rate`, the same search for each of them).
+    """
+    _check_name(name)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if name == "lexical":
+        scorer: Scorer = LexicalScorer(cfg.bm25_k1, cfg.bm25_b)
+    elif name == "text_zero_shot":
+        scorer = TwoTowerScorer.zero_shot(cfg)
+    elif name == "late_fusion":
+        scorer = fit_late_fusion(cfg, train, valid)
+    elif cfg.lr is None:
+        best_lr, values = select_learning_rate(name, cfg, train, valid, out_dir, logger)
+        scorer = load_scorer(_lr_dir(out_dir, best_lr) / "scorer", cfg.device)
+        scorer.info["lr_search"] = {f"{lr:g}": v for lr, v in values.items()}
+    else:
+        scorer = _train_matcher(name, cfg, cfg.lr, train, valid, out_dir / "run", logger)
+    scorer.save(out_dir / "scorer")
+    return scorer
