@@ -123,17 +123,15 @@ class AlignmentModel:
         return self.map(self.centroids)
 
     def fit_hubness(self, mapped_reference: np.ndarray) -> np.ndarray:
-        """Set r_w from mapped training instances (n, 384) and return it."""
-        r = np.zeros(len(self.words), np.float64)
-        # Per word, the k largest cosines over the reference, accumulated in chunks.
+        """Set r_w (mean cosine of each word to its `csls_k` nearest mapped training
+        instances, (n, 384)) and return it."""
         k = max(1, min(self.csls_k, len(mapped_reference)))
-        best = np.full((len(self.words), k), -np.inf, np.float32)
+        best = np.full((len(self.words), k), -np.inf, np.float32)  # running top-k per word
         for start in range(0, len(mapped_reference), 8192):
             sims = self.word_vectors @ mapped_reference[start:start + 8192].T  # (V, c)
             both = np.concatenate([best, sims], axis=1)
             best = np.partition(both, both.shape[1] - k, axis=1)[:, -k:]
-        r = best.mean(axis=1)
-        self.word_hubness = r.astype(np.float32)
+        self.word_hubness = best.mean(axis=1).astype(np.float32)
         return self.word_hubness
 
     # ------------------------------------------------------------------ outputs

@@ -21,8 +21,14 @@ BUFFERS = ("word_vectors", "centroids", "concept_structure", "word_structure", "
            "word_frequency", "targets", "dictionary")
 
 
-
 class AlignmentModule(pl.LightningModule):
+    """Batches are (instances (B,I,d), mask (B,I), concepts (B,I), titles (B,L)).
+
+    Logged keys: `train/loss`, `train/mil`, `train/mil_ad`, `train/structure`,
+    `train/consistency`, ... and `val/loss` on held-out training ads (MIL terms only). The
+    best held-out state is kept in memory (`best_state`) for early stopping.
+    """
+
     def __init__(self, cfg: dict, in_dim: int, num_concepts: int, num_words: int,
                  word_dim: int = 384) -> None:
         super().__init__()

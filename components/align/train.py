@@ -8,6 +8,7 @@ optional CSLS self-training rounds; CSLS hubness statistics; save.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -258,17 +259,18 @@ def _train_alignment(cfg: AlignConfig, *, texts: list[str], parts: PartsFeatures
     k, words = len(inputs.centroids), inputs.words
     num_regions = int(inputs.region_mask.sum())
 
-    # Gromov-Wasserstein coupling of the structures (stage 1, no pairs)
+    # Stage 1: Gromov-Wasserstein coupling of the two structures (no pairs).
     t = time.perf_counter()
     gw_info: dict[str, float] = {}
     targets = np.zeros((k, len(words)), np.float32)
-    if cfg.structure_loss and cfg.gw_target_weight > 0:
+    if cfg.structure_loss:  # the coupling is also a diagnostic: its cost vs a random one
         plan, gw_info = gromov_wasserstein(inputs.concept_structure, inputs.word_structure,
                                            inputs.concept_mass, inputs.word_mass, cfg)
-        targets = (plan / np.maximum(plan.sum(axis=1, keepdims=True), 1e-30)).astype(np.float32)
+        if cfg.gw_target_weight > 0:
+            targets = (plan / np.maximum(plan.sum(axis=1, keepdims=True), 1e-30)).astype(np.float32)
     timings["seconds_gw"] = time.perf_counter() - t
 
-    # 5. the network
+    # Stage 2: the network, with early stopping on held-out training ads.
     t = time.perf_counter()
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(len(parts))
@@ -296,31 +298,37 @@ def _train_alignment(cfg: AlignConfig, *, texts: list[str], parts: PartsFeatures
 
     model = AlignmentModel(
         whitening=inputs.whitening, centroids=inputs.centroids, words=words,
-        word_counts=inputs.word_counts, word_vectors=inputs.word_vectors, network=module.net, words_per_image=cfg.words_per_image,
-        min_word_score=cfg.min_word_score, csls_k=cfg.csls_k, word_scoring=cfg.word_scoring,
-        pooled_as_part=cfg.pooled_as_part,
+        word_counts=inputs.word_counts, word_vectors=inputs.word_vectors, network=module.net,
+        words_per_image=cfg.words_per_image, min_word_score=cfg.min_word_score,
+        csls_k=cfg.csls_k, word_scoring=cfg.word_scoring, pooled_as_part=cfg.pooled_as_part,
         config=cfg.model_dump())
-    reference = model.map(inputs.z[inputs.mask])
+    reference = model.map(inputs.z[inputs.mask])  # every training instance, mapped
     model.fit_hubness(reference)
 
-    # 6. optional refinement: CSLS mutual nearest neighbours as a dictionary
-    refine_history = []
+    # Stage 3 (optional): self-training on CSLS mutual nearest neighbours (MUSE); a round is
+    # kept only if the mean CSLS of the dictionary rises (a label-free criterion).
+    refine_history: list[float] = []
+    best_mean = _mutual_nn_dictionary(model.concept_vectors(), model)[1]
     for _ in range(cfg.refinement_rounds):
-        dictionary, mean_csls = _mutual_nn_dictionary(model.concept_vectors(), model)
-        refine_history.append(mean_csls)
-        if len(refine_history) > 1 and mean_csls <= refine_history[-2]:
-            break
+        dictionary, _ = _mutual_nn_dictionary(model.concept_vectors(), model)
+        before = copy.deepcopy(module.net.state_dict())
         module.set_arrays(dictionary=dictionary)
         _fit(module, cfg, cfg.refinement_epochs, train_loader, val_loader, logger)
         module.cpu().eval()
         model.fit_hubness(model.map(inputs.z[inputs.mask]))
+        mean_csls = _mutual_nn_dictionary(model.concept_vectors(), model)[1]
+        refine_history.append(mean_csls)
+        if mean_csls <= best_mean:
+            module.net.load_state_dict(before)
+            model.fit_hubness(model.map(inputs.z[inputs.mask]))
+            break
+        best_mean = mean_csls
     timings["seconds_network"] = time.perf_counter() - t
 
     model_dir = model.save(out_dir / MODEL_SUBDIR)
-    final = {}
-    trainer_metrics = getattr(module, "trainer", None)
-    if trainer_metrics is not None:
-        for key, value in module.trainer.callback_metrics.items():
+    final: dict[str, float] = {}
+    if module._trainer is not None:  # final losses, epoch means
+        for key, value in module._trainer.callback_metrics.items():
             if key.endswith("_epoch") or key.startswith("val/"):
                 final[key.removesuffix("_epoch")] = float(value)
     timings["seconds_total"] = time.perf_counter() - started
@@ -328,10 +336,12 @@ def _train_alignment(cfg: AlignConfig, *, texts: list[str], parts: PartsFeatures
         "num_images": len(parts), "num_words": len(words), "num_concepts": k,
         "num_regions": num_regions, "num_holdout_ads": num_val,
         "epochs_run": int(module.current_epoch) if module._trainer is not None else 0,
-        "best_step": int(module.best_step), "best_val_loss": float(module.best_score),
+        "best_step": int(module.best_step),
         **gw_info, **{f"final_{k_}": v for k_, v in final.items()},
         **{k_: round(v, 3) for k_, v in timings.items()},
     }
+    if np.isfinite(module.best_score):
+        metrics["best_val_loss"] = float(module.best_score)
     if refine_history:
         metrics["refine_mean_csls"] = refine_history[-1]
         metrics["refine_rounds_run"] = len(refine_history)

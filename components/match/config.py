@@ -19,7 +19,7 @@ class MatchConfig(BaseModel):
 
     # Optimisation: the same for every trained system.
     lr: float | None = Field(None, gt=0, description="None = pick from lr_grid on the valid split")
-    lr_grid: list[float] = [3e-5, 1e-4, 3e-4]
+    lr_grid: list[float] = [3e-5, 1e-4, 3e-4, 1e-3]
     head_lr_multiplier: float = Field(
         1.0, gt=0, description="new, randomly initialised layers (e.g. the fusion head) get lr x this; "
         "on openclipart val/ndcg@10 of implicit_fusion was 0.57 at x10, 0.64 at x3, 0.65 at x1")

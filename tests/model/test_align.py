@@ -1,0 +1,123 @@
+"""Behaviour of the alignment stage on a synthetic dataset with a planted part-word mapping.
+
+The alignment is trained on the TRAIN split only (images + titles; no truth, no queries,
+no qrels). The planted truth is read only to score it: each visual concept's top word must
+name the part kind its regions cover (METHOD.md section 6).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from components.align.config import AlignConfig
+from components.align.evaluation import alignment_precision_at_1
+from components.align.model import AlignmentModel
+from components.align.train import train_alignment
+from components.config import DataConfig, SyntheticConfig
+from components.data.build import build_dataset
+from components.data.synthetic import load_synthetic_truth
+from components.text.encoder import TextEncoder
+from components.vision.cache import extract_parts_cached
+from components.vision.parts import PartsConfig
+
+pytestmark = pytest.mark.slow
+
+ISSUE_TARGET = 0.8  # concept-to-word precision@1 the issue asks for
+
+
+class Synthetic:
+    def __init__(self, root: Path, features, truth: dict, ads: pd.DataFrame, encoder, tmp: Path):
+        self.root, self.features, self.truth, self.ads = root, features, truth, ads
+        self.encoder, self.tmp = encoder, tmp
+        self.ad_ids = list(ads["ad_id"])
+        self.train = np.flatnonzero(ads["split"].to_numpy() == "train")
+        self.held_out = np.flatnonzero(ads["split"].to_numpy() != "train")
+
+    def train_model(self, name: str, **overrides):
+        cfg = AlignConfig(**overrides)
+        result = train_alignment(cfg, texts=list(self.ads["title"].iloc[self.train]),
+                                 parts=self.features.take(self.train), encoder=self.encoder,
+                                 out_dir=self.tmp / name)
+        return result, AlignmentModel.load(result.model_dir)
+
+    def score(self, model: AlignmentModel, rows: np.ndarray | None = None, **kwargs) -> dict:
+        rows = np.arange(len(self.ads)) if rows is None else rows
+        return alignment_precision_at_1(model, self.features.take(rows), self.truth,
+                                        [self.ad_ids[i] for i in rows], **kwargs)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Synthetic:
+    tmp = tmp_path_factory.mktemp("align")
+    root = tmp / "dataset"
+    build_dataset(DataConfig(source="synthetic", out_dir=root, seed=0, max_ads=None,
+                             synthetic=SyntheticConfig(num_ads=300, image_size=160)))
+    ads = pd.read_parquet(root / "ads.parquet")
+    features = extract_parts_cached([root / p for p in ads["image_path"]], PartsConfig(),
+                                    cache_dir=tmp / "features", progress=False)
+    encoder = TextEncoder(cache_dir=tmp / "text")
+    return Synthetic(root, features, load_synthetic_truth(root), ads, encoder, tmp)
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic):
+    """The default method: multiple-instance ad loss + structure consistency."""
+    return synthetic.train_model("full")
+
+
+def test_alignment_recovers_the_planted_mapping(synthetic, trained):
+    result, model = trained
+    scores = synthetic.score(model)
+    assert scores["num_concepts_scored"] >= 20
+    assert scores["precision@1"] >= ISSUE_TARGET, scores
+    # Images the alignment never saw: their top word names a part they show.
+    held_out = synthetic.score(model, synthetic.held_out)
+    assert held_out["translate_precision@1"] >= ISSUE_TARGET, held_out
+    # The stage reports the structure diagnostic and its timings.
+    assert result.metrics["gw_cost"] < result.metrics["gw_cost_random"]
+    assert result.metrics["seconds_total"] > 0 and result.metrics["best_step"] > 0
+
+
+def test_alignment_is_clearly_above_controls(synthetic, trained):
+    _, model = trained
+    full = synthetic.score(model)["precision@1"]
+    # Control 1: the same concept words, shuffled across concepts (no signal, same words).
+    words = [ws[0][0] for ws in model.concept_words(top=1)]
+    rng = np.random.default_rng(0)
+    shuffled = synthetic.score(model, concept_words=list(rng.permutation(words)))["precision@1"]
+    # Control 2: the same pipeline with the network left untrained.
+    _, untrained = synthetic.train_model("untrained", epochs=0)
+    untrained_score = synthetic.score(untrained)["precision@1"]
+    assert shuffled <= 0.3 and untrained_score <= 0.3, (shuffled, untrained_score)
+    assert full - max(shuffled, untrained_score) >= 0.5
+
+
+def test_ad_level_loss_alone_recovers_the_mapping(synthetic):
+    _, model = synthetic.train_model("mil_only", structure_loss=False)
+    assert synthetic.score(model)["precision@1"] >= 0.75
+
+
+def test_saved_model_translates_identically(synthetic, trained, tmp_path):
+    _, model = trained
+    rows = synthetic.held_out[:20]
+    before = model.translate(synthetic.features.take(rows))
+    reloaded = AlignmentModel.load(model.save(tmp_path / "copy"))
+    after = reloaded.translate(synthetic.features.take(rows))
+    assert [[w for w, _ in ws] for ws in after] == [[w for w, _ in ws] for ws in before]
+    np.testing.assert_allclose([s for ws in after for _, s in ws],
+                               [s for ws in before for _, s in ws], rtol=1e-6)
+    assert reloaded.concept_words() == model.concept_words()
+    assert not any(p.suffix in (".pkl", ".pt", ".pickle") for p in (tmp_path / "copy").iterdir())
+
+
+def test_training_is_deterministic_by_seed(synthetic, trained):
+    _, model = trained
+    _, again = synthetic.train_model("again")
+    rows = synthetic.held_out[:30]
+    assert again.translate(synthetic.features.take(rows)) == model.translate(
+        synthetic.features.take(rows))
+    assert again.concept_words() == model.concept_words()
