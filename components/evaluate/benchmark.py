@@ -150,6 +150,8 @@ def run_benchmark(cfg: BenchmarkConfig, *, dataset_dir: Path, out_dir: Path, cac
     # 3. the same learning-rate search for every trained system (seed 0 of the list, all data)
     t = time.perf_counter()
     trained = [s for s in cfg.systems if s not in UNTRAINED + ("late_fusion",)]
+    if cfg.ablations and "ours" not in trained:
+        trained.append("ours")  # ablations of ours train at ours' learning rate
     learning_rates: dict[str, float] = {}
     for system in trained:
         if match_cfg.lr is not None:
@@ -181,12 +183,9 @@ def run_benchmark(cfg: BenchmarkConfig, *, dataset_dir: Path, out_dir: Path, cac
         scores = scorer.score(test.queries, test.ads)
         matrix = ScoreMatrix(test.queries.query_ids, test.ads.ad_ids, scores)
         records = evaluate_scores(splits[cfg.eval_split], matrix, seed)
-        add(_rows(records, system=system, fraction=fraction, seed=seed))
-        fractions = cfg.fractions if system in UNTRAINED else [fraction]
-        if system in UNTRAINED:  # the same numbers stand for every fraction in the curves
-            for other in fractions:
-                if other != fraction:
-                    add(_rows(records, system=system, fraction=other, seed=seed))
+        # Untrained systems use no training data: their numbers stand for every fraction.
+        for row_fraction in (cfg.fractions if system in UNTRAINED else [fraction]):
+            add(_rows(records, system=system, fraction=row_fraction, seed=seed))
         log.info("%s fraction=%g seed=%d: %.1f s", system, fraction, seed, time.perf_counter() - run_started)
     timings["train_eval_seconds"] = time.perf_counter() - t
 
