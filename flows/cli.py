@@ -152,6 +152,17 @@ def run(
     console.print(f"Validation: {'passed' if validation.get('success') else 'FAILED'} "
                   f"({cfg.validation.report_dir / 'validation.md'})")
     console.print(f"Dataset hash (dvc.lock): {dataset_hash(dataset_dir)}")
+    metrics_path = cfg.paths.reports_dir / "metrics.json"
+    if metrics_path.is_file():
+        metrics = json.loads(metrics_path.read_text())
+        table = Table(title=f"Test split ({metrics_path})")
+        for column in ("system", "ndcg@10", "recall@10", "mrr@10", "auc", "auc image-only"):
+            table.add_column(column, justify="left" if column == "system" else "right")
+        for system, per_split in metrics.items():
+            test = per_split.get("test", {})
+            table.add_row(system, *(f"{test.get(k, float('nan')):.3f}"
+                                    for k in ("ndcg@10", "recall@10", "mrr@10", "auc", "image_only/auc")))
+        console.print(table)
     console.print(f"Summary: {dataset_dir / 'README.txt'}    Time: {time.perf_counter() - started:.0f} s")
 
 

@@ -34,5 +34,6 @@ def setup_runtime(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("great_expectations", "urllib3", "filelock", "matplotlib", "PIL"):
+    for noisy in ("great_expectations", "urllib3", "filelock", "matplotlib", "PIL", "pytorch_lightning",
+                  "lightning", "lightning_fabric"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
