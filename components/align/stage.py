@@ -45,12 +45,6 @@ def training_texts(dataset: Dataset) -> list[str]:
     return [captions.get(ad_id, "") for ad_id in train.ads["ad_id"]]
 
 
-def rows_of(dataset: Dataset, split: Dataset) -> list[int]:
-    """Row numbers (in the full ads table) of a split's ads, in the split's order."""
-    row = {ad_id: i for i, ad_id in enumerate(dataset.ads["ad_id"].astype(str))}
-    return [row[a] for a in split.ads["ad_id"].astype(str)]
-
-
 def save_words(ad_ids: list[str], words: list[Words], path: Path) -> Path:
     frame = pd.DataFrame({"ad_id": ad_ids, "words": [[w for w, _ in ws] for ws in words],
                           "scores": [[float(s) for _, s in ws] for ws in words]})
@@ -97,7 +91,7 @@ def run_align(cfg: AlignConfig, *, dataset_dir: Path, features: PartsFeatures, o
     dataset = read_dataset(dataset_dir)
     train = dataset.split("train")
     encoder = TextEncoder(cache_dir=Path(cache_dir) / "text" if cache_dir else None)
-    result = train_alignment(cfg, texts=training_texts(dataset), parts=features.take(rows_of(dataset, train)),
+    result = train_alignment(cfg, texts=training_texts(dataset), parts=features.take(dataset.ad_rows(train)),
                              encoder=encoder, out_dir=out_dir, logger=logger)
     model = AlignmentModel.load(result.model_dir)
     ad_ids = dataset.ads["ad_id"].astype(str).tolist()

@@ -68,6 +68,12 @@ class Dataset:
             root=self.root,
         )
 
+    def ad_rows(self, part: Dataset) -> list[int]:
+        """Row numbers in this dataset's ads table of `part`'s ads (e.g. a split), in their
+        order: how dataset-wide per-ad arrays such as image features are sliced."""
+        row = {ad_id: i for i, ad_id in enumerate(self.ads["ad_id"].astype(str))}
+        return [row[a] for a in part.ads["ad_id"].astype(str)]
+
     def counts(self) -> dict[str, dict[str, int]]:
         """Rows per table and split, e.g. {"ads": {"train": 10, ...}, ...}."""
         out: dict[str, dict[str, int]] = {}

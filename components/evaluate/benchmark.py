@@ -104,12 +104,7 @@ def run_benchmark(cfg: BenchmarkConfig, *, dataset_dir: Path, out_dir: Path, cac
     t = time.perf_counter()
     paths = [dataset.image_file(p) for p in dataset.ads["image_path"].astype(str)]
     features = extract_parts_cached(paths, parts_cfg, cache_dir=cache_dir / "features")
-    row_of = {ad_id: i for i, ad_id in enumerate(dataset.ads["ad_id"].astype(str))}
-
-    def features_of(split: Dataset):
-        return features.take([row_of[a] for a in split.ads["ad_id"].astype(str)])
-
-    split_features = {name: features_of(split) for name, split in splits.items()}
+    split_features = {name: features.take(dataset.ad_rows(split)) for name, split in splits.items()}
     timings["features_seconds"] = time.perf_counter() - t
 
     # 2. label-free alignment per seed (and per ablated loss), then words for every ad

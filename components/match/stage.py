@@ -32,8 +32,7 @@ def split_data(dataset: Dataset, split_name: str, *, features: PartsFeatures | N
     split = dataset.split(split_name)
     split_features = None
     if features is not None:
-        row = {ad_id: i for i, ad_id in enumerate(dataset.ads["ad_id"].astype(str))}
-        split_features = features.take([row[a] for a in split.ads["ad_id"].astype(str)])
+        split_features = features.take(dataset.ad_rows(split))
     return match_data(split, words=words, features=split_features)
 
 

@@ -79,3 +79,9 @@ def test_hash_changes_with_content_and_names(tmp_path):
     second = dataset_hash(tmp_path)
     (tmp_path / "images" / "a.png").rename(tmp_path / "images" / "b.png")
     assert len({first, second, dataset_hash(tmp_path)}) == 3
+
+
+def test_ad_rows_map_a_split_back_to_dataset_rows():
+    dataset = _toy_dataset()
+    assert dataset.ad_rows(dataset.split("test")) == [2]
+    assert dataset.ad_rows(dataset) == [0, 1, 2]
