@@ -67,8 +67,11 @@ def plot_data_efficiency(rows: Iterable[Mapping] | pd.DataFrame, out_path: Path,
     frame = frame[frame["subset"] == subset]
     if frame.empty:
         raise ValueError(f"no rows for subset {subset!r}")
-    metrics = _ordered(frame["metric"], METRIC_ORDER) if metrics is None else list(metrics)
+    if metrics is None:
+        # Ranking metrics only: alignment metrics exist for a few variants at one fraction.
+        metrics = [m for m in METRIC_ORDER if m in set(frame["metric"])] or _ordered(frame["metric"], METRIC_ORDER)
     systems = sorted(frame["system"].unique())
+    colours = {system: f"C{i % 10}" for i, system in enumerate(systems)}
     fractions = np.sort(frame["fraction"].astype(float).unique())
     log_x = len(fractions) > 1 and fractions.min() > 0 and fractions.max() / fractions.min() >= 10
     num_seeds = int(frame.groupby(["system", "fraction", "metric"])["seed"].nunique().max())
@@ -84,7 +87,7 @@ def plot_data_efficiency(rows: Iterable[Mapping] | pd.DataFrame, out_path: Path,
                 continue
             stats = part.groupby("fraction")["value"].agg(["mean", "std"]).sort_index()
             ax.errorbar(stats.index.astype(float), stats["mean"], yerr=stats["std"].fillna(0.0),
-                        marker="o", capsize=4, linewidth=1.8, label=system)
+                        marker="o", capsize=4, linewidth=1.8, label=system, color=colours[system])
         ax.set_title(f"{metric} vs training data", fontsize=12)
         ax.set_xlabel("fraction of training data used", fontsize=11)
         ax.set_ylabel(f"{metric} (mean ± std)", fontsize=11)
@@ -92,9 +95,12 @@ def plot_data_efficiency(rows: Iterable[Mapping] | pd.DataFrame, out_path: Path,
             ax.set_xscale("log")
         ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
         ax.grid(True, alpha=0.3)
-        ax.legend(title="system", fontsize=9)
     for ax in axes[len(metrics):]:
         ax.set_visible(False)
+    # One legend for all panels, outside the axes: inside, it hid the lines it names.
+    handles = {label: handle for ax in axes[:len(metrics)]
+               for handle, label in zip(*ax.get_legend_handles_labels(), strict=True)}
+    fig.legend(list(handles.values()), list(handles), title="system", loc="outside right center", fontsize=9)
     fig.suptitle(f"Data efficiency ({SUBSET_LABELS.get(subset, subset)}; "
                  f"mean ± std over {num_seeds} seed{'s' if num_seeds != 1 else ''})", fontsize=13)
     return _save(fig, out_path)
