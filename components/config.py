@@ -16,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from components.align.config import AlignConfig
 from components.evaluate.config import BenchmarkConfig
 from components.match.config import MatchConfig
+from components.registry.config import PromoteConfig, RegistryConfig
 from components.retrieve.config import IndexConfig
+from components.search.config import ServeConfig
 from components.vision.config import PartsConfig
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
@@ -45,6 +47,9 @@ class DataConfig(_Section):
 
     source: Literal["openclipart", "synthetic", "coco"] = "openclipart"
     out_dir: Path = Path("data/openclipart")
+    # An existing dataset directory in the interchange format: the retraining flow uses it
+    # as is instead of building `source`.
+    path: Path | None = None
     svg_root: Path = Path("/usr/share/openclipart/svg")
     max_ads: int | None = Field(3000, ge=1)
     seed: int = 0
@@ -76,6 +81,8 @@ class PathsConfig(_Section):
     align_dir: Path = Path("data/stages/align")
     matcher_dir: Path = Path("data/stages/matcher")
     reports_dir: Path = Path("reports")
+    # The retraining flow's stage outputs, one directory per (stage, cache key).
+    flow_dir: Path = Path("data/flow")
 
 
 class DvcConfig(_Section):
@@ -96,6 +103,9 @@ class Params(BaseModel):
     benchmark: BenchmarkConfig = BenchmarkConfig()
     paths: PathsConfig = PathsConfig()
     dvc: DvcConfig = DvcConfig()
+    registry: RegistryConfig = RegistryConfig()
+    promote: PromoteConfig = PromoteConfig()
+    serve: ServeConfig = ServeConfig()
 
     @property
     def validation(self) -> ValidateConfig:

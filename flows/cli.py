@@ -55,6 +55,9 @@ def _load(params: Path, overrides: list[str] | None):
         raise typer.Exit(2) from exc
 
 
+DataOptionLate = Annotated[Optional[Path], typer.Option("--data", help="Dataset to evaluate on (default: the one the flow builds).")]  # noqa: UP045
+
+
 def _counts_table(title: str, counts: dict[str, dict[str, int]]) -> Table:
     table = Table(title=title)
     for column in ("table", "train", "valid", "test", "total"):
@@ -124,46 +127,223 @@ def data_hash(dataset_dir: Annotated[Path, typer.Argument(help="Dataset director
     console.print(dataset_hash(dataset_dir))
 
 
-@app.command("run")
-def run(
-    params: ParamsOption = Path("params.yaml"),
-    push: Annotated[bool, typer.Option(help="Push the dataset to the DVC remote.")] = True,
-) -> None:
-    """The main job: reproduce the DVC pipeline on the default dataset and record it."""
-    from components.data.format import dataset_hash, read_dataset
-    from components.data.versioning import DvcError, ensure_dvc_project, run_dvc
+def _retrain(cfg) -> dict:
+    """Run the retraining flow; exit 1 with the reason (the validation report when that failed)."""
+    from components.data.format import DatasetFormatError
+    from components.data.validate import ValidationError
+    from flows.retrain import retrain_flow
 
-    cfg = _load(params, None)
-    repo_root = Path.cwd()
+    try:
+        return retrain_flow(cfg.model_dump(mode="json", by_alias=True))
+    except ValidationError as exc:
+        err_console.print(f"[red]Dataset validation failed: nothing trained, nothing registered.[/red]\n{exc}",
+                          soft_wrap=True)
+    except (DatasetFormatError, FileNotFoundError, ValueError) as exc:
+        err_console.print(f"[red]Retraining failed, nothing registered:[/red] {exc}", soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _metrics_table(title: str, metrics: dict[str, float], keys: tuple[str, ...]) -> Table:
+    table = Table(title=title)
+    for key in keys:
+        table.add_column(key, justify="right")
+    table.add_row(*(f"{metrics[k]:.3f}" if k in metrics else "-" for k in keys))
+    return table
+
+
+HEADLINE = ("test/ndcg_at_10", "test/recall_at_10", "test/mrr_at_10", "test/auc", "test/image_only/auc",
+            "test/title_overlap/auc")
+
+
+@app.command("retrain")
+def retrain(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
+    """The retraining flow (Prefect): dataset -> validation -> features -> alignment -> matcher ->
+    evaluation -> MLflow registration as `challenger`. Unchanged reruns come from the caches."""
+    cfg = _load(params, set_)
+    result = _retrain(cfg)
+    _print_retrain(result)
+
+
+def _print_retrain(result: dict) -> None:
+    state = "new version" if result["version_created"] else "identical model already registered"
+    console.print(f"Registered [bold]{result['model_name']}[/bold] v{result['version']} ({state}); "
+                  f"MLflow run {result['run_id']}; dataset {result['dataset_dir']} ({result['dataset_hash']})")
+    console.print(f"Cached stages: {', '.join(result['cached_stages']) or 'none'}; took {result['seconds']:.0f} s")
+    console.print(_metrics_table("Test split (this run)", result["metrics"], HEADLINE))
+
+
+@app.command("promote")
+def promote(
+    metric: Annotated[Optional[str], typer.Option(help="Metric to compare (default: params promote.metric).")] = None,  # noqa: UP045
+    min_delta: Annotated[Optional[float], typer.Option(help="Challenger must be better by at least this.")] = None,  # noqa: UP045
+    data: DataOptionLate = None,
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+) -> None:
+    """Evaluate challenger and champion on the current test split; promote the challenger to
+    `champion` when it wins by min-delta and the guardrail holds. Running it twice is a no-op."""
+    from flows.promote import promote_flow
+
+    overrides = list(set_ or [])
+    if metric is not None:
+        overrides.append(f"promote.metric={metric}")
+    if min_delta is not None:
+        overrides.append(f"promote.min_delta={min_delta}")
+    cfg = _load(params, overrides)
+    decision = promote_flow(cfg.model_dump(mode="json", by_alias=True), dataset_dir=str(data) if data else None)
+    _print_decision(decision)
+
+
+def _print_decision(decision: dict) -> None:
+    colour = {"promoted": "green", "kept": "yellow"}.get(decision["outcome"], "cyan")
+    console.print(f"Promotion: [{colour}]{decision['outcome']}[/{colour}] - {decision['reason']}", soft_wrap=True)
+    if decision.get("challenger_metrics"):
+        table = Table(title="Challenger vs champion (current test split)")
+        for column in ("metric", f"challenger v{decision['challenger_version']}",
+                       f"champion v{decision['champion_version'] or '-'}"):
+            table.add_column(column, justify="left" if column == "metric" else "right")
+        for key in ("ndcg@10", "recall@10", "mrr@10", "auc", "image_only/auc", "title_overlap/auc"):
+            champion = decision["champion_metrics"].get(key)
+            table.add_row(key, f"{decision['challenger_metrics'].get(key, float('nan')):.4f}",
+                          "-" if champion is None else f"{champion:.4f}")
+        console.print(table)
+
+
+@app.command("run")
+def run(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
+    """The main job: retrain on the default dataset, promote, and say where to look."""
+    from components.registry.tracking import tracking_uri
+    from flows.promote import promote_flow
+
+    started = time.perf_counter()
+    cfg = _load(params, set_)
+    result = _retrain(cfg)
+    _print_retrain(result)
+    decision = promote_flow(cfg.model_dump(mode="json", by_alias=True), dataset_dir=result["dataset_dir"])
+    _print_decision(decision)
+    console.rule("Where to look")
+    console.print(f"MLflow UI:   make ui   (then http://127.0.0.1:5000; store {tracking_uri(cfg.registry)})")
+    console.print(f"MLflow run:  experiment {cfg.registry.experiment!r}, run {result['run_id']} "
+                  "(params, metrics, validation report, gallery, plots, model)")
+    champion = _champion_version(cfg)
+    console.print(f"Champion:    models:/{cfg.registry.model_name}@champion = v{champion or '-'}")
+    console.print('Search:      alignsearch search "christmas tree"    |    HTTP: alignsearch serve')
+    if champion:
+        _search_table(cfg, "christmas tree", 5, f"models:/{cfg.registry.model_name}@champion")
+    console.print(f"Time: {time.perf_counter() - started:.0f} s")
+
+
+def _champion_version(cfg) -> str | None:
+    from components.registry.versions import CHAMPION, by_alias
+
+    version = by_alias(cfg.registry.model_name, CHAMPION)
+    return None if version is None else str(version.version)
+
+
+def _search_table(cfg, query: str, k: int, model_uri: str) -> None:
+    import pandas as pd
+
+    from components.registry.tracking import configure_mlflow
+    from components.registry.versions import describe, load_search_model
+
+    configure_mlflow(cfg.registry)
     started = time.perf_counter()
     try:
-        ensure_dvc_project(repo_root, cfg.dvc.remote_name, cfg.dvc.remote_dir)
-        console.rule("dvc repro")
-        run_dvc(["repro"], repo_root, capture=False)
-        if push:
-            console.rule("dvc push")
-            run_dvc(["push"], repo_root, capture=False)
-    except DvcError as exc:
-        err_console.print(f"[red]{exc}[/red]")
+        model = load_search_model(model_uri)
+    except LookupError as exc:
+        err_console.print(f"[red]{exc}[/red]", soft_wrap=True)
         raise typer.Exit(1) from exc
-    dataset_dir = cfg.data.out_dir
-    console.print(_counts_table(f"Dataset {dataset_dir}", read_dataset(dataset_dir).counts()))
-    validation = json.loads((cfg.validation.report_dir / "validation.json").read_text())
-    console.print(f"Validation: {'passed' if validation.get('success') else 'FAILED'} "
-                  f"({cfg.validation.report_dir / 'validation.md'})")
-    console.print(f"Dataset hash (dvc.lock): {dataset_hash(dataset_dir)}")
-    metrics_path = cfg.paths.reports_dir / "metrics.json"
-    if metrics_path.is_file():
-        metrics = json.loads(metrics_path.read_text())
-        table = Table(title=f"Test split ({metrics_path})")
-        for column in ("system", "ndcg@10", "recall@10", "mrr@10", "auc", "auc image-only"):
-            table.add_column(column, justify="left" if column == "system" else "right")
-        for system, per_split in metrics.items():
-            test = per_split.get("test", {})
-            table.add_row(system, *(f"{test.get(k, float('nan')):.3f}"
-                                    for k in ("ndcg@10", "recall@10", "mrr@10", "auc", "image_only/auc")))
-        console.print(table)
-    console.print(f"Summary: {dataset_dir / 'README.txt'}    Time: {time.perf_counter() - started:.0f} s")
+    loaded = time.perf_counter()
+    frame = model.predict(pd.DataFrame({"query": [query], "k": [k]}))
+    took = time.perf_counter() - loaded
+    version = describe(model_uri).get("version", "?")
+    table = Table(title=f"{query!r} - {model_uri} (v{version}); load {loaded - started:.1f} s, search {took * 1000:.0f} ms")
+    for column in ("#", "ad id", "title", "score", "visual words", "matched the query"):
+        table.add_column(column, justify="right" if column in ("#", "score") else "left")
+    for row in frame.itertuples():
+        table.add_row(str(row.rank), row.ad_id, row.title, f"{row.score:.3f}", ", ".join(row.visual_words),
+                      ", ".join(row.matched_words) or "-")
+    console.print(table)
+
+
+@app.command("search")
+def search(
+    query: Annotated[str, typer.Argument(help="The text query, e.g. \"red sports car\".")],
+    k: Annotated[int, typer.Option("-k", "--k", min=1, help="How many ads.")] = 10,
+    model_uri: Annotated[Optional[str], typer.Option(help="Model to ask (default: params serve.model_uri, the champion).")] = None,  # noqa: UP045
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+) -> None:
+    """Rank the ads for a query with the champion (or --model-uri) and print a table."""
+    cfg = _load(params, set_)
+    if not query.strip():
+        err_console.print("[red]The query is empty.[/red]")
+        raise typer.Exit(2)
+    if k > cfg.serve.max_k:
+        err_console.print(f"[red]-k {k} is above the limit serve.max_k={cfg.serve.max_k}.[/red]")
+        raise typer.Exit(2)
+    _search_table(cfg, query, k, model_uri or cfg.serve.model_uri)
+
+
+@app.command("serve")
+def serve(
+    host: Annotated[Optional[str], typer.Option(help="Bind address (default 127.0.0.1).")] = None,  # noqa: UP045
+    port: Annotated[Optional[int], typer.Option(help="Port (default: params serve.port).")] = None,  # noqa: UP045
+    model_uri: Annotated[Optional[str], typer.Option(help="Model to serve (default: the champion).")] = None,  # noqa: UP045
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+) -> None:
+    """Serve search over HTTP (FastAPI): GET/POST /search, GET /health, docs at /docs."""
+    import uvicorn
+
+    from components.registry.tracking import configure_mlflow
+    from components.registry.versions import describe, load_search_model
+    from components.search.service import create_app
+
+    cfg = _load(params, set_)
+    uri = model_uri or cfg.serve.model_uri
+    configure_mlflow(cfg.registry)
+    try:
+        model = load_search_model(uri)
+    except LookupError as exc:
+        err_console.print(f"[red]{exc}[/red]", soft_wrap=True)
+        raise typer.Exit(1) from exc
+    app_ = create_app(model, cfg.serve, model_uri=uri, info=describe(uri))
+    console.print(f"Serving {uri} on http://{host or cfg.serve.host}:{port or cfg.serve.port} (docs at /docs)")
+    uvicorn.run(app_, host=host or cfg.serve.host, port=port or cfg.serve.port, log_level="info")
+
+
+@app.command("schedule")
+def schedule(
+    cron: Annotated[str, typer.Option(help="Cron expression, e.g. \"0 3 * * 1\" (Mondays 03:00).")],
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "alignsearch-retrain",
+    timezone: Annotated[str, typer.Option(help="Time zone of the cron expression.")] = "UTC",
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+) -> None:
+    """Serve the retrain-and-promote flow on a cron schedule (needs a Prefect server:
+    `prefect server start --host 127.0.0.1`, then PREFECT_API_URL=http://127.0.0.1:4200/api)."""
+    import os
+
+    from prefect.client.schemas.schedules import CronSchedule
+
+    from flows.promote import retrain_and_promote_flow
+
+    cfg = _load(params, set_)
+    if not os.environ.get("PREFECT_API_URL"):
+        err_console.print("[red]Schedules need a running Prefect server[/red] (the temporary one cannot "
+                          "schedule). Start one with `prefect server start --host 127.0.0.1` and set "
+                          "PREFECT_API_URL=http://127.0.0.1:4200/api (see README, Schedules).", soft_wrap=True)
+        raise typer.Exit(2)
+    try:
+        cron_schedule = CronSchedule(cron=cron, timezone=timezone)
+    except ValueError as exc:
+        err_console.print(f"[red]Invalid cron expression {cron!r}:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    console.print(f"Serving deployment {name!r} of alignsearch-retrain-and-promote on {cron!r} ({timezone}); "
+                  "Ctrl-C stops it.")
+    retrain_and_promote_flow.serve(name=name, schedules=[cron_schedule],
+                                   parameters={"params": cfg.model_dump(mode="json", by_alias=True)})
 
 
 DataOption = Annotated[Optional[Path], typer.Option("--data", help="Dataset directory (default: params data.out_dir).")]  # noqa: UP045

@@ -19,6 +19,7 @@ OFFLINE_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
     "TOKENIZERS_PARALLELISM": "false",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     # Idle OpenMP threads sleep instead of spinning: on a shared 2-core box spinning threads
     # made a MiniLM training step 15x slower. Must be set before torch is imported.
     "OMP_WAIT_POLICY": "PASSIVE",
@@ -35,5 +36,5 @@ def setup_runtime(verbose: bool = False) -> None:
         datefmt="%H:%M:%S",
     )
     for noisy in ("great_expectations", "urllib3", "filelock", "matplotlib", "PIL", "pytorch_lightning",
-                  "lightning", "lightning_fabric"):
+                  "lightning", "lightning_fabric", "httpx", "alembic", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -32,6 +32,7 @@ from components.align.config import AlignConfig
 from components.align.cooccurrence import structure
 from components.align.model import AlignmentModel, csls_scores
 from components.align.module import AlignmentModule
+from components.lightning_logs import quiet_lightning
 from components.text.encoder import TextEncoder
 from components.text.vocabulary import build_vocabulary, content_words
 from components.vision.parts import PartsFeatures
@@ -115,6 +116,7 @@ def _title_words(texts: list[str], index: dict[str, int], min_length: int) -> np
 
 
 def _trainer(cfg: AlignConfig, epochs: int, logger, callbacks, validate: bool) -> pl.Trainer:
+    quiet_lightning()
     if cfg.device == "auto":
         accelerator, devices = "auto", 1
     elif cfg.device.startswith("cuda"):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from components.data.format import read_dataset
 from components.evaluate.metrics import ScoreMatrix
-from components.evaluate.subsets import evaluate_scores
+from components.evaluate.subsets import evaluate_scores, flatten_records
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,7 @@ def run_evaluate(*, dataset_dir: Path, scorer_dir: Path, out_dir: Path, features
         for name, system in systems.items():
             matrix = ScoreMatrix(data.queries.query_ids, data.ads.ad_ids, system.score(data.queries, data.ads))
             records = evaluate_scores(dataset.split(split_name), matrix, seed)
-            flat = {(r["metric"] if r["subset"] == "all" else f"{r['subset']}/{r['metric']}"): round(float(r["value"]), 5)
-                    for r in records}
-            metrics.setdefault(name, {})[split_name] = flat
+            metrics.setdefault(name, {})[split_name] = flatten_records(records)
             if split_name == "test":
                 rows += [{"system": name, "fraction": 1.0, "seed": seed, **r} for r in records]
     metrics_path = out_dir / METRICS_FILE

@@ -136,3 +136,10 @@ def evaluate_scores(dataset_split: Dataset, scores: ScoreMatrix | ScoreFn, seed:
         records.append({"subset": subset, "metric": "auc",
                         "value": auc_over_pairs(labels, pair_score[keep]), "count": int(keep.sum())})
     return records
+
+
+def flatten_records(records: list[dict]) -> dict[str, float]:
+    """`evaluate_scores` records as one flat dict: `metric` for the whole split and
+    `subset/metric` for the subsets (the layout of reports/metrics.json and MLflow keys)."""
+    return {(r["metric"] if r["subset"] == "all" else f"{r['subset']}/{r['metric']}"): round(float(r["value"]), 5)
+            for r in records}

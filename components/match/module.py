@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from components.evaluate.metrics import ScoreMatrix, qrels_from_frame, ranking_metrics
+from components.lightning_logs import quiet_lightning
 from components.match.data import MatchData
 from components.match.encoder import TextTower, TowerConfig, TwoTowerMatcher
 from components.match.fusion import ImageFusionHead
@@ -251,6 +252,7 @@ def fit_matcher(module: MatcherModule, batches: MatchBatches, *, max_steps: int,
                                        check_on_train_epoch_end=False))
     accelerator = "auto" if device == "auto" else device
     eval_every = min(eval_every, max_steps)
+    quiet_lightning()
     trainer = pl.Trainer(max_steps=max_steps, max_epochs=-1, val_check_interval=eval_every,
                          check_val_every_n_epoch=None, num_sanity_val_steps=0, accelerator=accelerator,
                          devices=1, deterministic=True, logger=logger if logger is not None else False,

@@ -293,7 +293,9 @@ def select_learning_rate(name: str, cfg: MatchConfig, train: MatchData, valid: M
         raise ValueError(f"{name} is not trained; learning-rate search applies to {TRAINED_SYSTEMS}")
     values: dict[float, float] = {}
     for lr in cfg.lr_grid:
-        scorer = _train_matcher(name, cfg, lr, train, valid, _lr_dir(out_dir, lr), logger)
+        # One curve per rate when the logger can branch (components.registry.lightning.RunLogger).
+        run_logger = logger.child(f"lr{lr:g}") if hasattr(logger, "child") else logger
+        scorer = _train_matcher(name, cfg, lr, train, valid, _lr_dir(out_dir, lr), run_logger)
         values[lr] = scorer.info["val_ndcg@10"]
         del scorer
     best_lr = max(cfg.lr_grid, key=lambda lr: (np.nan_to_num(values[lr], nan=-1.0), -cfg.lr_grid.index(lr)))

@@ -1,0 +1,33 @@
+"""Settings of MLflow tracking, registration and promotion (light: no mlflow import)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class RegistryConfig(BaseModel):
+    """Where runs and models go. `MLFLOW_TRACKING_URI` in the environment wins over
+    `tracking_uri`, so the same code points at a team's server."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # sqlite store + artifacts beside it: the whole local store lives under mlruns/.
+    tracking_uri: str = "sqlite:///mlruns/mlflow.db"
+    artifact_location: str = "mlruns/artifacts"
+    experiment: str = "alignsearch"
+    model_name: str = "alignsearch"
+    # The system the retraining flow trains, bundles and registers (a two-tower system).
+    system: str = "ours"
+
+
+class PromoteConfig(BaseModel):
+    """The rule `alignsearch promote` applies between `challenger` and `champion`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metric: str = "ndcg@10"
+    min_delta: float = Field(0.0, ge=0.0, description="challenger must beat champion by at least this")
+    guardrail_metric: str = "title_overlap/auc"
+    guardrail_max_drop: float = Field(0.01, ge=0.0, description="largest allowed drop of the guardrail metric")
+    split: str = "test"
+    seed: int = 0

@@ -1,0 +1,7 @@
+"""Model-from-code entry point MLflow runs when it loads the alignsearch pyfunc."""
+
+from mlflow.models import set_model
+
+from components.registry.pyfunc import AlignSearchModel
+
+set_model(AlignSearchModel())

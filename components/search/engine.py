@@ -1,0 +1,218 @@
+"""Everything a search needs, as one directory (a "bundle"), and the engine that answers from it.
+
+A bundle holds the alignment model (network, visual concepts, vocabulary), the trained
+two-tower matcher, a faiss index over the catalogue's ads, the catalogue itself (ad id,
+title, visual words) and the vision settings the alignment was trained with. It is what the
+MLflow pyfunc ships, and what promotion re-evaluates on the current test split: ads it has
+never seen are translated into visual words by the bundled alignment model.
+
+    bundle/
+      bundle.json         format version, system, dataset hash, vision config, counts
+      align/              AlignmentModel.save
+      scorer/             Scorer.save (a two-tower system)
+      index/              AdIndex.save over the catalogue's ad embeddings
+      catalogue.parquet   ad_id, title, words, scores (the ads the index holds, in index order)
+      word_vectors.npz    query-tower vectors of the catalogue's visual words ("matched words")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from components.align.model import AlignmentModel, word_stem
+from components.data.format import Dataset, read_dataset
+from components.evaluate.metrics import ScoreMatrix
+from components.evaluate.subsets import evaluate_scores, flatten_records
+from components.match.data import QuerySide, match_data, normalize_text
+from components.match.systems import TwoTowerScorer, load_scorer
+from components.retrieve.config import IndexConfig
+from components.retrieve.index import AdIndex
+from components.vision.cache import extract_parts_cached
+from components.vision.config import PartsConfig
+from components.vision.parts import PartsFeatures
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+BUNDLE_FILE = "bundle.json"
+CATALOGUE_FILE = "catalogue.parquet"
+WORD_VECTORS_FILE = "word_vectors.npz"
+# A visual word "matched" a query when the query tower puts them this close (cosine), or
+# when it shares a stem with a query token.
+MATCHED_WORD_MIN_COSINE = 0.5
+
+Words = list[tuple[str, float]]
+
+
+@dataclass
+class SearchHit:
+    rank: int
+    ad_id: str
+    title: str
+    score: float
+    visual_words: list[str] = field(default_factory=list)
+    matched_words: list[str] = field(default_factory=list)
+
+
+def _two_tower(scorer, where: Path) -> TwoTowerScorer:
+    if not isinstance(scorer, TwoTowerScorer):
+        raise ValueError(f"{where}: system {scorer.system!r} cannot serve retrieval; a search bundle needs a "
+                         f"two-tower system (ours, text_only, implicit_fusion, text_zero_shot)")
+    return scorer
+
+
+def ad_features(dataset: Dataset, vision: PartsConfig, cache_dir: Path) -> PartsFeatures:
+    """Visual parts of `dataset`'s ads in ads.parquet order, through the content-addressed cache."""
+    paths = [dataset.image_file(p) for p in dataset.ads["image_path"].astype(str)]
+    return extract_parts_cached(paths, vision, cache_dir=Path(cache_dir) / "features", progress=False)
+
+
+def build_bundle(out_dir: Path, *, align_dir: Path, scorer_dir: Path, dataset_dir: Path, words: dict[str, Words],
+                 vision: PartsConfig, index_cfg: IndexConfig, dataset_hash: str,
+                 features: PartsFeatures | None = None) -> Path:
+    """Assemble a bundle from trained stage outputs; the catalogue is every ad of the dataset.
+
+    `words`: visual words per ad id (from the align stage); `features`: the dataset's parts
+    in ad order, needed only by systems with an image head.
+    """
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    shutil.copytree(align_dir, out_dir / "align")
+    shutil.copytree(scorer_dir, out_dir / "scorer")
+    scorer = _two_tower(load_scorer(out_dir / "scorer"), scorer_dir)
+    dataset = read_dataset(dataset_dir)
+    data = match_data(dataset, words=words, features=features)
+    ads = data.ads
+    index = AdIndex.build(ads.ad_ids, scorer.encode_ads(ads), index_cfg)
+    index.save(out_dir / "index")
+    ad_words = ads.words or [[] for _ in ads.ad_ids]
+    pd.DataFrame({"ad_id": ads.ad_ids, "title": ads.titles,
+                  "words": [[w for w, _ in ws] for ws in ad_words],
+                  "scores": [[float(s) for _, s in ws] for ws in ad_words]}).to_parquet(out_dir / CATALOGUE_FILE,
+                                                                                       index=False)
+    vocabulary = sorted({w for ws in ad_words for w, _ in ws})
+    vectors = (scorer.encode_queries(QuerySide(vocabulary, vocabulary)) if vocabulary
+               else np.zeros((0, index.dim), np.float32))
+    np.savez(out_dir / WORD_VECTORS_FILE, words=np.array(vocabulary, dtype=str), vectors=vectors)
+    meta = {"format_version": FORMAT_VERSION, "system": scorer.system, "dataset_hash": dataset_hash,
+            "num_ads": len(ads), "vision": vision.model_dump(mode="json"), "index_kind": index.kind,
+            "words_per_ad": scorer.words_per_ad, "built_seconds": round(time.perf_counter() - started, 2)}
+    (out_dir / BUNDLE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    log.info("bundle %s: %s over %d ads (%s index)", out_dir, scorer.system, len(ads), index.kind)
+    return out_dir
+
+
+class SearchEngine:
+    """Answers text queries from a bundle: faiss top-k over the catalogue, with each hit's
+    visual words and the ones that matched the query."""
+
+    def __init__(self, bundle_dir: Path, device: str = "auto") -> None:
+        self.bundle_dir = Path(bundle_dir)
+        meta_path = self.bundle_dir / BUNDLE_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{meta_path}: not found; {self.bundle_dir} is not a search bundle")
+        self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{meta_path}: bundle format {self.meta.get('format_version')!r}, "
+                             f"expected {FORMAT_VERSION}")
+        self.device = device
+        self.scorer = _two_tower(load_scorer(self.bundle_dir / "scorer", device=device), self.bundle_dir)
+        self.index = AdIndex.load(self.bundle_dir / "index")
+        catalogue = pd.read_parquet(self.bundle_dir / CATALOGUE_FILE)
+        self.titles = dict(zip(catalogue["ad_id"].astype(str), catalogue["title"].astype(str), strict=True))
+        self.words = {str(r.ad_id): list(r.words) for r in catalogue.itertuples()}
+        with np.load(self.bundle_dir / WORD_VECTORS_FILE, allow_pickle=False) as data:
+            self.word_row = {str(w): i for i, w in enumerate(data["words"])}
+            self.word_vectors = data["vectors"].astype(np.float32)
+        self._align: AlignmentModel | None = None
+
+    @property
+    def system(self) -> str:
+        return self.meta["system"]
+
+    @property
+    def vision(self) -> PartsConfig:
+        return PartsConfig(**self.meta["vision"])
+
+    @property
+    def alignment(self) -> AlignmentModel:
+        """The bundled alignment model (loaded on first use: only new ads need it)."""
+        if self._align is None:
+            self._align = AlignmentModel.load(self.bundle_dir / "align")
+        return self._align
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _matched(self, query_vector: np.ndarray, query_stems: set[str], words: list[str]) -> list[str]:
+        matched = []
+        for word in words:
+            row = self.word_row.get(word)
+            close = row is not None and float(self.word_vectors[row] @ query_vector) >= MATCHED_WORD_MIN_COSINE
+            if close or word_stem(word) in query_stems:
+                matched.append(word)
+        return matched
+
+    def search(self, queries: list[str], k: int = 10) -> list[list[SearchHit]]:
+        """Top-`k` ads for each query (best first)."""
+        texts = [normalize_text(q) for q in queries]
+        vectors = self.scorer.encode_queries(QuerySide([str(i) for i in range(len(texts))], texts))
+        scores, ids = self.index.search(vectors, k)
+        results = []
+        for text, vector, row_scores, row_ids in zip(texts, vectors, scores, ids, strict=True):
+            stems = {word_stem(t) for t in text.lower().split()}
+            results.append([SearchHit(rank=r + 1, ad_id=ad_id, title=self.titles.get(ad_id, ""),
+                                      score=float(row_scores[r]), visual_words=self.words.get(ad_id, []),
+                                      matched_words=self._matched(vector, stems, self.words.get(ad_id, [])))
+                            for r, ad_id in enumerate(row_ids)])
+        return results
+
+    def search_frame(self, queries: pd.DataFrame, default_k: int = 10) -> pd.DataFrame:
+        """One row per (query, hit): query, rank, ad_id, title, score, visual_words, matched_words.
+
+        `queries` has a `query` column and optionally `k` (per row; missing → `default_k`).
+        """
+        if "query" not in queries.columns:
+            raise ValueError(f"input needs a 'query' column; got columns {list(queries.columns)}")
+        rows = []
+        ks = queries["k"] if "k" in queries.columns else pd.Series([default_k] * len(queries), index=queries.index)
+        for text, k in zip(queries["query"], ks, strict=True):
+            k = default_k if pd.isna(k) else int(k)
+            for hit in self.search([str(text)], k)[0]:
+                rows.append({"query": str(text), **asdict(hit)})
+        columns = ["query", "rank", "ad_id", "title", "score", "visual_words", "matched_words"]
+        return pd.DataFrame(rows, columns=columns)
+
+    # -- evaluation on any dataset (promotion) --------------------------------------------
+    def ad_words(self, dataset: Dataset, cache_dir: Path) -> dict[str, Words]:
+        """Visual words of `dataset`'s ads by the bundled alignment (images → parts → words)."""
+        features = ad_features(dataset, self.vision, cache_dir)
+        words = self.alignment.translate(features)
+        return dict(zip(dataset.ads["ad_id"].astype(str), words, strict=True))
+
+    def score_split(self, dataset: Dataset, split: str, cache_dir: Path) -> ScoreMatrix:
+        """Scores of every (query, ad) of one split of a dataset, ads translated afresh."""
+        part = dataset.split(split)
+        features = ad_features(part, self.vision, cache_dir)
+        words = dict(zip(part.ads["ad_id"].astype(str), self.alignment.translate(features), strict=True))
+        needs_images = self.scorer.net.image_head is not None
+        data = match_data(part, words=words, features=features if needs_images else None)
+        return ScoreMatrix(data.queries.query_ids, data.ads.ad_ids, self.scorer.score(data.queries, data.ads))
+
+    def evaluate(self, dataset_dir: Path, split: str = "test", *, cache_dir: Path, seed: int = 0) -> dict[str, float]:
+        """Metrics on a split of the dataset at `dataset_dir` (flat keys as in reports/metrics.json)."""
+        dataset = read_dataset(dataset_dir)
+        matrix = self.score_split(dataset, split, cache_dir)
+        return flatten_records(evaluate_scores(dataset.split(split), matrix, seed))
+

@@ -1,0 +1,40 @@
+"""The promotion flow (`alignsearch promote`) and the scheduled job: retrain, then promote."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from components.config import Params
+from components.registry.tracking import configure_mlflow
+from flows.retrain import flow_dataset_dir, retrain_flow
+
+
+@task(name="promote", retries=1, retry_delay_seconds=10)
+def promote_task(params: dict[str, Any], dataset_dir: str) -> dict:
+    from components.registry.promotion import promote
+
+    cfg = Params.model_validate(params)
+    configure_mlflow(cfg.registry)
+    decision = promote(cfg.registry, cfg.promote, dataset_dir=Path(dataset_dir), cache_dir=cfg.data.cache_dir)
+    return asdict(decision)
+
+
+@flow(name="alignsearch-promote", log_prints=True)
+def promote_flow(params: dict[str, Any], dataset_dir: str | None = None) -> dict:
+    """Evaluate challenger and champion on the current test split; move `champion` if the rule allows."""
+    cfg = Params.model_validate(params)
+    decision = promote_task(params, dataset_dir or str(flow_dataset_dir(cfg.data)))
+    get_run_logger().info("promotion: %s (%s)", decision["outcome"], decision["reason"])
+    return decision
+
+
+@flow(name="alignsearch-retrain-and-promote", log_prints=True)
+def retrain_and_promote_flow(params: dict[str, Any]) -> dict:
+    """What a schedule runs: the retraining flow, then promotion on the same dataset."""
+    retrained = retrain_flow(params)
+    decision = promote_flow(params, dataset_dir=retrained["dataset_dir"])
+    return {"retrain": retrained, "promotion": decision}

@@ -1,0 +1,341 @@
+"""The retraining flow: dataset → validation → visual features → alignment → matcher →
+evaluation → registration in MLflow (alias `challenger`).
+
+Tasks are thin wrappers around the component stage functions. The expensive ones are cached
+by Prefect on a stage key: a hash of (DVC dataset hash, the stage's params, the code version,
+the upstream stage keys). Each stage writes into `paths.flow_dir/<stage>/<key>`, so an
+unchanged rerun reuses every output and goes straight to the registration check, which finds
+the identical version already registered and adds none.
+
+Every flow run opens one MLflow run (params, dataset hash, git commit, per-stage metrics and
+timings, validation report, alignment gallery, plots, model); Lightning logs into it too.
+A run that fails anywhere is marked FAILED in MLflow and registers nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.context import TaskRunContext
+
+from components.config import Params
+from components.registry.tracking import (
+    code_version,
+    configure_mlflow,
+    flatten_params,
+    git_state,
+    numeric_metrics,
+)
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DONE_FILE = "DONE"  # written last into a stage directory: its outputs are complete
+
+
+@dataclass
+class RetrainResult:
+    run_id: str
+    dataset_dir: str
+    dataset_hash: str
+    model_name: str
+    version: str
+    version_created: bool
+    metrics: dict[str, float] = field(default_factory=dict)
+    cached_stages: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------- cache keys
+
+
+def stage_key(*parts: Any) -> str:
+    """A short, stable hash of the JSON of `parts` (configs, hashes, upstream keys)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _key_from_stage(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    return f"alignsearch-{context.task.name}-{parameters['key']}"
+
+
+def _stage_dir(root: Path, stage: str, key: str) -> Path:
+    return Path(root) / stage / key
+
+
+def _finish(out_dir: Path, payload: dict) -> dict:
+    (out_dir / DONE_FILE).write_text(json.dumps(payload, default=str) + "\n")
+    return payload
+
+
+STAGE_TASK = {"cache_key_fn": _key_from_stage, "persist_result": True}
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def flow_dataset_dir(data) -> Path:
+    """The dataset a flow works on: `data.path` as given, else `data/<source>` (beside `data.out_dir`)
+    where the flow builds `data.source`."""
+    return Path(data.path) if data.path is not None else Path(data.out_dir).parent / data.source
+
+
+@task(name="resolve-dataset", retries=2, retry_delay_seconds=5)
+def resolve_dataset(data: dict) -> dict:
+    """Build `data.source` into `data/<source>` (beside `data.out_dir`), or take `data.path`."""
+    from components.config import DataConfig
+    from components.data.build import build_dataset
+    from components.data.format import dataset_hash, read_dataset
+
+    cfg = DataConfig(**data)
+    dataset_dir = flow_dataset_dir(cfg)
+    if cfg.path is not None:
+        counts = read_dataset(dataset_dir, strict=False).counts()
+    else:
+        counts = build_dataset(cfg, dataset_dir).counts
+    return {"dataset_dir": str(dataset_dir), "dataset_hash": dataset_hash(dataset_dir), "counts": counts}
+
+
+@task(name="validate")
+def validate(dataset_dir: str, validation: dict, report_dir: str) -> dict:
+    """Great Expectations validation; raises `ValidationError` (stopping the flow) on failure."""
+    from components.config import ValidateConfig
+    from components.data.validate import validate_dataset
+
+    result = validate_dataset(Path(dataset_dir), ValidateConfig(**validation), report_dir=Path(report_dir))
+    result.raise_if_failed()
+    return {"report_dir": report_dir, "num_rules": result.num_rules, "seconds": round(result.seconds, 2)}
+
+
+@task(name="features", **STAGE_TASK)
+def features(key: str, vision: dict, dataset_dir: str, out_dir: str, cache_dir: str) -> dict:
+    from components.vision.config import PartsConfig
+    from components.vision.stage import run_features
+
+    result = run_features(PartsConfig(**vision), dataset_dir=Path(dataset_dir), out_dir=Path(out_dir),
+                          cache_dir=Path(cache_dir))
+    return _finish(Path(out_dir), {"features_path": str(result.features_path), "metrics": result.metrics})
+
+
+@task(name="align", **STAGE_TASK)
+def align(key: str, align_cfg: dict, dataset_dir: str, features_path: str, out_dir: str, cache_dir: str,
+          gallery_size: int, mlflow_run_id: str | None = None, tracking_uri: str | None = None) -> dict:
+    from components.align.config import AlignConfig
+    from components.align.stage import run_align
+    from components.vision.stage import load_features
+
+    result = run_align(AlignConfig(**align_cfg), dataset_dir=Path(dataset_dir),
+                       features=load_features(Path(features_path)), out_dir=Path(out_dir),
+                       cache_dir=Path(cache_dir), gallery_size=gallery_size,
+                       logger=_lightning_logger("align", mlflow_run_id, tracking_uri))
+    return _finish(Path(out_dir), {"model_dir": str(result.model_dir), "words_path": str(result.words_path),
+                                   "gallery_path": str(result.gallery_path) if result.gallery_path else None,
+                                   "metrics": result.metrics})
+
+
+@task(name="train-matcher", **STAGE_TASK)
+def train_matcher(key: str, match_cfg: dict, system: str, dataset_dir: str, features_path: str,
+                  words_path: str, out_dir: str, mlflow_run_id: str | None = None,
+                  tracking_uri: str | None = None) -> dict:
+    from components.align.stage import load_words
+    from components.match.config import MatchConfig
+    from components.match.stage import run_train_matcher
+    from components.vision.stage import load_features
+
+    result = run_train_matcher(MatchConfig(**match_cfg), dataset_dir=Path(dataset_dir), out_dir=Path(out_dir),
+                               system=system, features=load_features(Path(features_path)),
+                               words=load_words(Path(words_path)),
+                               logger=_lightning_logger("matcher", mlflow_run_id, tracking_uri))
+    return _finish(Path(out_dir), {"scorer_dir": str(result.scorer_dir), "metrics": result.metrics})
+
+
+@task(name="evaluate", **STAGE_TASK)
+def evaluate(key: str, match_cfg: dict, seed: int, dataset_dir: str, scorer_dir: str, features_path: str,
+             words_path: str, out_dir: str) -> dict:
+    from components.align.stage import load_words
+    from components.evaluate.stage import run_evaluate
+    from components.match.config import MatchConfig
+    from components.vision.stage import load_features
+
+    result = run_evaluate(dataset_dir=Path(dataset_dir), scorer_dir=Path(scorer_dir), out_dir=Path(out_dir),
+                          features=load_features(Path(features_path)), words=load_words(Path(words_path)),
+                          seed=seed, match_cfg=MatchConfig(**match_cfg))
+    return _finish(Path(out_dir), {"metrics_path": str(result.metrics_path), "metrics": result.metrics,
+                                   "plots": {k: str(v) for k, v in result.plot_paths.items()}})
+
+
+@task(name="register", retries=2, retry_delay_seconds=10)
+def register(run_id: str, model_key: str, registry: dict, vision: dict, index: dict, dataset_dir: str,
+             dataset_hash: str, align_dir: str, scorer_dir: str, words_path: str, tags: dict[str, str]) -> dict:
+    """Bundle, log and register the model, unless an identical one (same model key) already is."""
+    import mlflow
+
+    from components.align.stage import load_words
+    from components.registry.config import RegistryConfig
+    from components.registry.pyfunc import log_search_model
+    from components.registry.versions import find_by_key
+    from components.registry.versions import register as register_version
+    from components.retrieve.config import IndexConfig
+    from components.search.engine import build_bundle
+    from components.vision.config import PartsConfig
+
+    cfg = RegistryConfig(**registry)
+    existing = find_by_key(cfg.model_name, model_key)
+    if existing is not None:
+        get_run_logger().info("identical model already registered: %s v%s", cfg.model_name, existing.version)
+        return {"version": str(existing.version), "created": False}
+    with tempfile.TemporaryDirectory() as scratch:
+        bundle = build_bundle(Path(scratch) / "bundle", align_dir=Path(align_dir), scorer_dir=Path(scorer_dir),
+                              dataset_dir=Path(dataset_dir), words=load_words(Path(words_path)),
+                              vision=PartsConfig(**vision), index_cfg=IndexConfig(**index),
+                              dataset_hash=dataset_hash)
+        with mlflow.start_run(run_id=run_id):
+            info = log_search_model(bundle)
+    version = register_version(info.model_uri, cfg.model_name, model_key=model_key,
+                               tags={**tags, "run_id": run_id})
+    return {"version": version.version, "created": True}
+
+
+def _lightning_logger(prefix: str, run_id: str | None, tracking_uri: str | None):
+    """Lightning's MLflow logger writing into the flow's run (keys prefixed by the stage)."""
+    if run_id is None:
+        return None
+    from components.registry.lightning import RunLogger
+
+    return RunLogger(run_id=run_id, tracking_uri=tracking_uri, prefix=prefix)
+
+
+# --------------------------------------------------------------------------- the flow
+
+
+def _refreshed_if_missing(task_fn, out_dir: Path):
+    """The task, forced to recompute when its outputs are gone (the cache would point at them)."""
+    return task_fn.with_options(refresh_cache=not (out_dir / DONE_FILE).is_file())
+
+
+def _log_dir(client, run_id: str, local_dir: Path, artifact_path: str) -> None:
+    if local_dir.is_dir():
+        client.log_artifacts(run_id, str(local_dir), artifact_path)
+
+
+@flow(name="alignsearch-retrain", log_prints=True)
+def retrain_flow(params: dict[str, Any]) -> dict:
+    """Retrain on the dataset `params` describe and register the result as `challenger`.
+
+    `params`: the full parameter set (`Params.model_dump(mode="json", by_alias=True)`).
+    Returns a `RetrainResult` as a dict.
+    """
+    import mlflow
+    from mlflow.entities import Metric, Param
+
+    started = time.perf_counter()
+    cfg = Params.model_validate(params)
+    logger = get_run_logger()
+    experiment_id = configure_mlflow(cfg.registry)
+    client = mlflow.MlflowClient()
+    uri = mlflow.get_tracking_uri()
+    code = code_version([REPO_ROOT / "components", REPO_ROOT / "flows"])
+    run = client.create_run(experiment_id, run_name=f"retrain-{time.strftime('%Y%m%d-%H%M%S')}",
+                            tags={"alignsearch.code_version": code, **git_state(REPO_ROOT),
+                                  "alignsearch.system": cfg.registry.system})
+    run_id = run.info.run_id
+    flat = flatten_params(params)
+    for start in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=[Param(k, v) for k, v in list(flat.items())[start:start + 100]])
+    client.log_dict(run_id, params, "params.json")
+    root, cache_dir = Path(cfg.paths.flow_dir), str(cfg.data.cache_dir)
+    timings: dict[str, float] = {}
+    cached: list[str] = []
+    report_dir = None
+
+    def timed(stage: str, fn, *args, **kwargs):
+        t0 = time.perf_counter()
+        state = fn(*args, return_state=True, **kwargs)
+        timings[stage] = round(time.perf_counter() - t0, 2)
+        if state.name == "Cached":
+            cached.append(stage)
+        return state.result()  # re-raises the task's exception when it failed
+
+    try:
+        dataset = timed("dataset", resolve_dataset, cfg.data.model_dump(mode="json"))
+        dataset_dir, dhash = dataset["dataset_dir"], dataset["dataset_hash"]
+        client.set_tag(run_id, "dataset_hash", dhash)
+        client.set_tag(run_id, "dataset_dir", dataset_dir)
+        client.log_param(run_id, "dataset_hash", dhash)
+        report_dir = root / "validation" / dhash.removesuffix(".dir")
+        timed("validate", validate, dataset_dir, cfg.validation.model_dump(mode="json"), str(report_dir))
+        _log_dir(client, run_id, report_dir, "validation")
+
+        vision = cfg.vision.model_dump(mode="json")
+        feat_key = stage_key("features", dhash, vision, code)
+        feat_dir = _stage_dir(root, "features", feat_key)
+        feats = timed("features", _refreshed_if_missing(features, feat_dir), feat_key, vision, dataset_dir, str(feat_dir),
+                      cache_dir)
+
+        align_cfg = cfg.align.model_dump(mode="json")
+        align_key = stage_key("align", feat_key, align_cfg, cfg.benchmark.gallery_size, code)
+        align_dir = _stage_dir(root, "align", align_key)
+        aligned = timed("align", _refreshed_if_missing(align, align_dir), align_key, align_cfg, dataset_dir,
+                        feats["features_path"], str(align_dir), cache_dir, cfg.benchmark.gallery_size,
+                        mlflow_run_id=run_id, tracking_uri=uri)
+
+        match_cfg = cfg.match.model_dump(mode="json")
+        system = cfg.registry.system
+        match_key = stage_key("matcher", align_key, match_cfg, system, code)
+        match_dir = _stage_dir(root, "matcher", match_key)
+        matcher = timed("train_matcher", _refreshed_if_missing(train_matcher, match_dir), match_key, match_cfg, system,
+                        dataset_dir, feats["features_path"], aligned["words_path"], str(match_dir),
+                        mlflow_run_id=run_id, tracking_uri=uri)
+
+        eval_key = stage_key("evaluate", match_key, cfg.promote.seed, code)
+        eval_dir = _stage_dir(root, "evaluate", eval_key)
+        evaluation = timed("evaluate", _refreshed_if_missing(evaluate, eval_dir), eval_key, match_cfg, cfg.promote.seed,
+                           dataset_dir, matcher["scorer_dir"], feats["features_path"], aligned["words_path"],
+                           str(eval_dir))
+
+        metrics = {**numeric_metrics(feats["metrics"], "features/"), **numeric_metrics(aligned["metrics"], "align/"),
+                   **numeric_metrics(matcher["metrics"], "matcher/"),
+                   **numeric_metrics(evaluation["metrics"], "eval/"),
+                   **{f"{k}/seconds": v for k, v in timings.items()}}
+        headline = evaluation["metrics"].get(system, {}).get("test", {})
+        metrics.update(numeric_metrics(headline, "test/"))
+        for start in range(0, len(metrics), 500):
+            now = int(time.time() * 1000)
+            client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in list(metrics.items())[start:start + 500]])
+        client.set_tag(run_id, "alignsearch.cached_stages", ",".join(cached) or "none")
+        if aligned.get("gallery_path"):
+            client.log_artifact(run_id, aligned["gallery_path"], "gallery")
+        for plot in evaluation["plots"].values():
+            client.log_artifact(run_id, plot, "plots")
+        client.log_artifact(run_id, evaluation["metrics_path"], "evaluation")
+
+        model_key = stage_key("model", match_key, cfg.retrieve.model_dump(mode="json"), code)
+        client.set_tag(run_id, "alignsearch.model_key", model_key)
+        registered = timed("register", register, run_id, model_key, cfg.registry.model_dump(mode="json"), vision,
+                           cfg.retrieve.model_dump(mode="json"), dataset_dir, dhash, aligned["model_dir"],
+                           matcher["scorer_dir"], aligned["words_path"],
+                           {"dataset_hash": dhash, "code_version": code, **git_state(REPO_ROOT)})
+        client.log_metric(run_id, "register/seconds", timings["register"])
+        client.set_tag(run_id, "alignsearch.model_version", registered["version"])
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException as exc:
+        if report_dir is not None:
+            _log_dir(client, run_id, report_dir, "validation")
+        client.set_tag(run_id, "alignsearch.failure", f"{type(exc).__name__}: {exc}"[:5000])
+        client.set_terminated(run_id, "FAILED")
+        logger.error("retraining failed; nothing registered (MLflow run %s)", run_id)
+        raise
+    result = RetrainResult(run_id=run_id, dataset_dir=dataset_dir, dataset_hash=dhash,
+                           model_name=cfg.registry.model_name, version=registered["version"],
+                           version_created=registered["created"], metrics=metrics, cached_stages=cached,
+                           seconds=round(time.perf_counter() - started, 2))
+    logger.info("registered %s v%s (%s) in %.0f s; cached stages: %s", result.model_name, result.version,
+                "new" if result.version_created else "already registered", result.seconds, cached or "none")
+    return result.__dict__

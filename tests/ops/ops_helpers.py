@@ -1,0 +1,32 @@
+"""Helpers of the operations tests (importable: the tests' directory is on sys.path)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from components.config import Params, load_params
+
+TINY_TRAINING = ["align.epochs=3", "match.max_steps=4", "match.eval_every=2", "match.lr=0.0001",
+                 "benchmark.gallery_size=4"]
+
+
+def ops_params(root: Path, dataset_dir: Path, *overrides: str) -> Params:
+    """Params for a flow run whose every output (stages, MLflow store, caches) is under `root`."""
+    return load_params(None, [
+        f"data.path={dataset_dir}", f"data.cache_dir={root / 'cache'}", f"paths.flow_dir={root / 'flow'}",
+        f"registry.tracking_uri={tracking_uri(root)}",
+        f"registry.artifact_location={root / 'mlruns' / 'artifacts'}", *TINY_TRAINING, *overrides])
+
+
+def tracking_uri(root: Path) -> str:
+    return f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+
+
+def as_flow_params(cfg: Params) -> dict:
+    return cfg.model_dump(mode="json", by_alias=True)
+
+
+def fresh_env(root: Path) -> dict[str, str]:
+    """The environment of a child process pointed at the test store."""
+    return {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(root)}
