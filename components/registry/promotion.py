@@ -76,6 +76,14 @@ def evaluate_version(model_uri: str, dataset_dir: Path, rule: PromoteConfig, cac
         return engine.evaluate(dataset_dir, rule.split, cache_dir=cache_dir, seed=rule.seed)
 
 
+def logged_model_id(version) -> str | None:
+    """The MLflow 3 logged model behind a registry version (its source is `models:/<model id>`)."""
+    if getattr(version, "model_id", None):
+        return version.model_id
+    source = version.source or ""
+    return source.removeprefix("models:/") if source.startswith("models:/m-") else None
+
+
 def _record(client, name: str, version, decision: Decision) -> None:
     tags = {f"{TAG}.outcome": decision.outcome, f"{TAG}.key": decision.key, f"{TAG}.reason": decision.reason[:5000],
             f"{TAG}.decided_at": decision.decided_at,
@@ -86,9 +94,10 @@ def _record(client, name: str, version, decision: Decision) -> None:
         folder = Path(scratch) / "promotion"
         folder.mkdir()
         (folder / f"decision-{decision.key}.json").write_text(json.dumps(asdict(decision), indent=2) + "\n")
-        if getattr(version, "model_id", None):
-            client.log_model_artifacts(version.model_id, scratch)
-        elif version.run_id:
+        model_id = logged_model_id(version)
+        if model_id:
+            client.log_model_artifacts(model_id, scratch)
+        elif version.run_id:  # a version registered from a run's artifact path
             client.log_artifacts(version.run_id, scratch)
 
 

@@ -10,8 +10,8 @@ all in the same process as the CLI, with no per-model environment to build.
     POST /search {"query": ..., "k": 5}
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI must see the request model built inside
+# `create_app` (its limits come from the config) as a class, not as a string.
 import time
 from typing import Annotated, Any
 
@@ -59,8 +59,9 @@ def create_app(model: Any, cfg: ServeConfig, *, model_uri: str, info: dict | Non
                 raise ValueError("query must not be empty or blank")
             return value
 
-    app = FastAPI(title="alignsearch", description="Search ads by text (Align before Search).",
-                  version=str((info or {}).get("version", "")))
+    version = (info or {}).get("version")
+    app = FastAPI(title="alignsearch", description=f"Search ads by text (Align before Search); model {model_uri}.",
+                  version=f"model v{version}" if version else "model")
 
     def run(request: SearchRequest) -> SearchResponse:
         started = time.perf_counter()

@@ -1,0 +1,148 @@
+"""Searching the registered model: the pyfunc in a fresh process, the HTTP service (request
+validation in-process, and the real `alignsearch serve` over a socket), the CLI table."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pandas as pd
+import pytest
+from fastapi.testclient import TestClient
+from ops_helpers import fresh_env
+from typer.testing import CliRunner
+
+from components.registry.tracking import configure_mlflow
+from components.registry.versions import download_bundle, load_search_model
+from components.search.config import ServeConfig
+from components.search.engine import SearchEngine
+from components.search.service import create_app
+from flows.cli import app
+
+pytestmark = pytest.mark.slow
+
+URI = "models:/alignsearch@challenger"
+QUERIES = ["tree box", "star"]
+
+FRESH_PROCESS = """
+import json, sys
+import mlflow, pandas as pd
+model = mlflow.pyfunc.load_model(sys.argv[1])
+frame = model.predict(pd.DataFrame({"query": json.loads(sys.argv[2])}))
+print(frame.to_json(orient="records"))
+"""
+
+
+def _cli_sets(root) -> list[str]:
+    return ["--set", f"registry.tracking_uri=sqlite:///{root / 'mlruns' / 'mlflow.db'}"]
+
+
+def test_pyfunc_in_a_fresh_process_ranks_as_in_process(trained_store, tmp_path):
+    root, cfg, _ = trained_store
+    configure_mlflow(cfg.registry)
+    engine = SearchEngine(download_bundle(URI, tmp_path))
+    expected = engine.search_frame(pd.DataFrame({"query": QUERIES}))
+
+    out = subprocess.run([sys.executable, "-c", FRESH_PROCESS, URI, json.dumps(QUERIES)], cwd=tmp_path,
+                         env=fresh_env(root), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    answered = pd.DataFrame(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    assert len(answered) == 2 * 10  # default k = 10 per query
+    assert answered["ad_id"].tolist() == expected["ad_id"].tolist()
+    assert answered["score"].to_numpy() == pytest.approx(expected["score"].to_numpy(), abs=1e-5)
+    assert answered["visual_words"].map(list).tolist() == expected["visual_words"].map(list).tolist()
+    assert set(answered["query"]) == set(QUERIES)
+    assert (answered.groupby("query")["rank"].apply(list) == [list(range(1, 11))] * 2).all()
+
+
+@pytest.fixture(scope="module")
+def client(trained_store):
+    _, cfg, _ = trained_store
+    configure_mlflow(cfg.registry)
+    model = load_search_model(URI)
+    return TestClient(create_app(model, ServeConfig(max_k=20, max_query_chars=50), model_uri=URI))
+
+
+def test_service_answers(client):
+    assert client.get("/health").json()["status"] == "ok"
+    posted = client.post("/search", json={"query": "tree box", "k": 3})
+    assert posted.status_code == 200, posted.text
+    body = posted.json()
+    assert [hit["rank"] for hit in body["results"]] == [1, 2, 3]
+    scores = [hit["score"] for hit in body["results"]]
+    assert scores == sorted(scores, reverse=True)
+    assert all(set(hit["matched_words"]) <= set(hit["visual_words"]) for hit in body["results"])
+    got = client.get("/search", params={"q": "tree box", "k": 3}).json()
+    assert [h["ad_id"] for h in got["results"]] == [h["ad_id"] for h in body["results"]]
+
+
+@pytest.mark.parametrize(("request_body", "message"), [
+    ({"query": "", "k": 3}, "must not be empty"),
+    ({"query": "   ", "k": 3}, "must not be empty"),
+    ({"query": "tree", "k": 21}, "less than or equal to 20"),
+    ({"query": "tree", "k": 0}, "greater than or equal to 1"),
+    ({"query": "x" * 51, "k": 3}, "at most 50 characters"),
+    ({"k": 3}, "Field required"),
+])
+def test_service_rejects_bad_requests(client, request_body, message):
+    response = client.post("/search", json=request_body)
+    assert response.status_code == 422
+    assert message in response.text
+
+
+def test_service_rejects_bad_query_parameters(client):
+    assert client.get("/search", params={"q": " "}).status_code == 422
+    assert client.get("/search", params={"q": "tree", "k": 1000}).status_code == 422
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_serve_command_over_http(trained_store, tmp_path):
+    root, _, _ = trained_store
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(port), "--model-uri", URI,
+                               *_cli_sets(root)], env=fresh_env(root), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None, server.stdout.read()
+            assert time.monotonic() < deadline, "the service did not come up"
+            time.sleep(0.5)
+        answer = httpx.get(f"http://127.0.0.1:{port}/search", params={"q": "star", "k": 2}, timeout=30)
+        assert answer.status_code == 200 and len(answer.json()["results"]) == 2
+        assert httpx.post(f"http://127.0.0.1:{port}/search", json={"query": ""}, timeout=30).status_code == 422
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_search_command_prints_a_table(trained_store):
+    root, _, _ = trained_store
+    runner = CliRunner()
+    result = runner.invoke(app, ["search", "tree box", "-k", "3", "--model-uri", URI, *_cli_sets(root)])
+    assert result.exit_code == 0, result.output
+    assert "visual words" in result.output and "syn:" in result.output
+    assert runner.invoke(app, ["search", " ", *_cli_sets(root)]).exit_code == 2
+    missing = runner.invoke(app, ["search", "tree", "--model-uri", "models:/alignsearch@nobody", *_cli_sets(root)])
+    assert missing.exit_code == 1 and "alignsearch promote" in missing.output
+
+
+def test_schedule_needs_a_server(monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    result = CliRunner().invoke(app, ["schedule", "--cron", "0 3 * * 1"])
+    assert result.exit_code == 2 and "prefect server start" in result.output
