@@ -1,0 +1,98 @@
+"""`alignsearch schedule` against a real Prefect server (the temporary one cannot schedule):
+the cron deployment must actually fire, retrain and promote. Waits for the next minute."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from mlflow import MlflowClient
+from ops_helpers import TINY_TRAINING, tracking_uri
+
+from components.registry.config import RegistryConfig
+from components.registry.tracking import configure_mlflow
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait(predicate, seconds: float, what: str, *processes: subprocess.Popen):
+    deadline = time.monotonic() + seconds
+    while True:
+        value = predicate()
+        if value:
+            return value
+        for process in processes:
+            assert process.poll() is None, f"{process.args[:4]} exited while waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(2)
+
+
+def _completed_runs(api: str, deployment: str) -> list[dict]:
+    query = {"flow_runs": {"deployment_id": {"any_": [deployment]}, "state": {"type": {"any_": ["COMPLETED"]}}}}
+    try:
+        return httpx.post(f"{api}/flow_runs/filter", json=query, timeout=10).json()
+    except httpx.TransportError:
+        return []
+
+
+def _deployment_id(api: str, name: str) -> str | None:
+    try:
+        found = httpx.post(f"{api}/deployments/filter", json={"deployments": {"name": {"any_": [name]}}},
+                           timeout=10).json()
+    except httpx.TransportError:
+        return None
+    return found[0]["id"] if found else None
+
+
+def test_cron_schedule_retrains_and_promotes(synthetic_dataset_dir, tmp_path):
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_TRACKING_URI": tracking_uri(tmp_path)}
+    env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)
+    prefect = os.path.join(os.path.dirname(sys.executable), "prefect")
+    server = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    served = None
+    try:
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"{api}/health", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        _wait(healthy, 120, "the Prefect server", server)
+        sets = [f"data.path={synthetic_dataset_dir}", f"data.cache_dir={tmp_path / 'cache'}",
+                f"paths.flow_dir={tmp_path / 'flow'}", f"registry.artifact_location={tmp_path / 'mlruns' / 'artifacts'}",
+                *TINY_TRAINING]
+        command = [sys.executable, "-m", "flows.cli", "schedule", "--cron", "* * * * *", "--name", "test-cron"]
+        for item in sets:
+            command += ["--set", item]
+        served = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  start_new_session=True)
+        deployment = _wait(lambda: _deployment_id(api, "test-cron"), 120, "the deployment", server, served)
+        runs = _wait(lambda: _completed_runs(api, deployment), 300, "a completed scheduled run", server, served)
+        assert runs[0]["auto_scheduled"] is True
+
+        configure_mlflow(RegistryConfig(tracking_uri=tracking_uri(tmp_path)))
+        client = MlflowClient()
+        champion = client.get_model_version_by_alias("alignsearch", "champion")
+        assert str(champion.version) == "1"
+        assert champion.tags["alignsearch.promotion.outcome"] == "promoted"
+    finally:
+        for process in (served, server):
+            if process is not None and process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(timeout=60)
