@@ -44,7 +44,7 @@ bench: setup openclipart
 	$(VENV)/bin/alignsearch benchmark --data data/openclipart --out reports/benchmark
 
 ui: setup
-	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root mlruns/artifacts
+	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --workers 1 --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root mlruns/artifacts
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -342,8 +342,9 @@ def schedule(
         raise typer.Exit(2) from exc
     console.print(f"Serving deployment {name!r} of alignsearch-retrain-and-promote on {cron!r} ({timezone}); "
                   "Ctrl-C stops it.")
+    del cfg  # validated now, read again by each run (so edits to the file apply)
     retrain_and_promote_flow.serve(name=name, schedules=[cron_schedule],
-                                   parameters={"params": cfg.model_dump(mode="json", by_alias=True)})
+                                   parameters={"params_file": str(params.resolve()), "overrides": list(set_ or [])})
 
 
 DataOption = Annotated[Optional[Path], typer.Option("--data", help="Dataset directory (default: params data.out_dir).")]  # noqa: UP045

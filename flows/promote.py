@@ -33,8 +33,14 @@ def promote_flow(params: dict[str, Any], dataset_dir: str | None = None) -> dict
 
 
 @flow(name="alignsearch-retrain-and-promote", log_prints=True)
-def retrain_and_promote_flow(params: dict[str, Any]) -> dict:
-    """What a schedule runs: the retraining flow, then promotion on the same dataset."""
+def retrain_and_promote_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:
+    """What a schedule runs: the retraining flow, then promotion on the same dataset.
+
+    Params are read when the run starts, so a schedule picks up edits to `params_file`.
+    """
+    from components.config import load_params
+
+    params = load_params(Path(params_file), overrides).model_dump(mode="json", by_alias=True)
     retrained = retrain_flow(params)
     decision = promote_flow(params, dataset_dir=retrained["dataset_dir"])
     return {"retrain": retrained, "promotion": decision}

@@ -46,9 +46,10 @@ def configure_mlflow(cfg: RegistryConfig) -> str:
     experiment = mlflow.get_experiment_by_name(cfg.experiment)
     if experiment is not None:
         return experiment.experiment_id
-    artifact_location = None
-    if db is not None:  # local store: artifacts beside the database, under mlruns/
-        artifact_location = Path(cfg.artifact_location).resolve().as_uri()
+    artifact_location = None  # a server decides for itself
+    if db is not None:  # a local store: artifacts beside the database
+        local = Path(cfg.artifact_location) if uri == cfg.tracking_uri else db.parent / "artifacts"
+        artifact_location = local.resolve().as_uri()
     return mlflow.create_experiment(cfg.experiment, artifact_location=artifact_location)
 
 

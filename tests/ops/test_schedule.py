@@ -1,5 +1,6 @@
 """`alignsearch schedule` against a real Prefect server (the temporary one cannot schedule):
-the cron deployment must actually fire, retrain and promote. Waits for the next minute."""
+the cron deployment must actually fire, retrain and promote (it waits for the next minute);
+and `prefect deploy` of prefect.yaml registers the team deployment with its schedule."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -19,6 +21,8 @@ from components.registry.config import RegistryConfig
 from components.registry.tracking import configure_mlflow
 
 pytestmark = pytest.mark.slow
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _free_port() -> int:
@@ -85,6 +89,16 @@ def test_cron_schedule_retrains_and_promotes(synthetic_dataset_dir, tmp_path):
         deployment = _wait(lambda: _deployment_id(api, "test-cron"), 120, "the deployment", server, served)
         runs = _wait(lambda: _completed_runs(api, deployment), 300, "a completed scheduled run", server, served)
         assert runs[0]["auto_scheduled"] is True
+
+        # prefect.yaml: the team deployment registers with its cron schedule
+        subprocess.run([prefect, "work-pool", "create", "alignsearch", "--type", "process"], env=env, check=True,
+                       capture_output=True, timeout=120)
+        subprocess.run([prefect, "--no-prompt", "deploy", "--all"], env={**env, "ALIGNSEARCH_REPO": str(REPO_ROOT)},
+                       check=True, capture_output=True, timeout=300, cwd=REPO_ROOT)
+        [team] = httpx.post(f"{api}/deployments/filter", json={"deployments": {"name": {"any_": ["weekly-retrain"]}}},
+                            timeout=10).json()
+        assert team["entrypoint"] == "flows/promote.py:retrain_and_promote_flow"
+        assert team["schedules"][0]["schedule"]["cron"] == "0 3 * * 1"
 
         configure_mlflow(RegistryConfig(tracking_uri=tracking_uri(tmp_path)))
         client = MlflowClient()
