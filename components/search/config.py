@@ -15,4 +15,3 @@ class ServeConfig(BaseModel):
     default_k: int = Field(10, ge=1)
     max_k: int = Field(100, ge=1)
     max_query_chars: int = Field(256, ge=1)
-    max_batch: int = Field(32, ge=1)
