@@ -30,8 +30,9 @@ from components.config import Params
 from components.registry.tracking import (
     code_version,
     configure_mlflow,
-    flatten_params,
     git_state,
+    log_metrics,
+    log_params,
     numeric_metrics,
 )
 
@@ -233,7 +234,6 @@ def retrain_flow(params: dict[str, Any]) -> dict:
     Returns a `RetrainResult` as a dict.
     """
     import mlflow
-    from mlflow.entities import Metric, Param
 
     started = time.perf_counter()
     cfg = Params.model_validate(params)
@@ -246,9 +246,7 @@ def retrain_flow(params: dict[str, Any]) -> dict:
                             tags={"alignsearch.code_version": code, **git_state(REPO_ROOT),
                                   "alignsearch.system": cfg.registry.system})
     run_id = run.info.run_id
-    flat = flatten_params(params)
-    for start in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch
-        client.log_batch(run_id, params=[Param(k, v) for k, v in list(flat.items())[start:start + 100]])
+    log_params(client, run_id, params)
     client.log_dict(run_id, params, "params.json")
     root, cache_dir = Path(cfg.paths.flow_dir), str(cfg.data.cache_dir)
     timings: dict[str, float] = {}
@@ -306,9 +304,7 @@ def retrain_flow(params: dict[str, Any]) -> dict:
                    **{f"{k}/seconds": v for k, v in timings.items()}}
         headline = evaluation["metrics"].get(system, {}).get("test", {})
         metrics.update(numeric_metrics(headline, "test/"))
-        for start in range(0, len(metrics), 500):
-            now = int(time.time() * 1000)
-            client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in list(metrics.items())[start:start + 500]])
+        log_metrics(client, run_id, metrics)
         client.set_tag(run_id, "alignsearch.cached_stages", ",".join(cached) or "none")
         if aligned.get("gallery_path"):
             client.log_artifact(run_id, aligned["gallery_path"], "gallery")

@@ -23,9 +23,19 @@ log = logging.getLogger(__name__)
 MAX_PARAM_CHARS = 6000
 
 
+# `mlflow.set_tracking_uri` also writes MLFLOW_TRACKING_URI into the environment. Remember what
+# we wrote and what the user had set, so later calls still tell the user's setting from ours.
+_env_state: dict[str, str | None] = {"ours": None, "user": None}
+
+
 def tracking_uri(cfg: RegistryConfig) -> str:
-    """The URI in use: `MLFLOW_TRACKING_URI` when set, else `cfg.tracking_uri`."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
+    """The URI in use: the user's `MLFLOW_TRACKING_URI` when set, else `cfg.tracking_uri`."""
+    from_env = os.environ.get("MLFLOW_TRACKING_URI")
+    if not from_env:
+        _env_state["user"] = None
+    elif from_env != _env_state["ours"]:
+        _env_state["user"] = from_env  # set by the user (before we wrote, or changed since)
+    return _env_state["user"] or cfg.tracking_uri
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -43,6 +53,7 @@ def configure_mlflow(cfg: RegistryConfig) -> str:
         db.parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    _env_state["ours"] = os.environ.get("MLFLOW_TRACKING_URI")
     experiment = mlflow.get_experiment_by_name(cfg.experiment)
     if experiment is not None:
         return experiment.experiment_id
@@ -106,3 +117,24 @@ def code_version(roots: Iterable[Path]) -> str:
             digest.update(str(path.relative_to(root)).encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def log_params(client, run_id: str, params: Mapping[str, Any]) -> None:
+    """Every (nested) param of `params`, flattened, in batches (MLflow takes 100 at a time)."""
+    from mlflow.entities import Param
+
+    items = list(flatten_params(params).items())
+    for start in range(0, len(items), 100):
+        client.log_batch(run_id, params=[Param(k, v) for k, v in items[start:start + 100]])
+
+
+def log_metrics(client, run_id: str, metrics: Mapping[str, float]) -> None:
+    """Metrics at step 0, in batches (MLflow takes 1,000 at a time)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = list(metrics.items())
+    for start in range(0, len(items), 1000):
+        client.log_batch(run_id, metrics=[Metric(metric_key(k), float(v), now, 0) for k, v in items[start:start + 1000]])

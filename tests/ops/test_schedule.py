@@ -79,7 +79,8 @@ def test_cron_schedule_retrains_and_promotes(synthetic_dataset_dir, tmp_path):
 
         _wait(healthy, 120, "the Prefect server", server)
         sets = [f"data.path={synthetic_dataset_dir}", f"data.cache_dir={tmp_path / 'cache'}",
-                f"paths.flow_dir={tmp_path / 'flow'}", f"registry.artifact_location={tmp_path / 'mlruns' / 'artifacts'}",
+                f"paths.flow_dir={tmp_path / 'flow'}", f"registry.tracking_uri={tracking_uri(tmp_path)}",
+                f"registry.artifact_location={tmp_path / 'mlruns' / 'artifacts'}",
                 *TINY_TRAINING]
         command = [sys.executable, "-m", "flows.cli", "schedule", "--cron", "* * * * *", "--name", "test-cron"]
         for item in sets:

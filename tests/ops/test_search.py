@@ -146,3 +146,21 @@ def test_schedule_needs_a_server(monkeypatch):
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     result = CliRunner().invoke(app, ["schedule", "--cron", "0 3 * * 1"])
     assert result.exit_code == 2 and "prefect server start" in result.output
+
+
+def test_tracking_uri_precedence(tmp_path, monkeypatch):
+    """Params name the store; a user's MLFLOW_TRACKING_URI wins; MLflow's own write of that
+    variable (set_tracking_uri does it) must not make the previous store stick."""
+    from components.registry.config import RegistryConfig
+    from components.registry.tracking import tracking_uri
+
+    first = RegistryConfig(tracking_uri=f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}")
+    second = RegistryConfig(tracking_uri=f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    configure_mlflow(first)
+    assert tracking_uri(second) == second.tracking_uri
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'team' / 'mlflow.db'}")
+    assert tracking_uri(second).endswith("team/mlflow.db")
+    # the user's setting survives our own configuration (MLflow rewrites the variable)
+    configure_mlflow(first)
+    assert tracking_uri(second).endswith("team/mlflow.db")
