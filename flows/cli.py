@@ -143,16 +143,22 @@ def _retrain(cfg) -> dict:
     raise typer.Exit(1)
 
 
-def _metrics_table(title: str, metrics: dict[str, float], keys: tuple[str, ...]) -> Table:
+HEADLINE = ("ndcg_at_10", "recall_at_10", "mrr_at_10", "auc", "image_only/auc", "title_overlap/auc")
+
+
+def _metrics_table(title: str, metrics: dict[str, float]) -> Table:
+    """Test-split metrics of every system the run evaluated (MLflow keys eval/<system>/test/<metric>)."""
+    systems = sorted({k.split("/")[1] for k in metrics if k.startswith("eval/") and "/test/" in k})
     table = Table(title=title)
-    for key in keys:
-        table.add_column(key, justify="right")
-    table.add_row(*(f"{metrics[k]:.3f}" if k in metrics else "-" for k in keys))
+    table.add_column("system", no_wrap=True)
+    for key in HEADLINE:
+        label = key.replace("_at_", "@").replace("image_only/auc", "auc img-only").replace("title_overlap/auc",
+                                                                                           "auc title-ovl")
+        table.add_column(label, justify="right")
+    for system in systems:
+        row = [metrics.get(f"eval/{system}/test/{key}") for key in HEADLINE]
+        table.add_row(system, *("-" if v is None else f"{v:.3f}" for v in row))
     return table
-
-
-HEADLINE = ("test/ndcg_at_10", "test/recall_at_10", "test/mrr_at_10", "test/auc", "test/image_only/auc",
-            "test/title_overlap/auc")
 
 
 @app.command("retrain")
@@ -169,7 +175,8 @@ def _print_retrain(result: dict) -> None:
     console.print(f"Registered [bold]{result['model_name']}[/bold] v{result['version']} ({state}); "
                   f"MLflow run {result['run_id']}; dataset {result['dataset_dir']} ({result['dataset_hash']})")
     console.print(f"Cached stages: {', '.join(result['cached_stages']) or 'none'}; took {result['seconds']:.0f} s")
-    console.print(_metrics_table("Test split (this run)", result["metrics"], HEADLINE))
+    console.print(_metrics_table("Test split, this run (lexical and text_zero_shot are untrained references)",
+                                 result["metrics"]))
 
 
 @app.command("promote")

@@ -2,9 +2,9 @@
 evaluation → registration in MLflow (alias `challenger`).
 
 Tasks are thin wrappers around the component stage functions. The expensive ones are cached
-by Prefect on a stage key: a hash of (DVC dataset hash, the stage's params, the code version,
-the upstream stage keys). Each stage writes into `paths.flow_dir/<stage>/<key>`, so an
-unchanged rerun reuses every output and goes straight to the registration check, which finds
+by Prefect on a stage key: a hash of (DVC dataset hash, the stage's params, the code version
+of `components/` and this file, the upstream stage keys). Each stage writes into
+`paths.flow_dir/<stage>/<key>`, so an unchanged rerun reuses every output and goes straight to the registration check, which finds
 the identical version already registered and adds none.
 
 Every flow run opens one MLflow run (params, dataset hash, git commit, per-stage metrics and
@@ -241,7 +241,8 @@ def retrain_flow(params: dict[str, Any]) -> dict:
     experiment_id = configure_mlflow(cfg.registry)
     client = mlflow.MlflowClient()
     uri = mlflow.get_tracking_uri()
-    code = code_version([REPO_ROOT / "components", REPO_ROOT / "flows"])
+    # What the stages run: the components and this file's task wrappers (not the CLI).
+    code = code_version([REPO_ROOT / "components", Path(__file__)])
     run = client.create_run(experiment_id, run_name=f"retrain-{time.strftime('%Y%m%d-%H%M%S')}",
                             tags={"alignsearch.code_version": code, **git_state(REPO_ROOT),
                                   "alignsearch.system": cfg.registry.system})

@@ -108,13 +108,15 @@ def git_state(repo: Path | None = None) -> dict[str, str]:
     return {"git_commit": commit, "git_dirty": str(bool(dirty)).lower()}
 
 
-def code_version(roots: Iterable[Path]) -> str:
-    """A hash of the Python sources under `roots`: part of every stage cache key, so a code
-    change retrains (a git commit alone misses uncommitted edits)."""
+def code_version(paths: Iterable[Path]) -> str:
+    """A hash of the Python sources at `paths` (files, or directories searched recursively):
+    part of every stage cache key, so a code change retrains (a git commit alone misses
+    uncommitted edits)."""
     digest = hashlib.sha256()
-    for root in roots:
-        for path in sorted(Path(root).rglob("*.py")):
-            digest.update(str(path.relative_to(root)).encode())
+    for root in map(Path, paths):
+        files = sorted(root.rglob("*.py")) if root.is_dir() else [root]
+        for path in files:
+            digest.update(str(path.relative_to(root.parent)).encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
