@@ -44,7 +44,7 @@ def build_dataset(cfg: DataConfig, out_dir: Path | None = None) -> BuildResult:
         write_dataset(dataset, tmp_dir)
         counts = Dataset(dataset.ads, dataset.queries, dataset.qrels).counts()
         seconds = time.perf_counter() - started
-        write_readme(tmp_dir, cfg, counts, stats, seconds)
+        write_readme(tmp_dir, cfg, counts, stats)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp_dir.rename(out_dir)
@@ -71,8 +71,16 @@ def _build_source(cfg: DataConfig, out_dir: Path) -> tuple[Dataset, dict]:
     raise ValueError(f"unknown data source {cfg.source!r}")
 
 
-def write_readme(out_dir: Path, cfg: DataConfig, counts: dict, stats: dict, seconds: float) -> Path:
-    """A human-readable summary next to the tables: source, parameters, counts per split."""
+# Build statistics that describe this machine's run rather than the data (timings, cache
+# state), and params that only say where or how fast: kept out of README.txt so that the
+# same data always has the same content hash (DVC's, and the retraining flow's cache keys).
+_RUN_STATS = ("raster_cache_hits", "raster_rendered")
+_RUN_PARAMS = {"out_dir", "path", "cache_dir", "workers"}
+
+
+def write_readme(out_dir: Path, cfg: DataConfig, counts: dict, stats: dict) -> Path:
+    """A human-readable summary next to the tables: source, parameters, counts per split.
+    Deterministic: the build time is logged, not written."""
     lines = [
         f"alignsearch dataset — source: {cfg.source}",
         "",
@@ -86,9 +94,10 @@ def write_readme(out_dir: Path, cfg: DataConfig, counts: dict, stats: dict, seco
         )
     lines += ["", "Build statistics:"]
     for key, value in stats.items():
-        lines.append(f"  {key}: {value}")
-    params = cfg.model_dump(mode="json", exclude={"synthetic", "coco"} - {cfg.source})
-    lines += ["", f"Built in {seconds:.1f} s with parameters:", json.dumps(params, indent=2, sort_keys=True), ""]
+        if not key.startswith("seconds") and key not in _RUN_STATS:
+            lines.append(f"  {key}: {value}")
+    params = cfg.model_dump(mode="json", exclude=({"synthetic", "coco"} - {cfg.source}) | _RUN_PARAMS)
+    lines += ["", "Built with parameters:", json.dumps(params, indent=2, sort_keys=True), ""]
     path = out_dir / README_FILE
     path.write_text("\n".join(lines))
     return path

@@ -14,7 +14,7 @@ from PIL import Image
 
 from components.config import DataConfig, SyntheticConfig
 from components.data.build import build_dataset
-from components.data.format import SPLITS, read_dataset
+from components.data.format import SPLITS, dataset_hash, read_dataset
 from components.data.synthetic import (
     FILLER_WORDS,
     PART_KINDS,
@@ -62,6 +62,9 @@ def test_same_seed_gives_identical_tables_images_and_truth(built):
     pd.testing.assert_frame_equal(a.qrels, b.qrels)
     assert _image_bytes(built["a"]) == _image_bytes(built["b"])
     assert (built["a"] / TRUTH_FILE).read_bytes() == (built["b"] / TRUTH_FILE).read_bytes()
+    # the whole directory, README.txt included (no timings in it): the same content hash, so a
+    # rebuild leaves DVC and the retraining flow's caches valid
+    assert dataset_hash(built["a"]) == dataset_hash(built["b"])
 
 
 def test_different_seed_gives_different_data(built):
