@@ -24,6 +24,9 @@ def dvc_repo(tmp_path) -> Path:
     repo.mkdir()
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     shutil.copy(REPO_ROOT / "dvc.yaml", repo / "dvc.yaml")
+    # build_data depends on the builder's code: the stage needs those files in its repo
+    shutil.copytree(REPO_ROOT / "components" / "data", repo / "components" / "data",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     params["data"].update(source="synthetic", out_dir="data/synthetic", max_ads=None)
     params["data"]["synthetic"].update(num_ads=40, image_size=64)
