@@ -23,19 +23,20 @@ log = logging.getLogger(__name__)
 MAX_PARAM_CHARS = 6000
 
 
-# `mlflow.set_tracking_uri` also writes MLFLOW_TRACKING_URI into the environment. Remember what
-# we wrote and what the user had set, so later calls still tell the user's setting from ours.
-_env_state: dict[str, str | None] = {"ours": None, "user": None}
+# `mlflow.set_tracking_uri` also writes MLFLOW_TRACKING_URI into the environment. Remember every
+# value we wrote and the one the user set, so later calls still tell the user's setting from ours.
+_written: set[str] = set()
+_user_uri: list[str | None] = [None]
 
 
 def tracking_uri(cfg: RegistryConfig) -> str:
     """The URI in use: the user's `MLFLOW_TRACKING_URI` when set, else `cfg.tracking_uri`."""
     from_env = os.environ.get("MLFLOW_TRACKING_URI")
-    if not from_env:
-        _env_state["user"] = None
-    elif from_env != _env_state["ours"]:
-        _env_state["user"] = from_env  # set by the user (before we wrote, or changed since)
-    return _env_state["user"] or cfg.tracking_uri
+    if from_env and from_env not in _written:
+        _user_uri[0] = from_env  # set by the user (before we ever wrote, or changed since)
+    elif from_env != _user_uri[0]:
+        _user_uri[0] = None  # unset, or a value we wrote for some params
+    return _user_uri[0] or cfg.tracking_uri
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -53,7 +54,7 @@ def configure_mlflow(cfg: RegistryConfig) -> str:
         db.parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    _env_state["ours"] = os.environ.get("MLFLOW_TRACKING_URI")
+    _written.add(uri)
     experiment = mlflow.get_experiment_by_name(cfg.experiment)
     if experiment is not None:
         return experiment.experiment_id

@@ -20,10 +20,6 @@ class RegisteredVersion:
     run_id: str | None
     created: bool  # False when an identical model was already registered
 
-    @property
-    def uri(self) -> str:
-        return f"models:/{self.name}/{self.version}"
-
 
 def _client():
     from mlflow import MlflowClient

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 from components.config import Params, load_params
@@ -30,3 +31,10 @@ def as_flow_params(cfg: Params) -> dict:
 def fresh_env(root: Path) -> dict[str, str]:
     """The environment of a child process pointed at the test store."""
     return {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(root)}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

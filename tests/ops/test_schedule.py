@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from mlflow import MlflowClient
-from ops_helpers import TINY_TRAINING, tracking_uri
+from ops_helpers import TINY_TRAINING, free_port, tracking_uri
 
 from components.registry.config import RegistryConfig
 from components.registry.tracking import configure_mlflow
@@ -23,12 +22,6 @@ from components.registry.tracking import configure_mlflow
 pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait(predicate, seconds: float, what: str, *processes: subprocess.Popen):
@@ -61,7 +54,7 @@ def _deployment_id(api: str, name: str) -> str | None:
 
 
 def test_cron_schedule_retrains_and_promotes(synthetic_dataset_dir, tmp_path):
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_TRACKING_URI": tracking_uri(tmp_path)}

@@ -4,7 +4,6 @@ validation in-process, and the real `alignsearch serve` over a socket), the CLI 
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import httpx
 import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
-from ops_helpers import fresh_env
+from ops_helpers import free_port, fresh_env
 from typer.testing import CliRunner
 
 from components.registry.tracking import configure_mlflow
@@ -100,15 +99,9 @@ def test_service_rejects_bad_query_parameters(client):
     assert client.get("/search", params={"q": "tree", "k": 1000}).status_code == 422
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_serve_command_over_http(trained_store, tmp_path):
     root, _, _ = trained_store
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(port), "--model-uri", URI,
                                *_cli_sets(root)], env=fresh_env(root), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
@@ -164,3 +157,6 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
     # the user's setting survives our own configuration (MLflow rewrites the variable)
     configure_mlflow(first)
     assert tracking_uri(second).endswith("team/mlflow.db")
+    # a value we wrote earlier coming back (e.g. an environment restored) is not the user's
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", first.tracking_uri)
+    assert tracking_uri(second) == second.tracking_uri
