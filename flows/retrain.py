@@ -252,7 +252,6 @@ def retrain_flow(params: dict[str, Any]) -> dict:
     root, cache_dir = Path(cfg.paths.flow_dir), str(cfg.data.cache_dir)
     timings: dict[str, float] = {}
     cached: list[str] = []
-    report_dir = None
 
     def timed(stage: str, fn, *args, **kwargs):
         t0 = time.perf_counter()
@@ -269,8 +268,10 @@ def retrain_flow(params: dict[str, Any]) -> dict:
         client.set_tag(run_id, "dataset_dir", dataset_dir)
         client.log_param(run_id, "dataset_hash", dhash)
         report_dir = root / "validation" / dhash.removesuffix(".dir")
-        timed("validate", validate, dataset_dir, cfg.validation.model_dump(mode="json"), str(report_dir))
-        _log_dir(client, run_id, report_dir, "validation")
+        try:
+            timed("validate", validate, dataset_dir, cfg.validation.model_dump(mode="json"), str(report_dir))
+        finally:  # the report matters most when validation failed
+            _log_dir(client, run_id, report_dir, "validation")
 
         vision = cfg.vision.model_dump(mode="json")
         feat_key = stage_key("features", dhash, vision, code)
@@ -323,8 +324,6 @@ def retrain_flow(params: dict[str, Any]) -> dict:
         client.set_tag(run_id, "alignsearch.model_version", registered["version"])
         client.set_terminated(run_id, "FINISHED")
     except BaseException as exc:
-        if report_dir is not None:
-            _log_dir(client, run_id, report_dir, "validation")
         client.set_tag(run_id, "alignsearch.failure", f"{type(exc).__name__}: {exc}"[:5000])
         client.set_terminated(run_id, "FAILED")
         logger.error("retraining failed; nothing registered (MLflow run %s)", run_id)

@@ -185,22 +185,18 @@ class SearchEngine:
         """
         if "query" not in queries.columns:
             raise ValueError(f"input needs a 'query' column; got columns {list(queries.columns)}")
-        rows = []
         ks = queries["k"] if "k" in queries.columns else pd.Series([default_k] * len(queries), index=queries.index)
-        for text, k in zip(queries["query"], ks, strict=True):
-            k = default_k if pd.isna(k) else int(k)
-            for hit in self.search([str(text)], k)[0]:
-                rows.append({"query": str(text), **asdict(hit)})
+        ks = [default_k if pd.isna(k) else int(k) for k in ks]
+        if any(k < 1 for k in ks):
+            raise ValueError(f"k must be >= 1 in every row; got {sorted(set(k for k in ks if k < 1))}")
+        texts = [str(text) for text in queries["query"]]
+        # One encoding and one index search for the whole batch, at the largest k asked for.
+        hits = self.search(texts, max(ks)) if texts else []
+        rows = [{"query": text, **asdict(hit)} for text, k, row in zip(texts, ks, hits, strict=True) for hit in row[:k]]
         columns = ["query", "rank", "ad_id", "title", "score", "visual_words", "matched_words"]
         return pd.DataFrame(rows, columns=columns)
 
     # -- evaluation on any dataset (promotion) --------------------------------------------
-    def ad_words(self, dataset: Dataset, cache_dir: Path) -> dict[str, Words]:
-        """Visual words of `dataset`'s ads by the bundled alignment (images → parts → words)."""
-        features = ad_features(dataset, self.vision, cache_dir)
-        words = self.alignment.translate(features)
-        return dict(zip(dataset.ads["ad_id"].astype(str), words, strict=True))
-
     def score_split(self, dataset: Dataset, split: str, cache_dir: Path) -> ScoreMatrix:
         """Scores of every (query, ad) of one split of a dataset, ads translated afresh."""
         part = dataset.split(split)
