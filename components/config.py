@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from components.align.config import AlignConfig
 from components.evaluate.config import BenchmarkConfig
@@ -92,7 +92,8 @@ class DvcConfig(_Section):
 
 
 class Params(BaseModel):
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    # Unknown keys fail at load time (a typo such as `mach.lr` must not be silently ignored).
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     data: DataConfig = DataConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
@@ -136,9 +137,57 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
     return out
 
 
+class UnknownKeyError(ValueError):
+    """A key in `params.yaml` or a `--set` override that no section defines."""
+
+
+def _section_model(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that holds the key at `loc` (a validation error's location)."""
+    model: type[BaseModel] = Params
+    for part in loc[:-1]:
+        field = next((f for name, f in model.model_fields.items() if part in (name, f.alias)), None)
+        if field is None:
+            return None
+        candidates = [field.annotation, *getattr(field.annotation, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return None
+    return model
+
+
+def _valid_keys(model: type[BaseModel]) -> list[str]:
+    return [field.alias or name for name, field in model.model_fields.items()]
+
+
+def _explain_unknown_keys(exc: ValidationError) -> str | None:
+    """One line per unknown key, naming the valid keys of its section; None if there are none."""
+    lines = []
+    for error in exc.errors():
+        if error["type"] != "extra_forbidden":
+            continue
+        loc = tuple(str(p) for p in error["loc"])
+        model = _section_model(loc)
+        valid = ", ".join(_valid_keys(model)) if model is not None else "?"
+        if len(loc) == 1:
+            lines.append(f"unknown section {loc[0]!r}; valid sections: {valid}")
+        else:
+            lines.append(f"unknown key {'.'.join(loc)!r} in section {'.'.join(loc[:-1])!r}; valid keys: {valid}")
+    return "\n".join(lines) or None
+
+
 def load_params(path: Path | None = DEFAULT_PARAMS_PATH, overrides: list[str] | None = None) -> Params:
-    """Load `params.yaml` (defaults when the file does not exist) and apply overrides."""
+    """Load `params.yaml` (defaults when the file does not exist) and apply overrides.
+
+    Raises `UnknownKeyError` naming any key no section defines (and the valid ones), and
+    pydantic's `ValidationError` for values out of range; both are `ValueError`s.
+    """
     raw: dict = {}
     if path is not None and Path(path).is_file():
         raw = yaml.safe_load(Path(path).read_text()) or {}
-    return Params.model_validate(apply_overrides(raw, overrides))
+    try:
+        return Params.model_validate(apply_overrides(raw, overrides))
+    except ValidationError as exc:
+        explained = _explain_unknown_keys(exc)
+        if explained is None:
+            raise
+        raise UnknownKeyError(explained) from exc

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from components.config import apply_overrides, load_params
+from components.config import UnknownKeyError, apply_overrides, load_params
 
 REPO_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 
@@ -30,7 +30,7 @@ def test_overrides_parse_yaml_scalars():
 def test_bad_override_and_unknown_key_are_rejected():
     with pytest.raises(ValueError, match="key=value"):
         apply_overrides({}, ["data.max_ads"])
-    with pytest.raises(ValidationError, match="max_adz"):
+    with pytest.raises(UnknownKeyError, match="max_adz"):
         load_params(REPO_PARAMS, ["data.max_adz=5"])
     with pytest.raises(ValidationError, match="source"):
         load_params(REPO_PARAMS, ["data.source=imagenet"])
@@ -38,3 +38,34 @@ def test_bad_override_and_unknown_key_are_rejected():
 
 def test_missing_file_gives_defaults(tmp_path):
     assert load_params(tmp_path / "absent.yaml").data.seed == 0
+
+
+def test_unknown_section_names_the_key_and_the_valid_sections():
+    with pytest.raises(UnknownKeyError, match="'mach'") as caught:
+        load_params(REPO_PARAMS, ["mach.lr=0.5"])
+    assert "valid sections: data, validate, vision, align, match" in str(caught.value)
+
+
+def test_unknown_nested_key_names_its_section_and_valid_keys():
+    with pytest.raises(UnknownKeyError, match=r"'match\.lrr' in section 'match'") as caught:
+        load_params(REPO_PARAMS, ["match.lrr=0.5"])
+    assert "lr" in str(caught.value).split("valid keys:")[1]
+    with pytest.raises(UnknownKeyError, match=r"'data\.coco\.foo'.*valid keys: captions, images"):
+        load_params(REPO_PARAMS, ["data.coco.foo=1"])
+
+
+def test_unknown_key_in_the_params_file_is_rejected(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(REPO_PARAMS.read_text() + "\nserving:\n  port: 9000\n")
+    with pytest.raises(UnknownKeyError, match="'serving'.*valid sections"):
+        load_params(path)
+
+
+def test_cli_reports_an_unknown_key_as_a_usage_error():
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    result = CliRunner().invoke(app, ["search", "tree", "--set", "mach.lr=0.5"])
+    assert result.exit_code == 2
+    assert "mach" in result.output and "valid sections" in result.output
