@@ -14,7 +14,27 @@ from rich.table import Table
 
 from flows.runtime import setup_runtime
 
+
+class _Commands(typer.core.TyperGroup):
+    """The command group: a dataset (or file) that is missing or malformed is a usage error with
+    one line saying what is wrong, from every command, never a traceback."""
+
+    def invoke(self, ctx):
+        from components.data.format import DatasetFormatError
+
+        try:
+            return super().invoke(ctx)
+        except (DatasetFormatError, FileNotFoundError, NotADirectoryError) as exc:
+            message = str(exc) if isinstance(exc, DatasetFormatError) or not getattr(exc, "filename", None) \
+                else f"{exc.filename}: {exc.strerror}"
+            if isinstance(exc, FileNotFoundError) and "not found" not in message and "No such" not in message:
+                message += ": file not found"
+            err_console.print(f"[red]Error:[/red] {message}", soft_wrap=True)
+            raise typer.Exit(2) from exc
+
+
 app = typer.Typer(
+    cls=_Commands,
     name="alignsearch",
     help="Cross-modal sponsored search: align ad image parts to words without labels, "
     "then match queries to ads in language space (Align before Search, arXiv 2309.16141).",

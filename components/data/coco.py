@@ -14,7 +14,7 @@ import logging
 import re
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import numpy as np
 import pandas as pd
@@ -128,7 +128,10 @@ def load_captions_file(path: Path) -> tuple[list[_Image], list[_Caption], str]:
         file_name = _text(_require(entry, name_field, where, path), name_field, where, path)
         if not file_name:
             raise CocoFormatError(f"{path}: {where}.{name_field} is empty")
+        _check_relative(file_name, f"{where}.{name_field}", path)
         sub_dir = entry.get("filepath") if isinstance(entry.get("filepath"), str) else None
+        if sub_dir:
+            _check_relative(sub_dir, f"{where}.filepath", path)
         images.append(_Image(key, file_name, sub_dir, _split_of(entry, where, path), where))
         if karpathy:
             sentences = entry["sentences"]
@@ -165,6 +168,16 @@ def load_captions_file(path: Path) -> tuple[list[_Image], list[_Caption], str]:
             "give every image a split or none (then splits are assigned with data.seed)"
         )
     return images, captions, "karpathy" if karpathy else "coco"
+
+
+def _check_relative(name: str, where: str, path: Path) -> None:
+    """Image names are relative to the images folder: an absolute name or one with `..` could
+    read any file on the machine into the dataset."""
+    posix = name.replace("\\", "/")
+    if posix.startswith("/") or PureWindowsPath(name).is_absolute() or PureWindowsPath(name).drive:
+        raise CocoFormatError(f"{path}: {where} is an absolute path ({name!r}); names must be relative to the images folder")
+    if ".." in posix.split("/"):
+        raise CocoFormatError(f"{path}: {where} contains '..' ({name!r}); names must stay inside the images folder")
 
 
 def _check_unique(keys: list[str], what: str, path: Path) -> None:

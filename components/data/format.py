@@ -116,6 +116,9 @@ def read_dataset(root: Path, *, strict: bool = True) -> Dataset:
     the raw tables are returned as they are (validation reports what is wrong with them).
     """
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise DatasetFormatError(f"{root}: not a directory (a dataset is a directory holding {ADS_FILE}, "
+                                 f"{QUERIES_FILE}, {QRELS_FILE} and {IMAGES_DIR}/)")
     tables = {}
     for file_name in (ADS_FILE, QUERIES_FILE, QRELS_FILE):
         path = root / file_name

@@ -189,6 +189,14 @@ GOOD_IMAGES = [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "b.png"}]
          "duplicate caption"),
         ({"images": [{"filename": "a.png", "cocoid": 1, "sentences": [{"tokens": ["x"]}]}]}, r"images\[0\]\.sentences\[0\] is missing key 'raw'"),
         ({"images": [{"cocoid": 1, "sentences": []}]}, r"images\[0\] is missing key 'filename'"),
+        ({"images": [GOOD_IMAGES[0], {"id": 2, "file_name": "/etc/passwd"}], "annotations": []},
+         r"images\[1\]\.file_name is an absolute path \('/etc/passwd'\)"),
+        ({"images": [{"id": 1, "file_name": "../../secret.png"}], "annotations": []},
+         r"images\[0\]\.file_name contains '\.\.' \('\.\./\.\./secret\.png'\)"),
+        ({"images": [{"id": 1, "file_name": "sub\\..\\..\\x.png"}], "annotations": []}, r"images\[0\]\.file_name contains '\.\.'"),
+        ({"images": [{"id": 1, "file_name": "C:\\x.png"}], "annotations": []}, r"images\[0\]\.file_name is an absolute path"),
+        ({"images": [{"filename": "a.png", "filepath": "../up", "cocoid": 1, "sentences": []}]},
+         r"images\[0\]\.filepath contains '\.\.'"),
     ],
 )  # fmt: skip
 def test_broken_captions_file_is_named(tmp_path, images_dir, doc, expected):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pandas as pd
+import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -54,3 +55,28 @@ def test_missing_svg_root_says_what_to_install(tmp_path):
                                  "--out", str(tmp_path / "oc")])
     assert result.exit_code == 1
     assert "openclipart-svg" in result.output
+
+
+DATASET_COMMANDS = [
+    ["data", "hash", "{f}"],
+    ["features", "--data", "{f}"],
+    ["align", "train", "--data", "{f}", "--features", "{d}"],
+    ["align", "show", "--data", "{f}"],
+    ["train-matcher", "--data", "{f}", "--features", "{d}"],
+    ["evaluate", "--data", "{f}", "--features", "{d}"],
+    ["benchmark", "--data", "{f}"],
+]
+
+
+@pytest.mark.parametrize("command", DATASET_COMMANDS, ids=lambda c: " ".join(c[:2]))
+def test_a_file_given_as_dataset_is_a_one_line_error(tmp_path, command):
+    """A dataset path that is a file (or a missing input) is exit 2 with one line, not a traceback."""
+    not_a_dir = tmp_path / "dataset.txt"
+    not_a_dir.write_text("not a dataset\n")
+    args = [a.format(f=not_a_dir, d=tmp_path / "missing") for a in command]
+    result = runner.invoke(app, [*args, "--set", f"paths.reports_dir={tmp_path / 'reports'}"]
+                           if command[0] == "evaluate" else args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    error = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1 and (str(not_a_dir) in error[0] or str(tmp_path / "missing") in error[0]), result.output
