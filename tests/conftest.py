@@ -17,6 +17,15 @@ for _key, _value in OFFLINE_ENV.items():
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+SLOW_TIMEOUT_S = 1200  # flows end to end and training on a shared 2-core box; the default is 600 s
+
+
+def pytest_collection_modifyitems(config, items):
+    """A `slow` test without its own `timeout` mark gets SLOW_TIMEOUT_S (pyproject: 600 s for the rest)."""
+    for item in items:
+        if item.get_closest_marker("slow") is not None and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
+
 
 @pytest.fixture(scope="session")
 def synthetic_dataset_dir(tmp_path_factory) -> Path:
