@@ -8,10 +8,12 @@ from pydantic import BaseModel, ConfigDict, Field
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # Loopback only by default: the service has no authentication.
+    # Loopback only by default: the service has no authentication (beyond an optional API key).
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
     model_uri: str = "models:/alignsearch@champion"
     default_k: int = Field(10, ge=1)
     max_k: int = Field(100, ge=1)
     max_query_chars: int = Field(256, ge=1)
+    max_body_bytes: int = Field(4096, ge=64, description="larger request bodies get 413")
+    max_in_flight: int = Field(16, ge=1, description="searches answered at once; more get 429 at once")

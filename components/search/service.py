@@ -5,21 +5,36 @@ answer 4xx with a message (empty query, k too large, text too long), a response 
 search (ranked hits with their visual words), and a health endpoint naming the model version,
 all in the same process as the CLI, with no per-model environment to build.
 
-    GET  /health                    -> {"status": "ok", "model_uri": ..., "num_ads": ...}
+    GET  /health                    -> {"status": "ok", "model_uri": ..., "version": ...} (503: no model)
     GET  /search?q=red+car&k=5      -> {"query": ..., "k": ..., "results": [...]}
     POST /search {"query": ..., "k": 5}
+
+Behaving like a service: every response carries an `X-Request-ID`; an internal error is a
+generic 500 naming that id (the traceback goes to the log, not to the client); bodies over
+`max_body_bytes` get 413, searches beyond `max_in_flight` at once get 429; with an API key
+set, /search needs `X-API-Key: <key>` (or `Authorization: Bearer <key>`), else 401.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the request model built inside
 # `create_app` (its limits come from the config) as a class, not as a string.
+import json
+import logging
+import secrets
 import time
+import uuid
 from typing import Annotated, Any
 
 import pandas as pd
-from fastapi import FastAPI, HTTPException, Query
-from pydantic import BaseModel, Field, field_validator
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from components.search.config import ServeConfig
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "X-Request-ID"
 
 
 class Hit(BaseModel):
@@ -45,8 +60,98 @@ def _hits(frame: pd.DataFrame) -> list[Hit]:
             for r in frame.to_dict("records")]
 
 
-def create_app(model: Any, cfg: ServeConfig, *, model_uri: str, info: dict | None = None) -> FastAPI:
-    """The app over `model` (anything with `predict(DataFrame) -> DataFrame`, e.g. a pyfunc)."""
+async def _send_json(send, status: int, body: dict, request_id: str) -> None:
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                            (REQUEST_ID_HEADER.lower().encode(), request_id.encode())]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+class _Guard:
+    """Pure ASGI middleware: request ids, body-size and in-flight limits, API key, and the last
+    word on errors (a generic 500, traceback logged). Runs on the event loop, so the in-flight
+    counter needs no lock."""
+
+    def __init__(self, app, cfg: ServeConfig, api_key: str | None):
+        self.app, self.cfg, self.api_key = app, cfg, api_key
+        self.in_flight = 0
+
+    def _authorised(self, headers: dict[bytes, bytes]) -> bool:
+        given = headers.get(b"x-api-key", b"").decode("latin-1")
+        bearer = headers.get(b"authorization", b"").decode("latin-1")
+        if not given and bearer.lower().startswith("bearer "):
+            given = bearer[7:].strip()
+        return bool(given) and secrets.compare_digest(given.encode(), self.api_key.encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request_id = uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        headers = dict(scope.get("headers") or [])
+        is_search = scope["path"].rstrip("/") == "/search"
+        limit = self.cfg.max_body_bytes
+        declared = headers.get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            return await _send_json(send, 413, {"detail": f"request body larger than {limit} bytes",
+                                                "request_id": request_id}, request_id)
+        if self.api_key and is_search and not self._authorised(headers):
+            return await _send_json(send, 401, {"detail": "missing or wrong API key (header X-API-Key)",
+                                                "request_id": request_id}, request_id)
+        if is_search and self.in_flight >= self.cfg.max_in_flight:
+            return await _send_json(send, 429, {"detail": f"too many requests in flight (limit "
+                                                f"{self.cfg.max_in_flight}); retry shortly",
+                                                "request_id": request_id}, request_id)
+        # Read the whole body first (it is small by definition), counting: a body sent without
+        # Content-Length (chunked) is refused as soon as it passes the limit.
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > limit:
+                return await _send_json(send, 413, {"detail": f"request body larger than {limit} bytes",
+                                                    "request_id": request_id}, request_id)
+        body = b"".join(chunks)
+        replayed = False
+        started = False
+
+        async def replay_receive():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        async def tagged_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (REQUEST_ID_HEADER.lower().encode(), request_id.encode())]}
+            await send(message)
+
+        if is_search:
+            self.in_flight += 1
+        try:
+            await self.app(scope, replay_receive, tagged_send)
+        except Exception:
+            log.exception("request %s (%s %s) failed", request_id, scope.get("method"), scope["path"])
+            if not started:
+                await _send_json(send, 500, {"detail": "internal error", "request_id": request_id}, request_id)
+        finally:
+            if is_search:
+                self.in_flight -= 1
+
+
+def create_app(model: Any, cfg: ServeConfig, *, model_uri: str, info: dict | None = None,
+               api_key: str | None = None) -> FastAPI:
+    """The app over `model` (anything with `predict(DataFrame) -> DataFrame`, e.g. a pyfunc;
+    None: not loaded, /health and /search answer 503). `api_key`: required on /search when set."""
 
     class SearchRequest(BaseModel):
         query: str = Field(..., max_length=cfg.max_query_chars, description="the user's text query")
@@ -57,34 +162,59 @@ def create_app(model: Any, cfg: ServeConfig, *, model_uri: str, info: dict | Non
         def _not_blank(cls, value: str) -> str:
             if not value.strip():
                 raise ValueError("query must not be empty or blank")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:  # lone surrogates (valid JSON escapes, not text)
+                raise ValueError("query is not valid Unicode text") from exc
             return value
 
     version = (info or {}).get("version")
     app = FastAPI(title="alignsearch", description=f"Search ads by text (Align before Search); model {model_uri}.",
                   version=f"model v{version}" if version else "model")
 
-    def run(request: SearchRequest) -> SearchResponse:
+    def run(request: SearchRequest, request_id: str) -> SearchResponse:
+        if model is None:
+            raise HTTPException(status_code=503, detail="no model loaded")
         started = time.perf_counter()
-        try:
-            frame = model.predict(pd.DataFrame({"query": [request.query], "k": [request.k]}))
-        except Exception as exc:  # the model failed on a valid request: a server error, said plainly
-            raise HTTPException(status_code=500, detail=f"search failed: {type(exc).__name__}: {exc}") from exc
+        # An exception here (the model failed on a valid request) reaches `_Guard`: logged with
+        # its traceback, a generic 500 with the request id for the client.
+        log.debug("request %s: query %r, k=%d", request_id, request.query[:100], request.k)
+        hits = _hits(model.predict(pd.DataFrame({"query": [request.query], "k": [request.k]})))
         return SearchResponse(query=request.query, k=request.k, model_uri=model_uri,
-                              took_ms=round((time.perf_counter() - started) * 1000, 2), results=_hits(frame))
+                              took_ms=round((time.perf_counter() - started) * 1000, 2), results=hits)
+
+    def _request_id(request: Request) -> str:
+        return request.scope.get("state", {}).get("request_id", "-")
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "model_uri": model_uri, **(info or {})}
+        if model is None:
+            raise HTTPException(status_code=503, detail={"status": "no model loaded", "model_uri": model_uri})
+        return {"status": "ok", "model_uri": model_uri, "version": version, **(info or {})}
 
     @app.post("/search", response_model=SearchResponse)
-    def search_post(request: SearchRequest) -> SearchResponse:
-        return run(request)
+    def search_post(body: SearchRequest, request: Request) -> SearchResponse:
+        return run(body, _request_id(request))
 
     @app.get("/search", response_model=SearchResponse)
-    def search_get(q: Annotated[str, Query(max_length=cfg.max_query_chars, description="the text query")],
+    def search_get(request: Request,
+                   q: Annotated[str, Query(max_length=cfg.max_query_chars, description="the text query")],
                    k: Annotated[int, Query(ge=1, le=cfg.max_k)] = cfg.default_k) -> SearchResponse:
         if not q.strip():
             raise HTTPException(status_code=422, detail="query parameter q must not be empty or blank")
-        return run(SearchRequest(query=q, k=k))
+        try:
+            body = SearchRequest(query=q, k=k)
+        except ValidationError as exc:
+            raise HTTPException(status_code=422, detail=[e["msg"] for e in exc.errors()]) from exc
+        return run(body, _request_id(request))
 
+    @app.exception_handler(RequestValidationError)
+    def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Not FastAPI's default: that echoes the input back (10 kB of it, or a lone surrogate
+        # that cannot be encoded, which turned a 422 into a 500).
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                  for e in exc.errors()]
+        return JSONResponse(status_code=422, content={"detail": errors, "request_id": _request_id(request)})
+
+    app.add_middleware(_Guard, cfg=cfg, api_key=api_key)
     return app

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pandas as pd
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -13,12 +15,25 @@ from flows.cli import app
 runner = CliRunner()
 
 
-def test_help_lists_commands():
+COMMANDS = {"align", "bench-serve", "benchmark", "data", "evaluate", "features", "promote", "retrain", "run",
+            "schedule", "search", "serve", "train-matcher"}
+SUBCOMMANDS = {"data": {"build", "hash", "validate"}, "align": {"show", "train"}}
+
+
+def _listed(help_text: str) -> set[str]:
+    """The command names in the Commands panel of a --help (the first word of each row)."""
+    panel = help_text.split("Commands")[-1]
+    return set(re.findall(r"^│ ([a-z][a-z-]*) ", panel, flags=re.MULTILINE))
+
+
+def test_help_lists_exactly_the_commands():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    assert "data" in result.output and "run" in result.output
-    data_help = runner.invoke(app, ["data", "--help"])
-    assert all(cmd in data_help.output for cmd in ("build", "validate", "hash"))
+    assert _listed(result.output) == COMMANDS
+    assert set(typer.main.get_command(app).commands) == COMMANDS
+    for group, expected in SUBCOMMANDS.items():
+        group_help = runner.invoke(app, [group, "--help"])
+        assert group_help.exit_code == 0 and _listed(group_help.output) == expected
 
 
 def test_build_then_validate_synthetic(tmp_path):
@@ -80,3 +95,17 @@ def test_a_file_given_as_dataset_is_a_one_line_error(tmp_path, command):
     assert "Traceback" not in result.output
     error = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(error) == 1 and (str(not_a_dir) in error[0] or str(tmp_path / "missing") in error[0]), result.output
+
+
+def test_serve_refuses_a_non_loopback_host_unless_allowed(tmp_path, monkeypatch):
+    monkeypatch.delenv("ALIGNSEARCH_API_KEY", raising=False)
+    store = ["--set", f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+             "--model-uri", "models:/alignsearch@nobody"]
+    refused = runner.invoke(app, ["serve", "--host", "0.0.0.0", *store])
+    assert refused.exit_code == 2 and "--allow-remote" in refused.output
+    # allowed: warned that nothing authenticates (then it fails on the missing model, exit 1)
+    allowed = runner.invoke(app, ["serve", "--host", "0.0.0.0", "--allow-remote", *store])
+    assert allowed.exit_code == 1 and "NO authentication" in allowed.output
+    monkeypatch.setenv("ALIGNSEARCH_API_KEY", "k")
+    keyed = runner.invoke(app, ["serve", "--host", "0.0.0.0", "--allow-remote", *store])
+    assert "API key" in keyed.output and "NO authentication" not in keyed.output

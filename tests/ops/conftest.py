@@ -1,13 +1,19 @@
 """Operations tests: real Prefect flow runs (`prefect_test_harness`, a throwaway server and
 database), a real MLflow store (sqlite + artifacts) in a temporary directory, the tiny
-synthetic dataset of tests/conftest.py. Nothing is mocked."""
+synthetic dataset of tests/conftest.py. Nothing is mocked.
+
+One test, one store: the expensive retraining runs once per session into a template, and each
+test that uses `trained_store` gets its own copy of it (database, artifacts, stage outputs), so
+no test sees what another registered, promoted or failed.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
-from ops_helpers import as_flow_params, ops_params
+from ops_helpers import as_flow_params, ops_params, relocate_paths, relocate_store
 
 # The store under test is given explicitly in params; a developer's server must not leak in.
 os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -24,11 +30,21 @@ def prefect_harness(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def trained_store(prefect_harness, synthetic_dataset_dir, tmp_path_factory):
-    """One retraining flow run on the tiny synthetic dataset: (root, params, result)."""
+def trained_template(prefect_harness, synthetic_dataset_dir, tmp_path_factory):
+    """One retraining flow run on the tiny synthetic dataset: (root, result). Never handed to a
+    test directly (tests get a copy, `trained_store`); read-only users may read it."""
     from flows.retrain import retrain_flow
 
-    root = tmp_path_factory.mktemp("ops")
-    cfg = ops_params(root, synthetic_dataset_dir)
-    result = retrain_flow(as_flow_params(cfg))
-    return root, cfg, result
+    root = tmp_path_factory.mktemp("ops-template")
+    result = retrain_flow(as_flow_params(ops_params(root, synthetic_dataset_dir)))
+    return root, result
+
+
+@pytest.fixture
+def trained_store(trained_template, synthetic_dataset_dir, tmp_path):
+    """This test's own copy of the trained store: (root, params, result), v1 as `challenger`."""
+    template, result = trained_template
+    root = tmp_path / "store"
+    shutil.copytree(template, root)
+    relocate_store(root, template)
+    return root, ops_params(root, synthetic_dataset_dir), relocate_paths(result, template, root)

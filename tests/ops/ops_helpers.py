@@ -38,3 +38,28 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def relocate_store(root: Path, old_root: Path) -> None:
+    """Make a copied store (`old_root` copied to `root`) self-contained: every path under
+    `old_root` recorded in its MLflow database (artifact locations, model sources, params)
+    now points under `root`."""
+    import sqlite3
+
+    db = root / "mlruns" / "mlflow.db"
+    old, new = str(old_root), str(root)
+    with sqlite3.connect(db) as conn:
+        tables = [r[0] for r in conn.execute("select name from sqlite_master where type = 'table'")]
+        for table in tables:
+            for column in conn.execute(f'pragma table_info("{table}")').fetchall():
+                name, kind = column[1], (column[2] or "").upper()
+                if any(t in kind for t in ("CHAR", "TEXT", "CLOB")):
+                    conn.execute(f'update "{table}" set "{name}" = replace("{name}", ?, ?) '
+                                 f'where "{name}" like ?', (old, new, f"%{old}%"))
+
+
+def relocate_paths(value, old_root: Path, root: Path):
+    """`value` (JSON-able) with every path under `old_root` moved under `root`."""
+    import json
+
+    return json.loads(json.dumps(value).replace(str(old_root), str(root)))

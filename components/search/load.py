@@ -1,0 +1,106 @@
+"""Load and robustness checks of a running search service (`alignsearch bench-serve`): N
+requests at a given concurrency (latency percentiles, throughput, errors), and a sweep of bad
+inputs each of which must be answered 4xx, never 5xx."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# (name, method, request kwargs for httpx): each must get a 4xx.
+BAD_INPUTS: list[tuple[str, str, dict]] = [
+    ("empty query", "post", {"json": {"query": ""}}),
+    ("whitespace query", "post", {"json": {"query": " \t\n "}}),
+    ("10 kB query", "post", {"json": {"query": "tree " * 2048}}),
+    ("k=0", "post", {"json": {"query": "tree", "k": 0}}),
+    ("k=-1", "post", {"json": {"query": "tree", "k": -1}}),
+    ("k=10^6", "post", {"json": {"query": "tree", "k": 10**6}}),
+    ("k float", "post", {"json": {"query": "tree", "k": 2.5}}),
+    ("k string", "post", {"json": {"query": "tree", "k": "many"}}),
+    ("query a number", "post", {"json": {"query": 5}}),
+    ("query a list", "post", {"json": {"query": ["tree"]}}),
+    ("query null", "post", {"json": {"query": None}}),
+    ("no query", "post", {"json": {"k": 3}}),
+    ("body a list", "post", {"json": ["tree"]}),
+    ("invalid JSON", "post", {"content": b'{"query": "tree"', "headers": {"content-type": "application/json"}}),
+    ("body not UTF-8", "post", {"content": b'{"query": "\xff\xfe"}', "headers": {"content-type": "application/json"}}),
+    ("lone surrogate", "post", {"content": b'{"query": "\\ud800"}', "headers": {"content-type": "application/json"}}),
+    ("empty body", "post", {"content": b"", "headers": {"content-type": "application/json"}}),
+    ("GET without q", "get", {"params": {}}),
+    ("GET blank q", "get", {"params": {"q": "  "}}),
+    ("GET k=0", "get", {"params": {"q": "tree", "k": 0}}),
+    ("GET k=10^6", "get", {"params": {"q": "tree", "k": 10**6}}),
+    ("GET 10 kB q", "get", {"params": {"q": "x" * 10_000}}),
+]
+# Valid but unusual: must be answered (2xx), never 5xx.
+ODD_INPUTS: list[tuple[str, str, dict]] = [
+    ("unicode query", "post", {"json": {"query": "árbol 🎄 ёлка 木", "k": 3}}),
+    ("punctuation only", "post", {"json": {"query": "?!.,;", "k": 3}}),
+    ("NUL inside", "post", {"json": {"query": "tree\u0000box", "k": 3}}),
+    ("GET q not UTF-8", "get", {"url": "/search?q=%ff%fe"}),
+]
+
+
+@dataclass
+class LoadResult:
+    requests: int
+    concurrency: int
+    seconds: float
+    errors: int
+    statuses: dict[str, int]
+    latency_ms: dict[str, float] = field(default_factory=dict)  # p50, p95, p99, max, mean
+
+    @property
+    def throughput(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+
+def run_load(base_url: str, queries: list[str], *, requests: int = 2000, concurrency: int = 8, k: int = 10,
+             headers: dict[str, str] | None = None, timeout_s: float = 30.0) -> LoadResult:
+    """`requests` POST /search at `concurrency` (one keep-alive connection per worker)."""
+    import httpx
+
+    latencies = np.zeros(requests)
+    statuses: dict[str, int] = {}
+    lock = threading.Lock()
+    local = threading.local()
+
+    def one(i: int) -> None:
+        if not hasattr(local, "client"):
+            local.client = httpx.Client(base_url=base_url, timeout=timeout_s, headers=headers or {})
+        started = time.perf_counter()
+        try:
+            status = str(local.client.post("/search", json={"query": queries[i % len(queries)], "k": k}).status_code)
+        except httpx.HTTPError as exc:
+            status = type(exc).__name__
+        latencies[i] = (time.perf_counter() - started) * 1000
+        with lock:
+            statuses[status] = statuses.get(status, 0) + 1
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        list(pool.map(one, range(requests)))
+    seconds = time.perf_counter() - started
+    p50, p95, p99 = np.percentile(latencies, [50, 95, 99])
+    return LoadResult(requests, concurrency, round(seconds, 3), requests - statuses.get("200", 0), statuses,
+                      {"p50": round(float(p50), 2), "p95": round(float(p95), 2), "p99": round(float(p99), 2),
+                       "max": round(float(latencies.max()), 2), "mean": round(float(latencies.mean()), 2)})
+
+
+def bad_input_sweep(base_url: str, *, headers: dict[str, str] | None = None) -> list[dict]:
+    """Every case of BAD_INPUTS (expect 4xx) and ODD_INPUTS (expect 2xx): name, status, ok."""
+    import httpx
+
+    out = []
+    with httpx.Client(base_url=base_url, timeout=30, headers=headers or {}) as client:
+        for expected, cases in (("4xx", BAD_INPUTS), ("2xx", ODD_INPUTS)):
+            for name, method, kwargs in cases:
+                kwargs = dict(kwargs)
+                status = client.request(method.upper(), kwargs.pop("url", "/search"), **kwargs).status_code
+                ok = 400 <= status < 500 if expected == "4xx" else 200 <= status < 300
+                out.append({"name": name, "expected": expected, "status": status, "ok": ok})
+    return out

@@ -1,0 +1,162 @@
+"""The HTTP service as a service, on a toy model (the real one is in tests/ops): request ids,
+a generic 500 with the traceback logged, body/in-flight limits, /health, the API key, and a
+sweep of bad inputs that must all be 4xx, never 5xx."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+import httpx
+import pandas as pd
+import pytest
+from fastapi.testclient import TestClient
+
+from components.search.config import ServeConfig
+from components.search.service import create_app
+
+URI = "models:/alignsearch@champion"
+
+
+class ToyModel:
+    """Ranks three ads; the query "boom" raises, the query "slow" waits for `release`."""
+
+    def __init__(self):
+        self.release = threading.Event()
+
+    def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
+        query, k = frame["query"].iloc[0], int(frame["k"].iloc[0])
+        if query == "boom":
+            raise RuntimeError("secret internal detail /srv/model/path")
+        if query == "slow":
+            self.release.wait(10)
+        rows = [{"rank": i + 1, "ad_id": f"ad{i}", "title": f"title {i}", "score": 1.0 - i / 10,
+                 "visual_words": ["tree"], "matched_words": []} for i in range(min(k, 3))]
+        return pd.DataFrame(rows)
+
+
+def _client(model=None, **cfg) -> TestClient:
+    return TestClient(create_app(ToyModel() if model is None else model, ServeConfig(**cfg), model_uri=URI,
+                                 info={"name": "alignsearch", "version": "7", "run_id": "r"}, **cfg.pop("_kw", {})))
+
+
+def test_answers_with_a_request_id_and_health_names_the_version():
+    client = _client()
+    response = client.post("/search", json={"query": "tree", "k": 2})
+    assert response.status_code == 200 and len(response.json()["results"]) == 2
+    assert len(response.headers["x-request-id"]) == 32
+    health = client.get("/health")
+    assert health.status_code == 200 and health.json()["version"] == "7"
+    assert health.json()["model_uri"] == URI
+
+
+def test_no_model_loaded_is_503():
+    client = TestClient(create_app(None, ServeConfig(), model_uri=URI))
+    assert client.get("/health").status_code == 503
+    assert client.post("/search", json={"query": "tree"}).status_code == 503
+
+
+def test_internal_error_is_a_generic_500_with_the_traceback_logged(caplog):
+    client = _client()
+    with caplog.at_level(logging.ERROR, logger="components.search.service"):
+        response = client.post("/search", json={"query": "boom"})
+    assert response.status_code == 500
+    body = response.json()
+    assert body["detail"] == "internal error" and body["request_id"] == response.headers["x-request-id"]
+    assert "secret" not in response.text and "RuntimeError" not in response.text
+    [record] = [r for r in caplog.records if body["request_id"] in r.getMessage()]
+    assert record.exc_info and "secret internal detail" in str(record.exc_info[1])
+
+
+def test_body_larger_than_the_limit_is_413():
+    client = _client(max_body_bytes=200)
+    response = client.post("/search", content=b'{"query": "' + b"x" * 500 + b'"}',
+                           headers={"content-type": "application/json"})
+    assert response.status_code == 413 and "larger than 200 bytes" in response.json()["detail"]
+
+    def chunks():  # no Content-Length: counted as it arrives
+        yield b'{"query": "'
+        yield b"x" * 500
+        yield b'"}'
+    response = client.post("/search", content=chunks(), headers={"content-type": "application/json"})
+    assert response.status_code == 413
+
+
+def test_requests_beyond_the_in_flight_limit_get_429():
+    model = ToyModel()
+    app = create_app(model, ServeConfig(max_in_flight=2), model_uri=URI)
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            slow = [asyncio.create_task(client.post("/search", json={"query": "slow"})) for _ in range(2)]
+            await asyncio.sleep(0.5)  # both are in the model now
+            refused = await client.post("/search", json={"query": "tree"})
+            model.release.set()
+            done = await asyncio.gather(*slow)
+            after = await client.post("/search", json={"query": "tree"})
+            return refused, done, after
+
+    refused, done, after = asyncio.run(go())
+    assert refused.status_code == 429 and "limit 2" in refused.json()["detail"]
+    assert [r.status_code for r in done] == [200, 200] and after.status_code == 200
+
+
+def test_api_key_is_enforced_when_set():
+    client = TestClient(create_app(ToyModel(), ServeConfig(), model_uri=URI, api_key="s3cret"))
+    assert client.post("/search", json={"query": "tree"}).status_code == 401
+    assert client.post("/search", json={"query": "tree"}, headers={"X-API-Key": "wrong"}).status_code == 401
+    assert client.post("/search", json={"query": "tree"}, headers={"X-API-Key": "s3cret"}).status_code == 200
+    assert client.get("/search", params={"q": "tree"}, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert client.get("/health").status_code == 200  # probes need no key
+
+
+# (name, method, kwargs): every one must be answered 4xx, never 5xx.
+BAD_INPUTS = [
+    ("empty", "post", {"json": {"query": ""}}),
+    ("whitespace", "post", {"json": {"query": " \t\n "}}),
+    ("10 kB query", "post", {"json": {"query": "tree " * 2048}}),
+    ("300-char query (over max_query_chars)", "post", {"json": {"query": "t" * 300}}),
+    ("k=0", "post", {"json": {"query": "tree", "k": 0}}),
+    ("k=-1", "post", {"json": {"query": "tree", "k": -1}}),
+    ("k=10^6", "post", {"json": {"query": "tree", "k": 10**6}}),
+    ("k=10^30", "post", {"json": {"query": "tree", "k": 10**30}}),
+    ("k float", "post", {"json": {"query": "tree", "k": 2.5}}),
+    ("k string", "post", {"json": {"query": "tree", "k": "many"}}),
+    ("query number", "post", {"json": {"query": 5}}),
+    ("query list", "post", {"json": {"query": ["tree"]}}),
+    ("query null", "post", {"json": {"query": None}}),
+    ("no query", "post", {"json": {"k": 3}}),
+    ("body a list", "post", {"json": ["tree"]}),
+    ("body a string", "post", {"json": "tree"}),
+    ("invalid JSON", "post", {"content": b'{"query": "tree"', "headers": {"content-type": "application/json"}}),
+    ("not UTF-8", "post", {"content": b'{"query": "\xff\xfe"}', "headers": {"content-type": "application/json"}}),
+    ("lone surrogate", "post", {"content": b'{"query": "\\ud800"}', "headers": {"content-type": "application/json"}}),
+    ("empty body", "post", {"content": b"", "headers": {"content-type": "application/json"}}),
+    ("GET no q", "get", {"params": {}}),
+    ("GET blank q", "get", {"params": {"q": "  "}}),
+    ("GET k=0", "get", {"params": {"q": "tree", "k": 0}}),
+    ("GET k=10^6", "get", {"params": {"q": "tree", "k": 10**6}}),
+    ("GET k text", "get", {"params": {"q": "tree", "k": "x"}}),
+    ("GET 10 kB q", "get", {"params": {"q": "x" * 10_000}}),
+]
+
+
+@pytest.mark.parametrize(("name", "method", "kwargs"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_is_4xx_never_5xx(name, method, kwargs):
+    kwargs = dict(kwargs)
+    response = getattr(_client(), method)(kwargs.pop("url", "/search"), **kwargs)
+    assert 400 <= response.status_code < 500, (name, response.status_code, response.text[:300])
+
+
+def test_unicode_query_is_answered():
+    response = _client().post("/search", json={"query": "árbol 🎄 ёлка 木", "k": 2})
+    assert response.status_code == 200 and response.json()["query"] == "árbol 🎄 ёлка 木"
+
+
+@pytest.mark.parametrize("url", ["/search?q=%ff%fe", "/search?q=%ED%A0%80", "/search?q=tree%00box",
+                                 "/search?q=tree&k=3&k=4", "/search?q=tree&extra=1"])
+def test_odd_query_strings_are_never_a_server_error(url):
+    """Invalid UTF-8 in a URL is decoded with replacement characters (a query like any other)."""
+    assert _client().get(url).status_code < 500
