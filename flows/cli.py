@@ -312,15 +312,34 @@ def search(
     _search_table(cfg, query, k, model_uri or cfg.serve.model_uri)
 
 
+API_KEY_ENV = "ALIGNSEARCH_API_KEY"
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: resolved by the OS, could be anything
+        return False
+
+
 @app.command("serve")
 def serve(
     host: Annotated[Optional[str], typer.Option(help="Bind address (default 127.0.0.1).")] = None,  # noqa: UP045
     port: Annotated[Optional[int], typer.Option(help="Port (default: params serve.port).")] = None,  # noqa: UP045
     model_uri: Annotated[Optional[str], typer.Option(help="Model to serve (default: the champion).")] = None,  # noqa: UP045
+    allow_remote: Annotated[bool, typer.Option("--allow-remote", help="Allow a non-loopback --host (the service "
+                                               f"has no authentication unless {API_KEY_ENV} is set).")] = False,
     params: ParamsOption = Path("params.yaml"),
     set_: SetOption = None,
 ) -> None:
-    """Serve search over HTTP (FastAPI): GET/POST /search, GET /health, docs at /docs."""
+    """Serve search over HTTP (FastAPI): GET/POST /search, GET /health, docs at /docs.
+    With ALIGNSEARCH_API_KEY set, /search needs the header X-API-Key."""
+    import os
+
     import uvicorn
 
     from components.registry.tracking import configure_mlflow
@@ -328,6 +347,17 @@ def serve(
     from components.search.service import create_app
 
     cfg = _load(params, set_)
+    bind = host or cfg.serve.host
+    api_key = os.environ.get(API_KEY_ENV) or None
+    if not _is_loopback(bind):
+        if not allow_remote:
+            err_console.print(f"[red]Refusing to bind {bind!r}: not a loopback address.[/red] The service would be "
+                              "reachable from other machines; pass --allow-remote to mean it.", soft_wrap=True)
+            raise typer.Exit(2)
+        auth = f"requests need the API key from {API_KEY_ENV}" if api_key else \
+            f"there is NO authentication (set {API_KEY_ENV} to require an API key)"
+        err_console.print(f"[yellow]Warning: serving on {bind}, reachable from other machines; {auth}.[/yellow]",
+                          soft_wrap=True)
     uri = model_uri or cfg.serve.model_uri
     configure_mlflow(cfg.registry)
     try:
@@ -335,9 +365,40 @@ def serve(
     except LookupError as exc:
         err_console.print(f"[red]{exc}[/red]", soft_wrap=True)
         raise typer.Exit(1) from exc
-    app_ = create_app(model, cfg.serve, model_uri=uri, info=describe(uri))
-    console.print(f"Serving {uri} on http://{host or cfg.serve.host}:{port or cfg.serve.port} (docs at /docs)")
-    uvicorn.run(app_, host=host or cfg.serve.host, port=port or cfg.serve.port, log_level="info")
+    app_ = create_app(model, cfg.serve, model_uri=uri, info=describe(uri), api_key=api_key)
+    port_ = port or cfg.serve.port
+    console.print(f"Serving {uri} on http://{bind}:{port_} (docs at /docs)"
+                  + (f"; API key required ({API_KEY_ENV})" if api_key else ""))
+    uvicorn.run(app_, host=bind, port=port_, log_level="info")
+
+
+@app.command("bench-serve")
+def bench_serve(
+    requests: Annotated[int, typer.Option(min=1, help="Requests to send.")] = 2000,
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at once.")] = 8,
+    k: Annotated[int, typer.Option(min=1, help="Ads per request.")] = 10,
+    model_uri: Annotated[Optional[str], typer.Option(help="Model to serve (default: the champion).")] = None,  # noqa: UP045
+    out: Annotated[Path, typer.Option(help="Where bench_serve.json/.md go.")] = Path("reports/bench-serve"),
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+) -> None:
+    """Start a real `alignsearch serve` on 127.0.0.1 (a free port), send N requests at a
+    concurrency (p50/p95/p99 latency, throughput, errors), then sweep bad inputs (each must be 4xx)."""
+    from flows.bench_serve import bench_serve as run_bench
+
+    cfg = _load(params, set_)
+    serve_args = ["--params", str(params), "--model-uri", model_uri or cfg.serve.model_uri]
+    for item in set_ or []:
+        serve_args += ["--set", item]
+    try:
+        report = run_bench(serve_args, out, requests=requests, concurrency=concurrency, k=k)
+    except RuntimeError as exc:
+        err_console.print(f"[red]{exc}[/red]", soft_wrap=True)
+        raise typer.Exit(1) from exc
+    console.print((out / "bench_serve.md").read_text(), markup=False, soft_wrap=True)
+    console.print(f"Report: {out / 'bench_serve.json'}")
+    if report["load"]["errors"] or report["bad_inputs_failed"]:
+        raise typer.Exit(1)
 
 
 @app.command("schedule")

@@ -12,7 +12,7 @@ import httpx
 import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
-from ops_helpers import free_port, fresh_env
+from ops_helpers import free_port, fresh_env, ops_params
 from typer.testing import CliRunner
 
 from components.registry.tracking import configure_mlflow
@@ -60,15 +60,18 @@ def test_pyfunc_in_a_fresh_process_ranks_as_in_process(trained_store, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def client(trained_store):
-    _, cfg, _ = trained_store
-    configure_mlflow(cfg.registry)
+def client(trained_template, synthetic_dataset_dir):
+    """The service over the template store's model: read only (nothing registered or moved)."""
+    root, _ = trained_template
+    configure_mlflow(ops_params(root, synthetic_dataset_dir).registry)
     model = load_search_model(URI)
-    return TestClient(create_app(model, ServeConfig(max_k=20, max_query_chars=50), model_uri=URI))
+    return TestClient(create_app(model, ServeConfig(max_k=20, max_query_chars=50), model_uri=URI,
+                                 info={"version": "1"}))
 
 
 def test_service_answers(client):
-    assert client.get("/health").json()["status"] == "ok"
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["version"] == "1"
     posted = client.post("/search", json={"query": "tree box", "k": 3})
     assert posted.status_code == 200, posted.text
     body = posted.json()
@@ -122,6 +125,29 @@ def test_serve_command_over_http(trained_store, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_bench_serve_against_a_real_server(trained_store, tmp_path):
+    """`alignsearch bench-serve`, tiny: 50 requests at concurrency 8 (0 errors) and the full
+    bad-input sweep against a real `alignsearch serve` (each 4xx, none 5xx)."""
+    from components.search.load import BAD_INPUTS, ODD_INPUTS
+
+    root, _, _ = trained_store
+    out = tmp_path / "bench"
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "bench-serve", "--requests", "50", "--concurrency", "8",
+                             "--model-uri", URI, "--out", str(out), *_cli_sets(root)], env=fresh_env(root),
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    report = json.loads((out / "bench_serve.json").read_text())
+    assert report["load"]["requests"] == 50 and report["load"]["errors"] == 0
+    assert report["load"]["statuses"] == {"200": 50}
+    assert 0 < report["load"]["latency_ms"]["p50"] <= report["load"]["latency_ms"]["p99"]
+    assert report["model"]["version"] == "1"
+    sweep = {c["name"]: c["status"] for c in report["bad_inputs"]}
+    assert set(sweep) == {c[0] for c in BAD_INPUTS + ODD_INPUTS}
+    assert all(400 <= sweep[name] < 500 for name, _, _ in BAD_INPUTS), sweep
+    assert all(sweep[name] == 200 for name, _, _ in ODD_INPUTS), sweep
+    assert "p99" in (out / "bench_serve.md").read_text()
 
 
 def test_search_command_prints_a_table(trained_store):
