@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.runtime import setup_runtime
+from flows.team import team_app
 
 
 class _Commands(typer.core.TyperGroup):
@@ -46,6 +47,7 @@ data_app = typer.Typer(help="Build, validate and version datasets in the interch
 app.add_typer(data_app, name="data")
 align_app = typer.Typer(help="The label-free alignment of image parts to words.", no_args_is_help=True)
 app.add_typer(align_app, name="align")
+app.add_typer(team_app, name="team")
 
 # No emoji codes: query ids such as "q:train:..." would render ":train:" as a picture.
 console = Console(emoji=False, highlight=False)
