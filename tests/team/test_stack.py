@@ -1,0 +1,188 @@
+"""The no-Docker team stack (`alignsearch team up`): every service healthy, `.team/env`
+usable by a shell, MLflow on Postgres with artifacts in the S3 bucket and the registry,
+the Kubernetes template accepted by the Prefect server, prefect.yaml deployed and run by a
+worker, and `down` leaving no listening port. Tests run in file order; the last stops the
+stack (the session fixture stops it again if that test is skipped)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import mlflow
+import pytest
+
+from flows import team
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PREFECT = [sys.executable, "-m", "prefect"]
+# The shrunk config of the ops tests (tests/ops/ops_helpers.py TINY_TRAINING) on a small
+# synthetic dataset (tests/conftest.py sizes).
+TINY = ["data.source=synthetic", "data.synthetic.num_ads=120", "data.synthetic.image_size=96",
+        "align.epochs=3", "match.max_steps=4", "match.eval_every=2", "match.lr=0.0001", "benchmark.gallery_size=4"]
+
+pytestmark = pytest.mark.slow
+
+
+def _s3(env: dict[str, str]):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=env["MLFLOW_S3_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+
+
+def _keys(env: dict[str, str], prefix: str) -> list[str]:
+    listed = _s3(env).list_objects_v2(Bucket=team.BUCKET, Prefix=prefix)
+    return [item["Key"] for item in listed.get("Contents", [])]
+
+
+@pytest.mark.timeout(480)  # includes the session's `team up`
+def test_team_up_every_service_healthy(team_stack, team_root):
+    rows = team.status(team_root)
+    assert [r.name for r in rows] == list(team.SERVICES)
+    assert all(r.healthy for r in rows), rows
+    assert all(s.port for n, s in team_stack.services.items() if n != "worker")
+    state = json.loads((team_root / team.STATE_FILE).read_text())
+    assert state["startup_seconds"] > 0
+    cli = subprocess.run([sys.executable, "-m", "flows.cli", "team", "status", "--dir", str(team_root)],
+                         capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    assert cli.stdout.count("healthy") == len(team.SERVICES)
+
+
+@pytest.mark.timeout(120)
+def test_env_file_exports_every_url(team_stack, team_root):
+    names = ["MLFLOW_TRACKING_URI", "PREFECT_API_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+             "AWS_SECRET_ACCESS_KEY", "ALIGNSEARCH_DVC_REMOTE_URL"]
+    script = f"source {team_root / team.ENV_FILE} && " + " && ".join(f'echo "{n}=${n}"' for n in names)
+    shell = subprocess.run(["bash", "-c", script], env={"PATH": os.environ["PATH"]}, capture_output=True,
+                           text=True, check=True, timeout=30)
+    exported = dict(line.split("=", 1) for line in shell.stdout.splitlines())
+    assert exported == {n: team.team_env(team_stack)[n] for n in names}
+    assert all(exported.values())
+    assert httpx.get(f"{exported['MLFLOW_TRACKING_URI']}/health", timeout=10).status_code == 200
+    assert httpx.get(f"{exported['PREFECT_API_URL']}/health", timeout=10).status_code == 200
+    assert team.BUCKET in {b["Name"] for b in _s3(exported).list_buckets()["Buckets"]}
+    assert exported["ALIGNSEARCH_DVC_REMOTE_URL"].startswith(f"s3://{team.BUCKET}/")
+    for url in (exported["MLFLOW_TRACKING_URI"], exported["PREFECT_API_URL"], exported["MLFLOW_S3_ENDPOINT_URL"]):
+        assert url.startswith("http://127.0.0.1:")
+
+
+class _Echo(mlflow.pyfunc.PythonModel):  # a minimal pyfunc model: nothing of the project needed
+    def predict(self, context, model_input, params=None):
+        return model_input
+
+
+@pytest.mark.timeout(300)
+def test_mlflow_on_postgres_artifacts_in_bucket_registry_alias(team_stack, team_env, monkeypatch):
+    import psycopg2
+    from mlflow import MlflowClient
+
+    for key, value in team_env.items():
+        monkeypatch.setenv(key, value)
+    mlflow.set_tracking_uri(team_env["MLFLOW_TRACKING_URI"])
+    mlflow.set_registry_uri(team_env["MLFLOW_TRACKING_URI"])
+    experiment = mlflow.set_experiment("team-smoke")
+    with mlflow.start_run(experiment_id=experiment.experiment_id) as run:
+        mlflow.log_param("where", "postgres")
+        mlflow.log_metric("ndcg_at_10", 0.5)
+        mlflow.log_text("hello bucket", "notes/hello.txt")
+        info = mlflow.pyfunc.log_model(name="model", python_model=_Echo(), pip_requirements=[])
+    # the artifact went through the server's proxy into the bucket
+    keys = _keys(team_env, "mlflow/")
+    assert any(k.endswith(f"{run.info.run_id}/artifacts/notes/hello.txt") for k in keys), keys
+    # the run is in Postgres
+    pg = psycopg2.connect(team._pg_uri(team_stack, "mlflow"))
+    with pg, pg.cursor() as cursor:
+        cursor.execute("SELECT status FROM runs WHERE run_uuid = %s", (run.info.run_id,))
+        assert cursor.fetchone() == ("FINISHED",)
+    pg.close()
+
+    client = MlflowClient()
+    version = mlflow.register_model(info.model_uri, "team-smoke-model")
+    client.set_registered_model_alias("team-smoke-model", "champion", version.version)
+    assert client.get_model_version_by_alias("team-smoke-model", "champion").version == version.version
+    loaded = mlflow.pyfunc.load_model("models:/team-smoke-model@champion")
+    assert loaded is not None
+
+
+@pytest.mark.timeout(120)
+def test_kubernetes_gpu_pool_accepted_by_prefect_server(team_env):
+    env = {**os.environ, "PREFECT_API_URL": team_env["PREFECT_API_URL"]}
+    done = subprocess.run([*PREFECT, "work-pool", "create", "alignsearch-k8s", "--type", "kubernetes",
+                           "--base-job-template", str(REPO_ROOT / "infra" / "k8s" / "base-job-template.json")],
+                          env=env, capture_output=True, text=True, timeout=100)
+    assert done.returncode == 0, done.stdout + done.stderr
+    pool = httpx.get(f"{team_env['PREFECT_API_URL']}/work_pools/alignsearch-k8s", timeout=10).json()
+    assert pool["type"] == "kubernetes"
+    assert pool["base_job_template"]["variables"]["properties"]["gpu_count"]["default"] == 0
+
+
+def _flow_runs(api: str, deployment_id: str) -> list[dict]:
+    return httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"deployment_id": {"any_": [deployment_id]}}},
+                      timeout=10).json()
+
+
+@pytest.mark.timeout(1200)
+def test_prefect_yaml_deployment_runs_on_a_worker_and_registers(team_stack, team_root, team_env, tmp_path):
+    """prefect.yaml cloned from a file:// repository of the current commit: deploy, run,
+    and a `--run-once` process worker (its own venv over the project's packages) retrains
+    on a tiny synthetic dataset against the team's MLflow: challenger, then champion."""
+    # The team's worker would take the run itself: stop it so `--run-once` gets it.
+    team._stop_group(team_stack.services["worker"])
+    repo = tmp_path / "alignsearch.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(REPO_ROOT), str(repo)], check=True, timeout=120)
+    checkout = tmp_path / "checkout"
+    subprocess.run(["git", "clone", "-q", repo.as_uri(), str(checkout)], check=True, timeout=120)
+    worker_env = {**team.worker_env(team_stack, team_root), "ALIGNSEARCH_REPO": repo.as_uri()}
+    cli_env = {**os.environ, **team_env, "ALIGNSEARCH_REPO": repo.as_uri(), "PREFECT_HOME": str(tmp_path / "prefect")}
+
+    deployed = subprocess.run([*PREFECT, "--no-prompt", "deploy", "--all"], cwd=checkout, env=cli_env,
+                              capture_output=True, text=True, timeout=300)
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    started = subprocess.run([*PREFECT, "deployment", "run", "alignsearch-retrain-and-promote/weekly-retrain",
+                              "--params", json.dumps({"overrides": TINY})], env=cli_env, capture_output=True,
+                             text=True, timeout=120)
+    assert started.returncode == 0, started.stdout + started.stderr
+
+    began = time.monotonic()
+    worker = subprocess.run([worker_env["ALIGNSEARCH_WORKER_PYTHON"], "-m", "prefect", "worker", "start", "--pool",
+                             team.POOL, "--type", "process", "--run-once"], env=worker_env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=1100)
+    seconds = time.monotonic() - began
+    print(f"\ndeployment run through the --run-once worker: {seconds:.1f} s")
+    (team_root.parent / "deployment_run_seconds.txt").write_text(f"{seconds:.1f}\n")
+    api = team_env["PREFECT_API_URL"]
+    [deployment] = httpx.post(f"{api}/deployments/filter",
+                              json={"deployments": {"name": {"any_": ["weekly-retrain"]}}}, timeout=10).json()
+    states = [run["state"]["type"] for run in _flow_runs(api, deployment["id"]) if run["state"]["type"] != "SCHEDULED"]
+    assert states == ["COMPLETED"], f"{states}\n{worker.stdout[-4000:]}\n{worker.stderr[-4000:]}"
+
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(team_env["MLFLOW_TRACKING_URI"])
+    client = MlflowClient(tracking_uri=team_env["MLFLOW_TRACKING_URI"], registry_uri=team_env["MLFLOW_TRACKING_URI"])
+    challenger = client.get_model_version_by_alias("alignsearch", "challenger")
+    champion = client.get_model_version_by_alias("alignsearch", "champion")
+    assert challenger.version == champion.version == "1"
+    run = client.get_run(challenger.run_id)
+    assert run.data.tags.get("dataset_hash")
+    keys = _keys(team_env, "mlflow/")
+    assert any(challenger.run_id in k for k in keys), "the run's artifacts are not in the bucket"
+
+
+@pytest.mark.timeout(180)
+def test_team_down_leaves_no_listening_port(team_stack, team_root):
+    ports = [s.port for s in team_stack.services.values() if s.port]
+    stopped = team.down(team_root)
+    assert stopped == list(reversed(team.SERVICES))
+    assert not [p for p in ports if team._listening(p)]
+    assert not any(r.running for r in team.status(team_root))
+    for service in team_stack.services.values():
+        if service.pid and service.name != "postgres":
+            assert not team._group_members(service.pid), service.name
