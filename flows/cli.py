@@ -77,7 +77,7 @@ def _load(params: Path, overrides: list[str] | None):
         raise typer.Exit(2) from exc
 
 
-DataOptionLate = Annotated[Optional[Path], typer.Option("--data", help="Dataset to evaluate on (default: the one the flow builds).")]  # noqa: UP045
+DataOptionLate = Annotated[Optional[Path], typer.Option("--data", help="Dataset to evaluate on (default: the one the challenger was trained on).")]  # noqa: UP045
 
 
 def _counts_table(title: str, counts: dict[str, dict[str, int]]) -> Table:
@@ -153,6 +153,7 @@ def _retrain(cfg) -> dict:
     """Run the retraining flow; exit 1 with the reason (the validation report when that failed)."""
     from components.data.format import DatasetFormatError
     from components.data.validate import ValidationError
+    from components.registry.versions import RegistryError
     from flows.retrain import retrain_flow
 
     try:
@@ -160,7 +161,7 @@ def _retrain(cfg) -> dict:
     except ValidationError as exc:
         err_console.print(f"[red]Dataset validation failed: nothing trained, nothing registered.[/red]\n{exc}",
                           soft_wrap=True)
-    except (DatasetFormatError, FileNotFoundError, ValueError) as exc:
+    except (DatasetFormatError, FileNotFoundError, ValueError, RegistryError) as exc:
         err_console.print(f"[red]Retraining failed, nothing registered:[/red] {exc}", soft_wrap=True)
     raise typer.Exit(1)
 
@@ -209,8 +210,10 @@ def promote(
     params: ParamsOption = Path("params.yaml"),
     set_: SetOption = None,
 ) -> None:
-    """Evaluate challenger and champion on the current test split; promote the challenger to
-    `champion` when it wins by min-delta and the guardrail holds. Running it twice is a no-op."""
+    """Evaluate challenger and champion on the current test split (default: of the dataset the
+    challenger was trained on); promote the challenger to `champion` when it wins by min-delta
+    and the guardrail holds. Running it twice is a no-op."""
+    from components.registry.versions import RegistryError
     from flows.promote import promote_flow
 
     overrides = list(set_ or [])
@@ -219,7 +222,11 @@ def promote(
     if min_delta is not None:
         overrides.append(f"promote.min_delta={min_delta}")
     cfg = _load(params, overrides)
-    decision = promote_flow(cfg.model_dump(mode="json", by_alias=True), dataset_dir=str(data) if data else None)
+    try:
+        decision = promote_flow(cfg.model_dump(mode="json", by_alias=True), dataset_dir=str(data) if data else None)
+    except (RegistryError, ValueError) as exc:
+        err_console.print(f"[red]Promotion stopped, champion unchanged:[/red] {exc}", soft_wrap=True)
+        raise typer.Exit(1) from exc
     _print_decision(decision)
 
 

@@ -10,24 +10,25 @@ from prefect import flow, get_run_logger, task
 
 from components.config import Params
 from components.registry.tracking import configure_mlflow
-from flows.retrain import flow_dataset_dir, retrain_flow
+from flows.retrain import retrain_flow
 
 
 @task(name="promote", retries=1, retry_delay_seconds=10)
-def promote_task(params: dict[str, Any], dataset_dir: str) -> dict:
+def promote_task(params: dict[str, Any], dataset_dir: str | None) -> dict:
     from components.registry.promotion import promote
 
     cfg = Params.model_validate(params)
     configure_mlflow(cfg.registry)
-    decision = promote(cfg.registry, cfg.promote, dataset_dir=Path(dataset_dir), cache_dir=cfg.data.cache_dir)
+    decision = promote(cfg.registry, cfg.promote, dataset_dir=Path(dataset_dir) if dataset_dir else None,
+                       cache_dir=cfg.data.cache_dir)
     return asdict(decision)
 
 
 @flow(name="alignsearch-promote", log_prints=True)
 def promote_flow(params: dict[str, Any], dataset_dir: str | None = None) -> dict:
-    """Evaluate challenger and champion on the current test split; move `champion` if the rule allows."""
-    cfg = Params.model_validate(params)
-    decision = promote_task(params, dataset_dir or str(flow_dataset_dir(cfg.data)))
+    """Evaluate challenger and champion on the current test split of `dataset_dir` (default: the
+    dataset the challenger was trained on, as its run recorded); move `champion` if the rule allows."""
+    decision = promote_task(params, dataset_dir)
     get_run_logger().info("promotion: %s (%s)", decision["outcome"], decision["reason"])
     return decision
 

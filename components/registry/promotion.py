@@ -1,14 +1,24 @@
 """Promotion: move `champion` to the `challenger` version when, on the same current test split,
-it is better by at least `min_delta` and no guardrail metric drops by more than allowed.
+it is better by at least `min_delta` and no guardrail metric drops by more than allowed (a
+guardrail metric that is missing refuses the promotion).
 
-Every decision is recorded on the challenger version: tags (`alignsearch.promotion.*`) and a
-JSON artifact in its logged model (`promotion/decision-<key>.json`) with both versions'
-metrics, the rule and the outcome. A decision is keyed by (challenger, champion, dataset
-hash, rule); asking again with the same key changes nothing.
+Every decision is recorded on the challenger version: a JSON artifact in its logged model
+(`promotion/decision-<key>.json`) with both versions' metrics, the rule and the outcome, then
+tags (`alignsearch.promotion.*`, the key last). A decision is keyed by (challenger, champion,
+dataset hash, rule); asking again with the same key changes nothing.
+
+Safe to retry and to run twice at once:
+- the record is written before the alias moves, and a recorded "promoted" whose alias move
+  never happened (a crash in between) is completed by the next run: one champion, one record;
+- a registry error is never read as "no champion" (`versions.by_alias`): it stops the
+  promotion before anything changed;
+- promotions against one store take a lock (a file lock beside a sqlite store), and the alias
+  moves only if `champion` is still the version the decision compared against.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -18,7 +28,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from components.registry.config import PromoteConfig, RegistryConfig
-from components.registry.versions import CHALLENGER, CHAMPION, by_alias, download_bundle
+from components.registry.versions import (
+    CHALLENGER,
+    CHAMPION,
+    RegistryError,
+    by_alias,
+    download_bundle,
+    registry_error,
+    training_dataset_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +66,23 @@ def compare(challenger: dict[str, float], champion: dict[str, float] | None, rul
     """The rule itself: (promote?, why). `champion` None means there is no champion yet."""
     if rule.metric not in challenger:
         raise ValueError(f"challenger metrics lack {rule.metric!r} (have {sorted(challenger)})")
+    guard = rule.guardrail_metric
+    for who, metrics in (("challenger", challenger), ("champion", champion)):
+        if metrics is not None and guard not in metrics:
+            return False, (f"refused: guardrail metric {guard!r} is missing from the {who}'s metrics "
+                           f"(have {sorted(metrics)}); the guardrail is never skipped")
     if champion is None:
         return True, "no champion yet: the first valid challenger is promoted"
     delta = challenger[rule.metric] - champion[rule.metric]
-    guard_old, guard_new = champion.get(rule.guardrail_metric), challenger.get(rule.guardrail_metric)
-    if guard_old is not None and guard_new is not None and guard_old - guard_new > rule.guardrail_max_drop:
-        return False, (f"guardrail {rule.guardrail_metric} dropped {guard_old - guard_new:.4f} "
+    guard_old, guard_new = champion[guard], challenger[guard]
+    if guard_old - guard_new > rule.guardrail_max_drop:
+        return False, (f"guardrail {guard} dropped {guard_old - guard_new:.4f} "
                        f"(> {rule.guardrail_max_drop}): {guard_old:.4f} -> {guard_new:.4f}")
     if delta <= 0 or delta < rule.min_delta:
         return False, (f"{rule.metric} {challenger[rule.metric]:.4f} vs champion {champion[rule.metric]:.4f} "
                        f"(delta {delta:+.4f}); needs to be better by >= {rule.min_delta}")
     return True, (f"{rule.metric} {challenger[rule.metric]:.4f} vs champion {champion[rule.metric]:.4f} "
-                  f"(delta {delta:+.4f} >= {rule.min_delta}); guardrail {rule.guardrail_metric} held")
+                  f"(delta {delta:+.4f} >= {rule.min_delta}); guardrail {guard} held")
 
 
 def decision_key(challenger: str, champion: str | None, dataset_hash: str, rule: PromoteConfig) -> str:
@@ -85,11 +108,8 @@ def logged_model_id(version) -> str | None:
 
 
 def _record(client, name: str, version, decision: Decision) -> None:
-    tags = {f"{TAG}.outcome": decision.outcome, f"{TAG}.key": decision.key, f"{TAG}.reason": decision.reason[:5000],
-            f"{TAG}.decided_at": decision.decided_at,
-            f"{TAG}.champion_before": decision.champion_version or "none"}
-    for key, value in tags.items():
-        client.set_model_version_tag(name, str(version.version), key, value)
+    """The decision on the challenger version: the JSON artifact, then the tags with the key
+    last, so a record with a key tag is complete."""
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch) / "promotion"
         folder.mkdir()
@@ -99,11 +119,70 @@ def _record(client, name: str, version, decision: Decision) -> None:
             client.log_model_artifacts(model_id, scratch)
         elif version.run_id:  # a version registered from a run's artifact path
             client.log_artifacts(version.run_id, scratch)
+    tags = {f"{TAG}.outcome": decision.outcome, f"{TAG}.reason": decision.reason[:5000],
+            f"{TAG}.decided_at": decision.decided_at, f"{TAG}.champion_before": decision.champion_version or "none",
+            f"{TAG}.key": decision.key}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version.version), key, value)
 
 
-def promote(registry: RegistryConfig, rule: PromoteConfig, *, dataset_dir: Path, cache_dir: Path) -> Decision:
+def _move_champion(client, name: str, version: str, expected: str | None) -> None:
+    """Compare-and-set: point `champion` at `version` only if it still points at `expected`."""
+    current = by_alias(name, CHAMPION)
+    current_version = None if current is None else str(current.version)
+    if current_version != expected:
+        raise RegistryError(f"{name}@{CHAMPION} moved to v{current_version} while this promotion compared "
+                            f"against v{expected}; not moved. Run promote again.")
+    try:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    except Exception as exc:
+        raise registry_error(f"moving {name}@{CHAMPION} to v{version} (the decision is recorded; "
+                             "promote again completes it)", exc) from exc
+
+
+@contextlib.contextmanager
+def promotion_lock(timeout_s: float = 3600.0):
+    """One promotion at a time per store. A local sqlite store: an exclusive file lock beside
+    the database (works across processes). A server: no lock here (the compare-and-set on the
+    alias still refuses a decision made against a champion that has since moved)."""
+    import mlflow
+
+    uri = mlflow.get_registry_uri() or ""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    path = Path(uri.removeprefix("sqlite:///") + ".promote.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout_s
+    with path.open("a") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise RegistryError(f"another promotion holds {path} for more than {timeout_s:.0f} s") from None
+                log.info("another promotion is running (%s); waiting", path)
+                time.sleep(0.5)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def promote(registry: RegistryConfig, rule: PromoteConfig, *, dataset_dir: Path | None, cache_dir: Path) -> Decision:
     """Compare `challenger` with `champion` on the current split and move `champion` if the
-    rule says so. Idempotent (see module docstring)."""
+    rule says so. Idempotent and safe to retry or run concurrently (see module docstring).
+
+    `dataset_dir` None: the dataset the challenger was trained on (its run records it).
+    """
+    with promotion_lock():
+        return _promote(registry, rule, dataset_dir=dataset_dir, cache_dir=cache_dir)
+
+
+def _promote(registry: RegistryConfig, rule: PromoteConfig, *, dataset_dir: Path | None, cache_dir: Path) -> Decision:
     from mlflow import MlflowClient
 
     from components.data.format import dataset_hash
@@ -119,11 +198,23 @@ def promote(registry: RegistryConfig, rule: PromoteConfig, *, dataset_dir: Path,
     if champion_version == challenger_version:
         return Decision(UNCHANGED, f"version {challenger_version} is already {CHAMPION}",
                         challenger_version, champion_version)
+    if dataset_dir is None:
+        dataset_dir = training_dataset_dir(challenger)
+        if dataset_dir is None:
+            raise ValueError(f"{name} v{challenger_version} does not record the dataset it was trained on; "
+                             "pass the dataset to evaluate on (alignsearch promote --data DIR)")
+        log.info("evaluating on the dataset v%s was trained on: %s", challenger_version, dataset_dir)
     dhash = dataset_hash(dataset_dir)
     key = decision_key(challenger_version, champion_version, dhash, rule)
-    recorded = (challenger.tags or {}).get(f"{TAG}.key")
-    if recorded == key:
-        return Decision(UNCHANGED, f"already decided ({challenger.tags.get(f'{TAG}.outcome')}) for this champion, "
+    tags = challenger.tags or {}
+    if tags.get(f"{TAG}.key") == key:
+        if tags.get(f"{TAG}.outcome") == PROMOTED:  # recorded, but the alias never moved (a crash between)
+            _move_champion(client, name, challenger_version, expected=champion_version)
+            log.info("%s v%s: completed the recorded promotion (key %s)", name, challenger_version, key)
+            return Decision(PROMOTED, f"completed the promotion recorded at {tags.get(f'{TAG}.decided_at')}: "
+                            f"{tags.get(f'{TAG}.reason', '')}", challenger_version, champion_version,
+                            key=key, dataset_hash=dhash)
+        return Decision(UNCHANGED, f"already decided ({tags.get(f'{TAG}.outcome')}) for this champion, "
                         f"dataset and rule", challenger_version, champion_version, key=key, dataset_hash=dhash)
     started = time.perf_counter()
     challenger_metrics = evaluate_version(f"models:/{name}/{challenger_version}", dataset_dir, rule, cache_dir)
@@ -133,9 +224,9 @@ def promote(registry: RegistryConfig, rule: PromoteConfig, *, dataset_dir: Path,
     decision = Decision(PROMOTED if promote_it else KEPT, reason, challenger_version, champion_version,
                         challenger_metrics, champion_metrics or {}, rule.model_dump(), dhash, key,
                         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    _record(client, name, challenger, decision)  # first: a crash after it is completed by the next run
     if promote_it:
-        client.set_registered_model_alias(name, CHAMPION, challenger_version)
-    _record(client, name, challenger, decision)
+        _move_champion(client, name, challenger_version, expected=champion_version)
     log.info("%s v%s: %s (%s) in %.1f s", name, challenger_version, decision.outcome, reason,
              time.perf_counter() - started)
     return decision

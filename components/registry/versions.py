@@ -27,14 +27,37 @@ def _client():
     return MlflowClient()
 
 
-def find_by_key(name: str, model_key: str):
-    """The newest version of `name` tagged with `model_key`, or None."""
+class RegistryError(RuntimeError):
+    """The model registry failed (server down, permission, timeout, ...): not the same as
+    "not there". Whatever was being done stops, and nothing was changed."""
+
+
+def is_absent(exc: BaseException) -> bool:
+    """True only for MLflow's "does not exist" (RESOURCE_DOES_NOT_EXIST)."""
     from mlflow.exceptions import MlflowException
 
+    return isinstance(exc, MlflowException) and exc.error_code == "RESOURCE_DOES_NOT_EXIST"
+
+
+def registry_error(what: str, exc: BaseException) -> RegistryError:
+    import mlflow
+
+    code = getattr(exc, "error_code", type(exc).__name__)
+    message = getattr(exc, "message", None) or str(exc)
+    return RegistryError(f"{what} failed at {mlflow.get_registry_uri()} ({code}: {message}); "
+                         "stopped, nothing was changed")
+
+
+def find_by_key(name: str, model_key: str):
+    """The newest version of `name` tagged with `model_key`, or None (also when `name` does not
+    exist yet). Any other registry error raises `RegistryError`: a lookup that failed must not
+    read as "not registered", or the same model would be registered twice."""
     try:
         found = _client().search_model_versions(f"name = '{name}' and tags.`{MODEL_KEY_TAG}` = '{model_key}'")
-    except MlflowException:  # no such registered model yet
-        return None
+    except Exception as exc:
+        if is_absent(exc):
+            return None
+        raise registry_error(f"looking up {name} versions with {MODEL_KEY_TAG}={model_key}", exc) from exc
     return max(found, key=lambda v: int(v.version)) if found else None
 
 
@@ -58,13 +81,45 @@ def register(model_uri: str, name: str, *, model_key: str, tags: dict[str, str])
 
 
 def by_alias(name: str, alias: str):
-    """The version behind `name@alias`, or None when the alias (or the model) does not exist."""
-    from mlflow.exceptions import MlflowException
+    """The version behind `name@alias`, or None when the model or the alias does not exist.
 
+    Absence is read from the registered model's alias list, not from an exception (a missing
+    alias is INVALID_PARAMETER_VALUE in MLflow, like a real error); any registry error raises
+    `RegistryError`.
+    """
+    client = _client()
     try:
-        return _client().get_model_version_by_alias(name, alias)
-    except MlflowException:
+        model = client.get_registered_model(name)
+    except Exception as exc:
+        if is_absent(exc):
+            return None
+        raise registry_error(f"reading registered model {name}", exc) from exc
+    version = dict(model.aliases or {}).get(alias)
+    if version is None:
         return None
+    try:
+        return client.get_model_version(name, str(version))
+    except Exception as exc:
+        if is_absent(exc):
+            return None
+        raise registry_error(f"reading {name}@{alias} (version {version})", exc) from exc
+
+
+def training_dataset_dir(version) -> Path | None:
+    """The dataset directory a registered version was trained on (its run records it as the
+    `dataset_dir` tag), or None when it is not recorded."""
+    if (version.tags or {}).get("dataset_dir"):
+        return Path(version.tags["dataset_dir"])
+    if not version.run_id:
+        return None
+    try:
+        run = _client().get_run(version.run_id)
+    except Exception as exc:
+        if is_absent(exc):
+            return None
+        raise registry_error(f"reading run {version.run_id} of version {version.version}", exc) from exc
+    recorded = run.data.tags.get("dataset_dir")
+    return Path(recorded) if recorded else None
 
 
 def download_bundle(model_uri: str, dst: Path) -> Path:
@@ -89,11 +144,11 @@ def describe(model_uri: str) -> dict[str, str]:
         name, alias = name.split("@", 1)
         version = by_alias(name, alias)
     else:
-        from mlflow.exceptions import MlflowException
-
         try:
             version = _client().get_model_version(name, ref)
-        except MlflowException:
+        except Exception as exc:
+            if not is_absent(exc):
+                raise registry_error(f"reading {name} version {ref}", exc) from exc
             version = None
     if version is None:
         return {}

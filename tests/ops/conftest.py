@@ -43,8 +43,19 @@ def trained_template(prefect_harness, synthetic_dataset_dir, tmp_path_factory):
 @pytest.fixture
 def trained_store(trained_template, synthetic_dataset_dir, tmp_path):
     """This test's own copy of the trained store: (root, params, result), v1 as `challenger`."""
+    from mlflow.tracking._tracking_service import utils as mlflow_service_utils
+
+    from components.registry.tracking import configure_mlflow
+
     template, result = trained_template
     root = tmp_path / "store"
     shutil.copytree(template, root)
     relocate_store(root, template)
-    return root, ops_params(root, synthetic_dataset_dir), relocate_paths(result, template, root)
+    cfg = ops_params(root, synthetic_dataset_dir)
+    configure_mlflow(cfg.registry)  # a client the test makes talks to this store, not the last one
+    # MLflow caches artifact repositories by run / model id for the process; the copies share
+    # those ids, so without this a test would write into the template's (or another copy's) files.
+    artifact_repos = mlflow_service_utils._artifact_repos_cache
+    artifact_repos.clear()
+    yield root, cfg, relocate_paths(result, template, root)
+    artifact_repos.clear()

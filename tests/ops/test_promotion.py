@@ -21,19 +21,33 @@ from flows.retrain import retrain_flow
 NAME = "alignsearch"
 
 
+G = "title_overlap/auc"  # the default guardrail metric
+
+
 @pytest.mark.parametrize(("challenger", "champion", "rule", "expected"), [
-    ({"ndcg@10": 0.5}, None, {}, True),                                   # no champion yet
-    ({"ndcg@10": 0.6}, {"ndcg@10": 0.5}, {}, True),                       # better
-    ({"ndcg@10": 0.5}, {"ndcg@10": 0.5}, {}, False),                      # equal is not better
-    ({"ndcg@10": 0.4}, {"ndcg@10": 0.5}, {}, False),                      # worse
-    ({"ndcg@10": 0.52}, {"ndcg@10": 0.5}, {"min_delta": 0.05}, False),    # better, not by enough
-    ({"ndcg@10": 0.56}, {"ndcg@10": 0.5}, {"min_delta": 0.05}, True),
-    ({"ndcg@10": 0.6, "title_overlap/auc": 0.90}, {"ndcg@10": 0.5, "title_overlap/auc": 0.95}, {}, False),
-    ({"ndcg@10": 0.6, "title_overlap/auc": 0.945}, {"ndcg@10": 0.5, "title_overlap/auc": 0.95}, {}, True),
+    ({"ndcg@10": 0.5, G: 0.9}, None, {}, True),                                  # no champion yet
+    ({"ndcg@10": 0.6, G: 0.9}, {"ndcg@10": 0.5, G: 0.9}, {}, True),              # better
+    ({"ndcg@10": 0.5, G: 0.9}, {"ndcg@10": 0.5, G: 0.9}, {}, False),             # equal is not better
+    ({"ndcg@10": 0.4, G: 0.9}, {"ndcg@10": 0.5, G: 0.9}, {}, False),             # worse
+    ({"ndcg@10": 0.52, G: 0.9}, {"ndcg@10": 0.5, G: 0.9}, {"min_delta": 0.05}, False),  # better, not by enough
+    ({"ndcg@10": 0.56, G: 0.9}, {"ndcg@10": 0.5, G: 0.9}, {"min_delta": 0.05}, True),
+    ({"ndcg@10": 0.6, G: 0.90}, {"ndcg@10": 0.5, G: 0.95}, {}, False),
+    ({"ndcg@10": 0.6, G: 0.945}, {"ndcg@10": 0.5, G: 0.95}, {}, True),
 ])
 def test_rule(challenger, champion, rule, expected):
     promote, reason = compare(challenger, champion, PromoteConfig(**rule))
     assert promote is expected, reason
+
+
+@pytest.mark.parametrize(("challenger", "champion", "who"), [
+    ({"ndcg@10": 0.9}, {"ndcg@10": 0.5, G: 0.9}, "challenger"),   # much better, but the guardrail is unknown
+    ({"ndcg@10": 0.9, G: 0.9}, {"ndcg@10": 0.5}, "champion"),
+    ({"ndcg@10": 0.9}, None, "challenger"),                        # even the first promotion
+])
+def test_missing_guardrail_metric_refuses_and_names_it(challenger, champion, who):
+    promote, reason = compare(challenger, champion, PromoteConfig())
+    assert promote is False
+    assert f"guardrail metric '{G}' is missing from the {who}'s metrics" in reason
 
 
 def test_rule_needs_the_metric():
@@ -55,7 +69,7 @@ def _decisions(version) -> list[dict]:
 
 
 def _promote(root, dataset_dir, *rule: str) -> dict:
-    return promote_flow(as_flow_params(ops_params(root, dataset_dir, *rule)))
+    return promote_flow(as_flow_params(ops_params(root, dataset_dir, *rule)), dataset_dir=str(dataset_dir))
 
 
 @pytest.mark.slow
@@ -122,3 +136,167 @@ def test_promotion_cases(prefect_harness, synthetic_dataset_dir, tmp_path):
     equal = _promote(root, synthetic_dataset_dir)
     assert equal["outcome"] == "kept" and "delta +0.0000" in equal["reason"]
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == better
+
+
+# --------------------------------------------------------------------------- absent vs error
+
+
+def _outage(*_, **__):
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+
+    raise MlflowException("registry unavailable", error_code=TEMPORARILY_UNAVAILABLE)
+
+
+def test_absent_is_none_and_any_other_error_raises(tmp_path, monkeypatch):
+    from components.registry.config import RegistryConfig
+    from components.registry.versions import RegistryError, by_alias, find_by_key
+
+    configure_mlflow(RegistryConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    assert by_alias(NAME, "champion") is None           # no such model
+    assert find_by_key(NAME, "abc") is None
+    MlflowClient().create_registered_model(NAME)
+    assert by_alias(NAME, "champion") is None           # model without the alias
+    monkeypatch.setattr(MlflowClient, "get_registered_model", _outage)
+    monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", _outage)
+    monkeypatch.setattr(MlflowClient, "search_model_versions", _outage)
+    with pytest.raises(RegistryError, match="TEMPORARILY_UNAVAILABLE.*nothing was changed"):
+        by_alias(NAME, "champion")
+    with pytest.raises(RegistryError, match="registry unavailable"):  # else registration would duplicate
+        find_by_key(NAME, "abc")
+
+
+@pytest.mark.slow
+def test_registry_outage_stops_promotion_and_changes_nothing(trained_store, monkeypatch):
+    """The champion lookup fails (not "absent"): no promotion, no record, no alias."""
+    from components.registry.promotion import promote
+    from components.registry.versions import RegistryError
+
+    root, cfg, _ = trained_store
+    configure_mlflow(cfg.registry)
+    client = MlflowClient()
+    before = _state(client)
+    real_model, real_alias = MlflowClient.get_registered_model, MlflowClient.get_model_version_by_alias
+    calls = []
+
+    def flaky_model(self, name):  # the challenger's lookup works, the champion's fails
+        calls.append(name)
+        return real_model(self, name) if len(calls) == 1 else _outage()
+
+    def flaky_alias(self, name, alias):
+        return _outage() if alias == "champion" else real_alias(self, name, alias)
+
+    monkeypatch.setattr(MlflowClient, "get_registered_model", flaky_model)
+    monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", flaky_alias)
+    with pytest.raises(RegistryError, match="TEMPORARILY_UNAVAILABLE"):
+        promote(cfg.registry, cfg.promote, dataset_dir=None, cache_dir=root / "cache")
+    monkeypatch.undo()
+    assert _state(client) == before and "champion" not in before["aliases"]
+
+
+@pytest.mark.slow
+def test_registration_lookup_error_registers_nothing(trained_store, monkeypatch):
+    from flows.retrain import retrain_flow as flow
+
+    root, cfg, _ = trained_store
+    configure_mlflow(cfg.registry)
+    monkeypatch.setattr(MlflowClient, "search_model_versions", _outage)
+    changed = ops_params(root, cfg.data.path, "match.max_steps=2")  # a new model key
+    with pytest.raises(Exception, match="registry unavailable"):
+        flow(as_flow_params(changed))
+    monkeypatch.undo()
+    assert [str(v.version) for v in MlflowClient().search_model_versions(f"name = '{NAME}'")] == ["1"]
+
+
+# --------------------------------------------------------------------------- crashes, retries
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("crash_at", ["record", "alias"])
+def test_rerun_after_a_crash_converges_to_one_champion_and_one_record(trained_store, monkeypatch, crash_at):
+    from components.registry.promotion import promote
+
+    root, cfg, _ = trained_store
+    configure_mlflow(cfg.registry)
+    client = MlflowClient()
+
+    def crash(*_, **__):
+        raise KeyboardInterrupt(f"killed while writing the {crash_at}")
+
+    if crash_at == "record":
+        monkeypatch.setattr(MlflowClient, "set_model_version_tag", crash)
+    else:
+        real = MlflowClient.set_registered_model_alias
+        monkeypatch.setattr(MlflowClient, "set_registered_model_alias",
+                            lambda self, name, alias, version: crash() if alias == "champion"
+                            else real(self, name, alias, version))
+    with pytest.raises(KeyboardInterrupt):
+        promote(cfg.registry, cfg.promote, dataset_dir=None, cache_dir=root / "cache")
+    monkeypatch.undo()
+
+    again = promote(cfg.registry, cfg.promote, dataset_dir=None, cache_dir=root / "cache")
+    assert again.outcome == "promoted"
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
+    [recorded] = _decisions(1)
+    assert recorded["outcome"] == "promoted"
+    assert client.get_model_version(NAME, "1").tags["alignsearch.promotion.key"] == recorded["key"]
+    assert promote(cfg.registry, cfg.promote, dataset_dir=None, cache_dir=root / "cache").outcome == "unchanged"
+    assert len(_decisions(1)) == 1
+
+
+CONCURRENT_PROMOTE = """
+import json, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+from ops_helpers import ops_params
+from components.registry.promotion import promote
+from components.registry.tracking import configure_mlflow
+root, dataset, go = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[1]) / "go"
+cfg = ops_params(root, dataset)
+configure_mlflow(cfg.registry)
+while not go.exists():  # both processes start promoting at the same moment
+    time.sleep(0.05)
+print(json.dumps({"outcome": promote(cfg.registry, cfg.promote, dataset_dir=None, cache_dir=root / "cache").outcome}))
+"""
+
+
+@pytest.mark.slow
+def test_two_promotions_at_once_leave_one_champion_and_one_promotion(trained_store, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from ops_helpers import fresh_env
+
+    root, cfg, _ = trained_store
+    here = str(Path(__file__).parent)
+    processes = [subprocess.Popen([sys.executable, "-c", CONCURRENT_PROMOTE, str(root), str(cfg.data.path), here],
+                                  env=fresh_env(root), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+    time.sleep(8)  # both have imported and configured MLflow
+    (root / "go").touch()
+    outcomes = []
+    for process in processes:
+        out, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err[-3000:]
+        outcomes.append(json.loads(out.strip().splitlines()[-1])["outcome"])
+    assert sorted(outcomes) == ["promoted", "unchanged"]
+    configure_mlflow(cfg.registry)
+    assert str(MlflowClient().get_model_version_by_alias(NAME, "champion").version) == "1"
+    assert len(_decisions(1)) == 1
+
+
+# --------------------------------------------------------------------------- which dataset
+
+
+@pytest.mark.slow
+def test_promote_without_a_dataset_uses_the_one_the_challenger_was_trained_on(trained_store, tmp_path):
+    """params name another dataset (as after `retrain --set data.source=synthetic`, then a plain
+    `promote`): the challenger's own dataset is used, not params' data.out_dir."""
+    root, cfg, _ = trained_store
+    elsewhere = ops_params(root, cfg.data.path, "data.path=null", f"data.out_dir={tmp_path / 'nothing' / 'here'}")
+    decision = promote_flow(as_flow_params(elsewhere))
+    assert decision["outcome"] == "promoted", decision["reason"]
+    from components.data.format import dataset_hash
+
+    assert decision["dataset_hash"] == dataset_hash(cfg.data.path)
