@@ -31,15 +31,18 @@ from components.registry.tracking import (
     code_version,
     configure_mlflow,
     git_state,
+    log_dataset_input,
     log_metrics,
     log_params,
     numeric_metrics,
+    source_tags,
 )
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DONE_FILE = "DONE"  # written last into a stage directory: its outputs are complete
+SOURCE_NAME = "flows/retrain.py:retrain_flow"  # the run page's Source, the same from CLI, schedule, deployment
 
 
 @dataclass
@@ -245,7 +248,7 @@ def retrain_flow(params: dict[str, Any]) -> dict:
     code = code_version([REPO_ROOT / "components", Path(__file__)])
     run = client.create_run(experiment_id, run_name=f"retrain-{time.strftime('%Y%m%d-%H%M%S')}",
                             tags={"alignsearch.code_version": code, **git_state(REPO_ROOT),
-                                  "alignsearch.system": cfg.registry.system})
+                                  **source_tags(SOURCE_NAME, REPO_ROOT), "alignsearch.system": cfg.registry.system})
     run_id = run.info.run_id
     log_params(client, run_id, params)
     client.log_dict(run_id, params, "params.json")
@@ -267,6 +270,7 @@ def retrain_flow(params: dict[str, Any]) -> dict:
         client.set_tag(run_id, "dataset_hash", dhash)
         client.set_tag(run_id, "dataset_dir", dataset_dir)
         client.log_param(run_id, "dataset_hash", dhash)
+        log_dataset_input(client, run_id, Path(dataset_dir), dhash, dataset["counts"])
         report_dir = root / "validation" / dhash.removesuffix(".dir")
         try:
             timed("validate", validate, dataset_dir, cfg.validation.model_dump(mode="json"), str(report_dir))
@@ -319,7 +323,8 @@ def retrain_flow(params: dict[str, Any]) -> dict:
         registered = timed("register", register, run_id, model_key, cfg.registry.model_dump(mode="json"), vision,
                            cfg.retrieve.model_dump(mode="json"), dataset_dir, dhash, aligned["model_dir"],
                            matcher["scorer_dir"], aligned["words_path"],
-                           {"dataset_hash": dhash, "code_version": code, **git_state(REPO_ROOT)})
+                           {"dataset_hash": dhash, "dataset_dir": dataset_dir, "code_version": code,
+                            **git_state(REPO_ROOT)})
         client.log_metric(run_id, "register/seconds", timings["register"])
         client.set_tag(run_id, "alignsearch.model_version", registered["version"])
         client.set_terminated(run_id, "FINISHED")

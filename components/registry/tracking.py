@@ -141,3 +141,34 @@ def log_metrics(client, run_id: str, metrics: Mapping[str, float]) -> None:
     items = list(metrics.items())
     for start in range(0, len(items), 1000):
         client.log_batch(run_id, metrics=[Metric(metric_key(k), float(v), now, 0) for k, v in items[start:start + 1000]])
+
+
+def source_tags(entry_point: str, repo: Path | None = None) -> dict[str, str]:
+    """MLflow's own source tags (the run page's "Source" and its commit): `mlflow.source.name`,
+    `.type` and, when the code is a git checkout, `mlflow.source.git.commit`."""
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
+
+    tags = {MLFLOW_SOURCE_NAME: entry_point, MLFLOW_SOURCE_TYPE: "JOB"}
+    commit = git_state(repo)["git_commit"]
+    if commit != "unknown":
+        tags[MLFLOW_GIT_COMMIT] = commit
+    return tags
+
+
+def log_dataset_input(client, run_id: str, dataset_dir: Path, digest: str, counts: Mapping[str, Mapping[str, int]],
+                      *, name: str | None = None, context: str = "training") -> None:
+    """The run's dataset (the run page's "Datasets"): `mlflow.data` dataset with the DVC hash
+    as digest, the directory as source, and the per-table, per-split counts (as rows of the
+    dataset and as input tags `<table>.<split>`)."""
+    import pandas as pd
+    from mlflow.data import from_pandas
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    frame = pd.DataFrame([{"table": table, **{s: int(n) for s, n in per_split.items()}}
+                          for table, per_split in counts.items()])
+    source = Path(dataset_dir).resolve()
+    dataset = from_pandas(frame, source=str(source), name=name or source.name, digest=digest)
+    tags = [InputTag(MLFLOW_DATASET_CONTEXT, context)]
+    tags += [InputTag(f"{table}.{split}", str(n)) for table, per_split in counts.items() for split, n in per_split.items()]
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)])

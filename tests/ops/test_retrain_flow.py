@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 from ops_helpers import as_flow_params, ops_params
 
-from components.data.format import dataset_hash
+from components.data.format import dataset_hash, read_dataset
 from components.data.validate import ValidationError
 from components.registry.tracking import configure_mlflow
 from flows.retrain import retrain_flow
@@ -42,6 +42,17 @@ def test_flow_registers_a_challenger_with_a_complete_run(trained_store, syntheti
     assert run.data.params["match.lr"] == "0.0001" and run.data.params["align.epochs"] == "3"
     assert run.data.tags["dataset_hash"] == dataset_hash(synthetic_dataset_dir)
     assert len(run.data.tags["git_commit"]) in (40, len("unknown"))
+    # lineage where users look: the run page's Source and Datasets
+    assert run.data.tags["mlflow.source.name"] == "flows/retrain.py:retrain_flow"
+    if run.data.tags["git_commit"] != "unknown":
+        assert run.data.tags["mlflow.source.git.commit"] == run.data.tags["git_commit"]
+    [used] = run.inputs.dataset_inputs
+    assert used.dataset.digest == dataset_hash(synthetic_dataset_dir)
+    assert str(synthetic_dataset_dir.resolve()) in used.dataset.source
+    input_tags = {t.key: t.value for t in used.tags}
+    assert input_tags["mlflow.data.context"] == "training"
+    counts = read_dataset(synthetic_dataset_dir).counts()
+    assert input_tags["ads.train"] == str(counts["ads"]["train"]) and input_tags["qrels.test"] == str(counts["qrels"]["test"])
     # per-stage metrics and timings, evaluation, and Lightning's own curves in the same run
     metrics = run.data.metrics
     for key in ("test/ndcg_at_10", "test/auc", "test/image_only/auc", "eval/lexical/test/ndcg_at_10",
