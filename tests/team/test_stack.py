@@ -174,6 +174,13 @@ def test_prefect_yaml_deployment_runs_on_a_worker_and_registers(team_stack, team
     assert run.data.tags.get("dataset_hash")
     keys = _keys(team_env, "mlflow/")
     assert any(challenger.run_id in k for k in keys), "the run's artifacts are not in the bucket"
+    # the promoted model answers from the server's registry and the bucket
+    import pandas as pd
+
+    mlflow.set_registry_uri(team_env["MLFLOW_TRACKING_URI"])
+    model = mlflow.pyfunc.load_model("models:/alignsearch@champion")
+    hits = model.predict(pd.DataFrame({"query": ["red"], "k": [3]}))
+    assert 0 < len(hits) <= 3 and {"ad_id", "score"} <= set(hits.columns)
 
 
 @pytest.mark.timeout(180)
