@@ -16,8 +16,8 @@ runner = CliRunner()
 
 
 COMMANDS = {"align", "bench-serve", "benchmark", "data", "evaluate", "features", "promote", "retrain", "run",
-            "schedule", "search", "serve", "train-matcher"}
-SUBCOMMANDS = {"data": {"build", "hash", "validate"}, "align": {"show", "train"}}
+            "schedule", "search", "serve", "team", "train-matcher"}
+SUBCOMMANDS = {"data": {"build", "hash", "validate"}, "align": {"show", "train"}, "team": {"down", "status", "up"}}
 
 
 def _listed(help_text: str) -> set[str]:
