@@ -464,15 +464,17 @@ def align_train(data: DataOption = None,
                 features_dir: Annotated[Optional[Path], typer.Option("--features", help="Output of `alignsearch features`.")] = None,  # noqa: UP045
                 out: Annotated[Optional[Path], typer.Option(help="Output directory.")] = None,  # noqa: UP045
                 params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
-    """Train the alignment network on the training split (no tags, qrels or queries) and
-    write the visual words of every ad."""
+    """Train the alignment on the training split (titles and the click text of the matcher's
+    training queries; never tags, part labels or other splits) and write the visual words of
+    every ad (out-of-fold for training ads)."""
     from components.align.stage import run_align
     from components.vision.stage import FEATURES_FILE, load_features
 
     cfg = _load(params, set_)
     feats = load_features((features_dir or cfg.paths.features_dir) / FEATURES_FILE)
     result = run_align(cfg.align, dataset_dir=data or cfg.data.out_dir, features=feats,
-                       out_dir=out or cfg.paths.align_dir, cache_dir=cfg.data.cache_dir)
+                       out_dir=out or cfg.paths.align_dir, cache_dir=cfg.data.cache_dir,
+                       fraction=cfg.match.train_fraction, query_seed=cfg.match.seed)
     console.print(f"Alignment model: {result.model_dir}\nWords: {result.words_path}\nGallery: {result.gallery_path}")
     console.print(json.dumps(result.metrics, indent=2))
 
@@ -484,23 +486,33 @@ def align_show(data: DataOption = None,
                split: Annotated[str, typer.Option(help="Split to sample ads from when no --ad-id is given.")] = "test",
                limit: Annotated[int, typer.Option(help="How many ads.")] = 10,
                params: ParamsOption = Path("params.yaml")) -> None:
-    """Show ads with their titles and aligned visual words (scores in brackets)."""
-    from components.align.stage import WORDS_FILE, load_words
+    """Show ads with their titles and aligned visual words: probability, the part each word
+    came from (whole image or part n), and ✓/✗ against the ad's held-out query words."""
+    from components.align.evaluation import held_out_words
+    from components.align.gallery import mark
+    from components.align.model import WHOLE_IMAGE
+    from components.align.stage import WORDS_FILE, held_out_texts, load_visual_words
     from components.data.format import read_dataset
+    from components.text.stems import word_stem
 
     cfg = _load(params, None)
     dataset = read_dataset(data or cfg.data.out_dir)
-    words = load_words((align_dir or cfg.paths.align_dir) / WORDS_FILE)
+    words = load_visual_words((align_dir or cfg.paths.align_dir) / WORDS_FILE)
     ads = dataset.ads.set_index("ad_id")
     chosen = ad_id or dataset.split(split).ads["ad_id"].head(limit).tolist()
-    table = Table(title="Visual words")
-    for column in ("ad id", "title", "visual words"):
+    held = {a: held_out_words(t) for name in ("train", "valid", "test")
+            for a, t in held_out_texts(dataset, name).items()}
+    table = Table(title="Visual words (probability, source part; ✓/✗ against held-out query words)")
+    for column in ("ad id", "title", "visual words", "held-out words"):
         table.add_column(column)
     for ad in chosen:
         if ad not in ads.index:
             err_console.print(f"[red]unknown ad id {ad!r}[/red]")
             raise typer.Exit(1)
-        table.add_row(ad, str(ads.loc[ad, "title"]), ", ".join(f"{w} ({s:.2f})" for w, s in words.get(ad, [])))
+        stems = held.get(ad)
+        cells = [f"{mark(None if stems is None else word_stem(w.word) in stems)}{w.word} ({w.score:.2f}, "
+                 f"{'image' if w.part == WHOLE_IMAGE else f'part {w.part}'})" for w in words.get(ad, [])]
+        table.add_row(ad, str(ads.loc[ad, "title"]), ", ".join(cells), ", ".join(sorted(stems or [])) or "–")
     console.print(table)
 
 
@@ -512,15 +524,18 @@ def train_matcher(data: DataOption = None,
                   out: Annotated[Optional[Path], typer.Option(help="Output directory.")] = None,  # noqa: UP045
                   params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
     """Train the language-space matcher (or a baseline) on the training split."""
-    from components.align.stage import WORDS_FILE, load_words
+    from components.align.stage import WORDS_FILE, load_ad_words
     from components.match.stage import run_train_matcher
+    from components.systems import WORD_SYSTEMS
     from components.vision.stage import FEATURES_FILE, load_features
 
     cfg = _load(params, set_)
     feats = load_features((features_dir or cfg.paths.features_dir) / FEATURES_FILE)
-    words = load_words((align_dir or cfg.paths.align_dir) / WORDS_FILE) if system == "ours" else None
+    words = word_logits = None
+    if system in WORD_SYSTEMS:
+        words, word_logits = load_ad_words((align_dir or cfg.paths.align_dir) / WORDS_FILE)
     result = run_train_matcher(cfg.match, dataset_dir=data or cfg.data.out_dir, out_dir=out or cfg.paths.matcher_dir,
-                               system=system, features=feats, words=words)
+                               system=system, features=feats, words=words, word_logits=word_logits)
     console.print(f"Matcher: {result.scorer_dir} {result.metrics}")
 
 
@@ -532,17 +547,17 @@ def evaluate(data: DataOption = None,
              out: Annotated[Optional[Path], typer.Option(help="Reports directory.")] = None,  # noqa: UP045
              params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
     """Metrics (auc, ndcg@10, recall@10, mrr@10 per system, per split) and plots."""
-    from components.align.stage import WORDS_FILE, load_words
+    from components.align.stage import WORDS_FILE, load_ad_words
     from components.evaluate.stage import run_evaluate
     from components.match.stage import SCORER_SUBDIR
     from components.vision.stage import FEATURES_FILE, load_features
 
     cfg = _load(params, set_)
     feats = load_features((features_dir or cfg.paths.features_dir) / FEATURES_FILE)
-    words = load_words((align_dir or cfg.paths.align_dir) / WORDS_FILE)
+    words, word_logits = load_ad_words((align_dir or cfg.paths.align_dir) / WORDS_FILE)
     result = run_evaluate(dataset_dir=data or cfg.data.out_dir,
                           scorer_dir=(matcher_dir or cfg.paths.matcher_dir) / SCORER_SUBDIR,
-                          out_dir=out or cfg.paths.reports_dir, features=feats, words=words,
+                          out_dir=out or cfg.paths.reports_dir, features=feats, words=words, word_logits=word_logits,
                           seed=cfg.match.seed, match_cfg=cfg.match)
     console.print_json(json.dumps(result.metrics))
 

@@ -130,15 +130,15 @@ def features(key: str, vision: dict, dataset_dir: str, out_dir: str, cache_dir: 
 
 @task(name="align", **STAGE_TASK)
 def align(key: str, align_cfg: dict, dataset_dir: str, features_path: str, out_dir: str, cache_dir: str,
-          gallery_size: int, mlflow_run_id: str | None = None, tracking_uri: str | None = None) -> dict:
+          gallery_size: int, fraction: float, query_seed: int) -> dict:
     from components.align.config import AlignConfig
     from components.align.stage import run_align
     from components.vision.stage import load_features
 
     result = run_align(AlignConfig(**align_cfg), dataset_dir=Path(dataset_dir),
                        features=load_features(Path(features_path)), out_dir=Path(out_dir),
-                       cache_dir=Path(cache_dir), gallery_size=gallery_size,
-                       logger=_lightning_logger("align", mlflow_run_id, tracking_uri))
+                       cache_dir=Path(cache_dir), gallery_size=gallery_size, fraction=fraction,
+                       query_seed=query_seed)
     return _finish(Path(out_dir), {"model_dir": str(result.model_dir), "words_path": str(result.words_path),
                                    "gallery_path": str(result.gallery_path) if result.gallery_path else None,
                                    "metrics": result.metrics})
@@ -148,14 +148,15 @@ def align(key: str, align_cfg: dict, dataset_dir: str, features_path: str, out_d
 def train_matcher(key: str, match_cfg: dict, system: str, dataset_dir: str, features_path: str,
                   words_path: str, out_dir: str, mlflow_run_id: str | None = None,
                   tracking_uri: str | None = None) -> dict:
-    from components.align.stage import load_words
+    from components.align.stage import load_ad_words
     from components.match.config import MatchConfig
     from components.match.stage import run_train_matcher
     from components.vision.stage import load_features
 
+    words, word_logits = load_ad_words(Path(words_path))
     result = run_train_matcher(MatchConfig(**match_cfg), dataset_dir=Path(dataset_dir), out_dir=Path(out_dir),
                                system=system, features=load_features(Path(features_path)),
-                               words=load_words(Path(words_path)),
+                               words=words, word_logits=word_logits,
                                logger=_lightning_logger("matcher", mlflow_run_id, tracking_uri))
     return _finish(Path(out_dir), {"scorer_dir": str(result.scorer_dir), "metrics": result.metrics})
 
@@ -163,13 +164,14 @@ def train_matcher(key: str, match_cfg: dict, system: str, dataset_dir: str, feat
 @task(name="evaluate", **STAGE_TASK)
 def evaluate(key: str, match_cfg: dict, seed: int, dataset_dir: str, scorer_dir: str, features_path: str,
              words_path: str, out_dir: str) -> dict:
-    from components.align.stage import load_words
+    from components.align.stage import load_ad_words
     from components.evaluate.stage import run_evaluate
     from components.match.config import MatchConfig
     from components.vision.stage import load_features
 
+    words, word_logits = load_ad_words(Path(words_path))
     result = run_evaluate(dataset_dir=Path(dataset_dir), scorer_dir=Path(scorer_dir), out_dir=Path(out_dir),
-                          features=load_features(Path(features_path)), words=load_words(Path(words_path)),
+                          features=load_features(Path(features_path)), words=words, word_logits=word_logits,
                           seed=seed, match_cfg=MatchConfig(**match_cfg))
     return _finish(Path(out_dir), {"metrics_path": str(result.metrics_path), "metrics": result.metrics,
                                    "plots": {k: str(v) for k, v in result.plot_paths.items()}})
@@ -181,7 +183,7 @@ def register(run_id: str, model_key: str, registry: dict, vision: dict, index: d
     """Bundle, log and register the model, unless an identical one (same model key) already is."""
     import mlflow
 
-    from components.align.stage import load_words
+    from components.align.stage import load_ad_words
     from components.registry.config import RegistryConfig
     from components.registry.pyfunc import log_search_model
     from components.registry.versions import find_by_key
@@ -195,9 +197,10 @@ def register(run_id: str, model_key: str, registry: dict, vision: dict, index: d
     if existing is not None:
         get_run_logger().info("identical model already registered: %s v%s", cfg.model_name, existing.version)
         return {"version": str(existing.version), "created": False}
+    words, word_logits = load_ad_words(Path(words_path))
     with tempfile.TemporaryDirectory() as scratch:
         bundle = build_bundle(Path(scratch) / "bundle", align_dir=Path(align_dir), scorer_dir=Path(scorer_dir),
-                              dataset_dir=Path(dataset_dir), words=load_words(Path(words_path)),
+                              dataset_dir=Path(dataset_dir), words=words, word_logits=word_logits,
                               vision=PartsConfig(**vision), index_cfg=IndexConfig(**index),
                               dataset_hash=dataset_hash)
         with mlflow.start_run(run_id=run_id):
@@ -284,11 +287,13 @@ def retrain_flow(params: dict[str, Any]) -> dict:
                       cache_dir)
 
         align_cfg = cfg.align.model_dump(mode="json")
-        align_key = stage_key("align", feat_key, align_cfg, cfg.benchmark.gallery_size, code)
+        # The alignment sees the click text of the matcher's training queries (same fraction and seed).
+        query_share = {"train_fraction": cfg.match.train_fraction, "seed": cfg.match.seed}
+        align_key = stage_key("align", feat_key, align_cfg, query_share, cfg.benchmark.gallery_size, code)
         align_dir = _stage_dir(root, "align", align_key)
         aligned = timed("align", _refreshed_if_missing(align, align_dir), align_key, align_cfg, dataset_dir,
                         feats["features_path"], str(align_dir), cache_dir, cfg.benchmark.gallery_size,
-                        mlflow_run_id=run_id, tracking_uri=uri)
+                        cfg.match.train_fraction, cfg.match.seed)
 
         match_cfg = cfg.match.model_dump(mode="json")
         system = cfg.registry.system

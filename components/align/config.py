@@ -8,85 +8,50 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class AlignConfig(BaseModel):
-    """Parameters of `train_alignment`.
+    """Parameters of `train_alignment` (components/align/train.py).
 
-    Defaults are the measured choices (synthetic precision@1 and openclipart visual-word
-    precision, see the alignment report): plain PCA (whitening hurt badly), ad-side MIL,
-    early stopping on held-out training ads, cosine word scores (CSLS did not help), the
-    structure-consistency term on with the GW pseudo-target and marginal-KL terms at weight
-    0 (they hurt on the synthetic set and were within noise on openclipart).
+    Defaults are the measured choices (visual-word precision of held-out ads, see the
+    README's alignment section and `alignsearch align compare`).
     """
 
     model_config = ConfigDict(extra="forbid")
 
     seed: int = 0
 
-    # --- visual concepts (concepts.py)
-    pca_dim: int = Field(128, ge=2, description="PCA dimension of part vectors (clamped to data); "
-                         "low dimensions are the low-capacity lever (METHOD 7)")
-    whiten_power: float = Field(0.0, le=0, description="PCA axes scaled by eigenvalue^power: "
-                                "-0.5 whitens, 0 keeps plain PCA")
-    num_concepts: int = Field(256, ge=2, description="K of k-means; clamped to num_parts / 8")
+    # --- what the alignment may see (METHOD.md section 3)
+    click_text: bool = Field(True, description="the ad-level text of a training ad includes the training "
+                             "queries with a positive qrel for it (at the run's training fraction); False = "
+                             "titles (and captions of title-less sources) only, the strictly label-free variant")
+    folds: int = Field(5, ge=0, description="k of the cross-fitting: training ads get words from a model "
+                       "that did not see them; 0 or 1 = in-sample words (measured worse)")
+
+    # --- instances and concepts
+    pca_dim: int = Field(256, ge=2, description="PCA dimension of the standardised instance vectors")
+    num_concepts: int = Field(256, ge=2, description="K of k-means over parts; clamped to num_parts / 8")
     kmeans_iters: int = Field(25, ge=1)
-    pooled_as_part: bool = Field(True, description="the whole-image vector is one more instance")
 
     # --- words and structures (cooccurrence.py)
-    vocab_min_count: int = Field(3, ge=1, description="document frequency in training texts")
+    vocab_min_count: int = Field(3, ge=1, description="document frequency in training ad-level texts")
     vocab_max_words: int = Field(2000, ge=2)
-    vocab_min_length: int = Field(3, ge=1)
+    vocab_min_length: int = Field(2, ge=1)
     ppmi_context_power: float = Field(0.75, gt=0, le=1, description="context smoothing of PPMI")
-    marginal_power: float = Field(0.75, gt=0, le=1, description="GW marginals ∝ freq^power")
+    marginal_power: float = Field(0.75, gt=0, le=1)
 
-    # --- network (network.py)
-    hidden_dim: int = Field(512, ge=0, description="0 = a linear map (lowest capacity)")
-    dropout: float = Field(0.1, ge=0, lt=1)
-    temperature: float = Field(0.1, gt=0, description="tau of every softmax over cosines")
-
-    # --- losses (losses.py); each family switchable
-    mil_loss: bool = Field(True, description="multiple-instance ad loss (weak ad-level pairs)")
-    mil_ad_weight: float = Field(1.0, ge=0, description="InfoNCE over the ads of a batch")
-    mil_word_weight: float = Field(0.0, ge=0, description="InfoNCE over the vocabulary per ad")
-    mil_word_prior: bool = Field(True, description="add log word frequency to the word-side "
-                                 "logits, so frequent filler words do not pull the mapping")
-    structure_loss: bool = Field(True, description="label-free structure consistency")
-    gw_target_weight: float = Field(0.0, ge=0, description="CE to the GW coupling's soft targets")
-    consistency_weight: float = Field(1.0, ge=0, description="|| S_v - A S_t A^T || on blocks")
-    consistency_block: int = Field(64, ge=2, description="concepts per sub-sampled block")
-    structure_source: Literal["cooccurrence", "mapped"] = Field(
-        "cooccurrence", description="S in the consistency term: the visual co-occurrence "
-        "structure of the concepts, or the cosine structure of the mapped concepts")
-    marginal_kl_weight: float = Field(0.0, ge=0, description="KL(word freq || predicted usage)")
-    entropy_weight: float = Field(0.0, ge=0, description="mean entropy of concept->word rows")
-
-    # --- Gromov-Wasserstein (train.py, stage 1)
-    gw_solver: Literal["exact", "entropic"] = "exact"
-    gw_epsilon: float = Field(1e-3, gt=0, description="entropic GW only; 1e-2 blurs (STACK.md)")
-    gw_restarts: int = Field(5, ge=1, description="random initial couplings; lowest cost kept")
-    gw_max_iter: int = Field(500, ge=1)
-
-    # --- optimisation (module.py)
-    epochs: int = Field(200, ge=0, description="upper bound; early stopping ends sooner")
-    max_steps: int = Field(-1, ge=-1, description="-1 = no step limit")
-    batch_size: int = Field(64, ge=2)
-    lr: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    holdout_fraction: float = Field(
-        0.1, ge=0, lt=1, description="training ads held out of the MIL loss for early stopping "
-        "(label-free: their own titles); 0 = no early stopping")
-    val_check_steps: int = Field(10, ge=1, description="held-out check every n training steps")
-    patience: int = Field(8, ge=1, description="held-out checks without improvement")
-    log_every_n_steps: int = Field(5, ge=1)
-    refinement_rounds: int = Field(0, ge=0, description="CSLS mutual-NN self-training rounds")
-    refinement_epochs: int = Field(5, ge=1)
-    refinement_weight: float = Field(1.0, ge=0)
+    # --- the per-word head (head.py)
+    pooling: Literal["pooled", "max", "noisy_or", "attention"] = Field(
+        "pooled", description="how an image's instances give its word logits: the pooled vector alone, "
+        "or multiple-instance pooling over pooled vector + parts")
+    c: float = Field(0.1, gt=0, description="inverse L2 strength of the head (sklearn's C)")
+    map_weight: float = Field(1.0, gt=0, description="L2 on the word-vector map A relative to the per-word "
+                              "residual U; < 1 ties each word's weights to its word vector")
+    max_iter: int = Field(100, ge=1, description="L-BFGS iterations")
+    structure_weight: float = Field(0.0, ge=0, description="weight of the label-free structure-consistency "
+                                    "term || S_v - P S_t P^T ||^2 (0 = off)")
+    structure_temperature: float = Field(1.0, gt=0)
+    attention_temperature: float = Field(1.0, gt=0)
 
     # --- translation (model.py)
-    word_scoring: Literal["csls", "cosine"] = Field(
-        "cosine", description="how a mapped part scores a word: CSLS (hubness-corrected) or cosine")
     words_per_image: int = Field(8, ge=1, description="m: words kept per image")
-    min_word_score: float = Field(0.0, description="threshold on the word score")
-    csls_k: int = Field(10, ge=1)
+    min_word_score: float = Field(0.0, ge=0, le=1, description="probability threshold of a kept word")
     device: str = Field("auto", description="auto | cpu | cuda[:n]")
-    num_threads: int = Field(
-        1, ge=0, description="torch CPU threads while this stage runs (0 = leave as is); the "
-        "network is tiny, and on a busy 2-core box one thread was ~20x faster than two")
+    num_threads: int = Field(0, ge=0, description="torch CPU threads while this stage runs (0 = leave as is)")

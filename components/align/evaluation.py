@@ -87,7 +87,7 @@ def alignment_precision_at_1(model: AlignmentModel, parts: PartsFeatures, truth:
     top1, recall, precision_m = [], [], []
     for a, words in zip(ad_ids, translated, strict=True):
         present = {p["word"] for p in truth["ads"][a]["parts"]}
-        names = [w for w, _ in words]
+        names = [w.word for w in words]
         top1.append(bool(names) and names[0] in present)
         recall.append(len(present & set(names)) / max(1, len(present)))
         precision_m.append(sum(w in present for w in names) / max(1, len(names)))
@@ -140,4 +140,38 @@ def visual_word_precision(words_per_ad: Mapping[str, Sequence[str]] | Sequence[S
         "hit_rate": float(np.mean(hit)) if n else 0.0,
         "mean_words": float(np.mean(lengths)) if n else 0.0,
         "num_ads": n,
+    }
+
+
+def word_precision_report(words_per_ad: Mapping[str, Sequence[str]], held_out_per_ad: Mapping[str, Sequence[str]],
+                          titles: Mapping[str, str], vocabulary: Sequence[str], k: int = 8) -> dict[str, float]:
+    """Word precision a person can judge (issue: words that carry the image).
+
+    - `precision`: hits over the words given, per ad, averaged over ads with held-out words
+      (an ad given no word counts 0); `precision@k` divides by k instead;
+    - `precision_not_in_title`: the same over the words that are not already in the ad's
+      title (what the words add), over ads that got such words;
+    - `constant_precision`: the same measure for a constant list, the `len` most frequent
+      vocabulary words (`vocabulary` is ordered by frequency), `len` = the mean number of
+      words given (at least 1); `lift` = precision / constant_precision;
+    - `coverage`: share of those ads given at least one word; `mean_words`.
+    """
+    base = visual_word_precision(words_per_ad, held_out_per_ad, k)
+    not_in_title = []
+    for ad_id, held in held_out_per_ad.items():
+        title_stems = {word_stem(t) for t in tokenize(titles.get(ad_id, ""))}
+        new = [w for w in words_per_ad.get(ad_id, []) if word_stem(w) not in title_stems]
+        if new:
+            held_stems = held_out_words(list(held))
+            not_in_title.append(sum(word_stem(w) in held_stems for w in new) / len(new))
+    size = max(1, int(round(base["mean_words"])))
+    constant = visual_word_precision({a: list(vocabulary[:size]) for a in held_out_per_ad}, held_out_per_ad, k)
+    given = [len(words_per_ad.get(a, [])) > 0 for a in held_out_per_ad]
+    return {
+        "precision": base["precision"], f"precision@{k}": base[f"precision@{k}"],
+        "precision_not_in_title": float(np.mean(not_in_title)) if not_in_title else 0.0,
+        "constant_precision": constant["precision"],
+        "lift": base["precision"] / constant["precision"] if constant["precision"] > 0 else float("inf"),
+        "coverage": float(np.mean(given)) if given else 0.0, "mean_words": base["mean_words"],
+        "num_ads": base["num_ads"],
     }

@@ -1,8 +1,9 @@
-"""The trained alignment: whitening, concepts, vocabulary, network, and image -> words.
+"""The trained alignment: projection, vocabulary, the per-word head, and image -> words.
 
-`AlignmentModel.save(dir)` writes JSON, .npy and .npz only (no pickle); `load(dir)` reads
-them back. `translate` picks each image's words by CSLS (cross-domain similarity local
-scaling, Conneau et al. 2018), which discounts hub words close to everything.
+`AlignmentModel.save(dir)` writes JSON, .npy and safetensors only (no pickle); `load(dir)`
+reads them back. `translate` gives each image its most probable words with their
+probability and the part each word came from; `word_logits` gives the whole per-word
+evidence the matcher's word channel reads.
 """
 
 from __future__ import annotations
@@ -13,46 +14,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
-from components.align.concepts import Whitening, assign, instance_vectors
-from components.align.network import AlignmentNetwork
+from components.align.concepts import assign, instance_vectors
+from components.align.head import Projection, WordHead, predict_logits
+from components.text.stems import word_stem  # noqa: F401 (re-export)
 from components.vision.parts import PartsFeatures
 
 MODEL_FILE = "alignment.json"
-ARRAY_FILES = ("whitening_mean", "whitening_matrix", "centroids", "word_vectors", "word_hubness")
-NETWORK_FILE = "network.npz"
-FORMAT_VERSION = 1
-
-
-def top_k_mean(sims: np.ndarray, k: int) -> np.ndarray:
-    """Mean of the k largest values of each row: (n, m) -> (n,)."""
-    k = max(1, min(k, sims.shape[1]))
-    part = np.partition(sims, sims.shape[1] - k, axis=1)[:, -k:]
-    return part.mean(axis=1)
-
-
-def csls_scores(queries: np.ndarray, words: np.ndarray, word_hubness: np.ndarray,
-                k: int) -> np.ndarray:
-    """CSLS(x, w) = 2 cos(x, w) - r_x - r_w: (n, D), (V, D), (V,) -> (n, V).
-
-    r_x = mean cosine of x to its k nearest words; r_w (`word_hubness`) = mean cosine of w
-    to its k nearest mapped visual instances.
-    """
-    cos = queries @ words.T
-    r_x = top_k_mean(cos, k)
-    return 2.0 * cos - r_x[:, None] - word_hubness[None, :]
-
-
-def word_stem(word: str) -> str:
-    """A crude lemma: possessive and plural endings off ("boxes" -> "box", "berries" -> "berry")."""
-    w = word.lower().removesuffix("'s")
-    if len(w) > 4 and w.endswith("ies"):
-        return w[:-3] + "y"
-    if len(w) > 3 and w.endswith("es") and w[:-2].endswith(("s", "x", "z", "ch", "sh")):
-        return w[:-2]
-    if len(w) > 3 and w.endswith("s") and not w.endswith(("ss", "us", "is")):
-        return w[:-1]
-    return w
+HEAD_FILE = "head.safetensors"
+ARRAY_FILES = ("projection_mean", "projection_scale", "projection_components", "centroids",
+               "concept_means", "word_vectors", "word_logit_means")
+FORMAT_VERSION = 2
+WHOLE_IMAGE = 0  # instance index of the pooled vector
 
 
 def near_duplicates(a: str, b: str, min_prefix: int = 5) -> bool:
@@ -64,15 +38,33 @@ def near_duplicates(a: str, b: str, min_prefix: int = 5) -> bool:
     return len(short) >= min_prefix and long.startswith(short)
 
 
-def dedupe(ranked: list[tuple[str, float]], limit: int) -> list[tuple[str, float]]:
-    """The first `limit` words of a best-first list, dropping near-duplicates of kept ones."""
-    kept: list[tuple[str, float]] = []
-    for word, score in ranked:
-        if any(near_duplicates(word, k) for k, _ in kept):
-            continue
-        kept.append((word, score))
-        if len(kept) == limit:
+@dataclass(frozen=True)
+class VisualWord:
+    """One aligned word of an image: its probability and the instance it came from
+    (0 = the whole image, j >= 1 = part j-1 of `PartsFeatures.parts`)."""
+
+    word: str
+    score: float
+    part: int = WHOLE_IMAGE
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(x, -30.0, 30.0)))
+
+
+def select_words(logits: np.ndarray, sources: np.ndarray, words: list[str], limit: int,
+                 min_score: float) -> list[VisualWord]:
+    """The `limit` most probable words of one image (V,) above `min_score`, near-duplicates
+    (plurals, shared stems) dropped."""
+    order = np.argsort(-logits, kind="stable")
+    kept: list[VisualWord] = []
+    for j in order:
+        p = float(sigmoid(logits[j]))
+        if p < min_score or len(kept) == limit:
             break
+        if any(near_duplicates(words[j], k.word) for k in kept):
+            continue
+        kept.append(VisualWord(words[j], p, int(sources[j])))
     return kept
 
 
@@ -80,105 +72,75 @@ def dedupe(ranked: list[tuple[str, float]], limit: int) -> list[tuple[str, float
 class AlignmentModel:
     """Everything needed to turn part features into words; see `translate`."""
 
-    whitening: Whitening
-    centroids: np.ndarray  # (K, d) unit-norm visual concepts in whitened space
+    projection: Projection
     words: list[str]  # vocabulary (V)
-    word_counts: list[int]
+    word_counts: list[int]  # ads whose training text holds the word
     word_vectors: np.ndarray  # (V, 384) MiniLM vectors of the words, unit norm
-    network: AlignmentNetwork
-    word_hubness: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (V,) r_w
+    head: WordHead
+    centroids: np.ndarray  # (K, d) unit-norm visual concepts (spherical k-means of projected parts)
+    concept_means: np.ndarray  # (K, d) the mean projected part of each concept (what the head scores)
+    word_logit_means: np.ndarray  # (V,) mean training logit of each word (the channel is centred on it)
     words_per_image: int = 8
     min_word_score: float = 0.0
-    csls_k: int = 10
-    word_scoring: str = "csls"  # or "cosine"
     pooled_as_part: bool = True
     config: dict = field(default_factory=dict)
 
-    # ------------------------------------------------------------------ mapping
-
-    @torch.inference_mode()
-    def map(self, whitened: np.ndarray, batch_size: int = 8192) -> np.ndarray:
-        """Whitened vectors (n, d) -> unit vectors in word space (n, 384)."""
-        self.network.eval()
-        device = next(self.network.parameters()).device
-        out = np.zeros((len(whitened), self.network.out_dim), np.float32)
-        for start in range(0, len(whitened), batch_size):
-            chunk = torch.from_numpy(np.ascontiguousarray(whitened[start:start + batch_size]))
-            out[start:start + batch_size] = self.network(chunk.to(device)).float().cpu().numpy()
-        return out
+    # ------------------------------------------------------------------ instances
 
     def instances(self, parts: PartsFeatures) -> tuple[np.ndarray, np.ndarray]:
-        """Whitened instances (N, I, d) and mask (N, I) (slot 0 pooled when `pooled_as_part`)."""
-        vectors, mask = instance_vectors(parts, self.pooled_as_part)
-        return self.whitening.apply(vectors), mask
-
-    def mapped_instances(self, parts: PartsFeatures) -> tuple[np.ndarray, np.ndarray]:
-        """Mapped instances (N, I, 384) and mask (N, I)."""
-        z, mask = self.instances(parts)
-        n, i, d = z.shape
-        return self.map(z.reshape(n * i, d)).reshape(n, i, -1), mask
-
-    def concept_vectors(self) -> np.ndarray:
-        """(K, 384) mapped concept centroids."""
-        return self.map(self.centroids)
-
-    def fit_hubness(self, mapped_reference: np.ndarray) -> np.ndarray:
-        """Set r_w (mean cosine of each word to its `csls_k` nearest mapped training
-        instances, (n, 384)) and return it."""
-        k = max(1, min(self.csls_k, len(mapped_reference)))
-        best = np.full((len(self.words), k), -np.inf, np.float32)  # running top-k per word
-        for start in range(0, len(mapped_reference), 8192):
-            sims = self.word_vectors @ mapped_reference[start:start + 8192].T  # (V, c)
-            both = np.concatenate([best, sims], axis=1)
-            best = np.partition(both, both.shape[1] - k, axis=1)[:, -k:]
-        self.word_hubness = best.mean(axis=1).astype(np.float32)
-        return self.word_hubness
+        """Projected instances (N, I, d) and mask (N, I); slot 0 is the pooled vector."""
+        vectors, mask = instance_vectors(parts, True)
+        z = self.projection.apply(vectors)
+        z[~mask] = 0.0
+        return z, mask
 
     # ------------------------------------------------------------------ outputs
 
-    def score(self, mapped: np.ndarray) -> np.ndarray:
-        """Word scores of mapped vectors (n, 384) -> (n, V): CSLS or cosine (`word_scoring`)."""
-        if self.word_scoring == "cosine":
-            return mapped @ self.word_vectors.T
-        return csls_scores(mapped, self.word_vectors, self.word_hubness, self.csls_k)
+    def word_logits(self, parts: PartsFeatures) -> np.ndarray:
+        """(N, V) per-image logit of every word."""
+        z, mask = self.instances(parts)
+        return predict_logits(self.head, z, mask)
 
-    def word_scores(self, parts: PartsFeatures, batch_images: int = 256) -> np.ndarray:
-        """(N, V) per image, the best CSLS score of each word over the image's parts."""
-        out = np.zeros((len(parts), len(self.words)), np.float32)
-        for start in range(0, len(parts), batch_images):
-            chunk = parts.take(np.arange(start, min(start + batch_images, len(parts))))
-            mapped, mask = self.mapped_instances(chunk)  # (n,I,D), (n,I)
-            n, i, d = mapped.shape
-            scores = self.score(mapped.reshape(n * i, d)).reshape(n, i, -1)
-            scores[~mask] = -np.inf
-            out[start:start + n] = scores.max(axis=1)
+    @torch.inference_mode()
+    def word_sources(self, parts: PartsFeatures) -> np.ndarray:
+        """(N, V) the instance each word responds to most (0 = the whole image)."""
+        z, mask = self.instances(parts)
+        out = np.zeros((len(z), len(self.words)), np.int64)
+        for start in range(0, len(z), 512):
+            sl = slice(start, start + 512)
+            out[sl] = self.head.source_instances(torch.as_tensor(z[sl]),
+                                                 torch.as_tensor(mask[sl])).numpy()
         return out
 
-    def translate(self, parts: PartsFeatures, words_per_image: int | None = None,
-                  min_word_score: float | None = None) -> list[list[tuple[str, float]]]:
-        """Per image, up to m (word, score) pairs, best first: word scores (CSLS by default)
-        maxed over the image's parts (pooled vector included), above `min_word_score`,
-        near-duplicates (plurals, shared stems) dropped."""
+    def translate_logits(self, logits: np.ndarray, sources: np.ndarray | None = None,
+                         words_per_image: int | None = None,
+                         min_word_score: float | None = None) -> list[list[VisualWord]]:
+        """`translate` from precomputed (N, V) logits (e.g. out-of-fold ones)."""
         m = self.words_per_image if words_per_image is None else words_per_image
         threshold = self.min_word_score if min_word_score is None else min_word_score
-        scores = self.word_scores(parts)
-        out = []
-        for row in scores:
-            order = np.argsort(-row, kind="stable")[: 4 * m + 8]
-            ranked = [(self.words[j], float(row[j])) for j in order if row[j] >= threshold]
-            out.append(dedupe(ranked, m))
-        return out
+        sources = np.zeros(logits.shape, np.int64) if sources is None else sources
+        return [select_words(row, src, self.words, m, threshold) for row, src in zip(logits, sources, strict=True)]
+
+    def translate(self, parts: PartsFeatures, words_per_image: int | None = None,
+                  min_word_score: float | None = None) -> list[list[VisualWord]]:
+        """Per image, up to m visual words, most probable first, with their probability and
+        the part they came from."""
+        return self.translate_logits(self.word_logits(parts), self.word_sources(parts),
+                                     words_per_image, min_word_score)
 
     def concept_words(self, top: int = 1) -> list[list[tuple[str, float]]]:
-        """Per visual concept, its `top` (word, score) pairs for the mapped centroid."""
-        scores = self.score(self.concept_vectors())
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :top]
-        return [[(self.words[j], float(scores[c, j])) for j in row] for c, row in enumerate(order)]
+        """Per visual concept, its `top` (word, probability) pairs: the head applied to the
+        concept's mean part."""
+        with torch.inference_mode():
+            logits = self.head.instance_logits(torch.as_tensor(self.concept_means)).numpy()
+        order = np.argsort(-logits, axis=1, kind="stable")[:, :top]
+        return [[(self.words[j], float(sigmoid(logits[c, j]))) for j in row] for c, row in enumerate(order)]
 
     def assign_concepts(self, parts: PartsFeatures) -> np.ndarray:
         """(N, P) concept of each region of `parts.parts` (the pooled vector excluded); -1 where
         the region is masked."""
-        z = self.whitening.apply(parts.parts)
+        z = self.projection.apply(parts.parts)
+        z = z / np.maximum(np.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
         out = assign(z, self.centroids)
         out[~parts.mask.astype(bool)] = -1
         return out
@@ -188,21 +150,21 @@ class AlignmentModel:
     def save(self, out_dir: Path) -> Path:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        arrays = {"whitening_mean": self.whitening.mean, "whitening_matrix": self.whitening.matrix,
-                  "centroids": self.centroids, "word_vectors": self.word_vectors,
-                  "word_hubness": self.word_hubness}
+        arrays = {"projection_mean": self.projection.mean, "projection_scale": self.projection.scale,
+                  "projection_components": self.projection.components, "centroids": self.centroids,
+                  "concept_means": self.concept_means, "word_vectors": self.word_vectors,
+                  "word_logit_means": self.word_logit_means}
         for name, value in arrays.items():
             np.save(out_dir / f"{name}.npy", np.asarray(value, dtype=np.float32))
-        state = {k: v.detach().cpu().numpy() for k, v in self.network.state_dict().items()}
-        np.savez(out_dir / NETWORK_FILE, **state)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
+        save_file(state, str(out_dir / HEAD_FILE))
         meta = {
             "format_version": FORMAT_VERSION,
             "words": list(self.words), "word_counts": [int(c) for c in self.word_counts],
-            "network": {"in_dim": self.network.in_dim, "out_dim": self.network.out_dim,
-                        "hidden_dim": self.network.hidden_dim},
+            "head": {"in_dim": self.head.in_dim, "pooling": self.head.pooling,
+                     "attention_temperature": self.head.attention_temperature},
             "words_per_image": self.words_per_image, "min_word_score": self.min_word_score,
-            "csls_k": self.csls_k, "word_scoring": self.word_scoring,
-            "pooled_as_part": self.pooled_as_part, "config": self.config,
+            "config": self.config,
         }
         (out_dir / MODEL_FILE).write_text(json.dumps(meta, indent=1))
         return out_dir
@@ -214,19 +176,16 @@ class AlignmentModel:
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{model_dir}: alignment format {meta.get('format_version')} "
                              f"is not {FORMAT_VERSION}")
-        arrays = {name: np.load(model_dir / f"{name}.npy", allow_pickle=False)
-                  for name in ARRAY_FILES}
-        net_cfg = meta["network"]
-        network = AlignmentNetwork(net_cfg["in_dim"], net_cfg["out_dim"], net_cfg["hidden_dim"])
-        with np.load(model_dir / NETWORK_FILE, allow_pickle=False) as data:
-            state = {k: torch.from_numpy(data[k]) for k in data.files}
-        network.load_state_dict(state)
-        network.to(device).eval()
-        return cls(whitening=Whitening(arrays["whitening_mean"], arrays["whitening_matrix"]),
-                   centroids=arrays["centroids"], words=list(meta["words"]),
-                   word_counts=list(meta["word_counts"]), word_vectors=arrays["word_vectors"],
-                   network=network, word_hubness=arrays["word_hubness"],
-                   words_per_image=int(meta["words_per_image"]),
-                   min_word_score=float(meta["min_word_score"]), csls_k=int(meta["csls_k"]),
-                   word_scoring=str(meta["word_scoring"]),
-                   pooled_as_part=bool(meta["pooled_as_part"]), config=meta.get("config", {}))
+        arrays = {name: np.load(model_dir / f"{name}.npy", allow_pickle=False) for name in ARRAY_FILES}
+        head_cfg = meta["head"]
+        head = WordHead(int(head_cfg["in_dim"]), arrays["word_vectors"], head_cfg["pooling"],
+                        float(head_cfg["attention_temperature"]))
+        head.load_state_dict(load_file(str(model_dir / HEAD_FILE)))
+        head.to(device).eval()
+        projection = Projection(arrays["projection_mean"], arrays["projection_scale"],
+                                arrays["projection_components"])
+        return cls(projection=projection, words=list(meta["words"]), word_counts=list(meta["word_counts"]),
+                   word_vectors=arrays["word_vectors"], head=head, centroids=arrays["centroids"],
+                   concept_means=arrays["concept_means"], word_logit_means=arrays["word_logit_means"],
+                   words_per_image=int(meta["words_per_image"]), min_word_score=float(meta["min_word_score"]),
+                   config=meta.get("config", {}))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -36,3 +36,19 @@ def assign_splits(groups: Iterable[str], fractions: Mapping[str, float], seed: i
             out[group] = name
         start = end
     return out
+
+
+def training_query_subset(query_ids: Sequence[str], fraction: float, seed: int) -> list[str]:
+    """The seeded share of training queries a run at `fraction` uses: the ids (in the given
+    order, e.g. the queries table's) shuffled by `seed`, the first round(fraction * n) (at
+    least one) kept. Nested by construction: for one seed the 25% queries are inside the
+    50% ones, inside 100%. The alignment's click text and the matcher's training pairs both
+    come from this one function, so at 50% both see the same queries."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    query_ids = list(query_ids)
+    if not query_ids:
+        return []
+    order = np.random.default_rng(seed).permutation(len(query_ids))
+    keep_n = max(1, int(round(fraction * len(query_ids))))
+    return [query_ids[i] for i in sorted(order[:keep_n])]

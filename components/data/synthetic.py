@@ -24,10 +24,10 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter
 from components.config import DataConfig
 from components.data.format import IMAGES_DIR, SPLITS, Dataset
 from components.data.splits import assign_splits
+from components.data.truth import TRUTH_FILE, load_synthetic_truth  # noqa: F401 (re-export)
 
 log = logging.getLogger(__name__)
 
-TRUTH_FILE = "synthetic_truth.json"
 
 # Rendering is supersampled then downscaled, which antialiases the edges.
 _SUPERSAMPLE = 2
@@ -476,11 +476,3 @@ def _stats(ads: pd.DataFrame, queries: pd.DataFrame, qrels: pd.DataFrame, truth_
         "positive_qrels": int(len(qrels)),
         "image_only_share": round(image_only / max(1, len(qrels)), 3),
     }
-
-
-def load_synthetic_truth(root: Path) -> dict:
-    """The planted truth of a synthetic dataset directory (see `build_synthetic`)."""
-    path = Path(root) / TRUTH_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no synthetic truth file; is {root} a dataset built with source=synthetic?")
-    return json.loads(path.read_text())

@@ -22,11 +22,11 @@ import numpy as np
 import pandas as pd
 
 from components.data.format import Dataset, read_dataset
-from components.evaluate.config import ABLATIONS, BASE_SYSTEMS, BenchmarkConfig
+from components.evaluate.config import BenchmarkConfig
+from components.systems import ABLATIONS, SYSTEMS, TRAINED_SYSTEMS, UNTRAINED_SYSTEMS, WORD_SYSTEMS
 
 log = logging.getLogger(__name__)
 
-UNTRAINED = ("lexical", "text_zero_shot")
 REPORT_METRICS = ("ndcg@10", "recall@10", "mrr@10", "auc")
 
 
@@ -37,6 +37,7 @@ class BenchmarkResult:
     seconds: float
     paths: dict[str, Path] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    details: dict = field(default_factory=dict)  # (system, fraction, seed) -> RunDetail on the eval split
 
 
 def _rows(records: list[dict], **keys) -> list[dict]:
@@ -58,20 +59,49 @@ def random_words(words: dict[str, list[tuple[str, float]]], vocabulary: list[str
     return out
 
 
+def shuffled_logits(word_logits, seed: int):
+    """The control's evidence: the ads' logit rows permuted among the ads (same values, no
+    link to each ad's image)."""
+    from components.align.stage import WordLogits
+
+    order = np.random.default_rng(seed).permutation(len(word_logits.ad_ids))
+    return WordLogits(word_logits.ad_ids, word_logits.words, word_logits.logits[order], word_logits.means)
+
+
+@dataclass
+class AdWords:
+    """What one alignment gives the matcher: words per ad and the per-word logits."""
+
+    words: dict[str, list[tuple[str, float]]]
+    logits: object  # components.align.stage.WordLogits
+    vocabulary: list[str]
+    counts: list[int]
+
+
 def run_benchmark(cfg: BenchmarkConfig, *, dataset_dir: Path, out_dir: Path, cache_dir: Path,
                   parts_cfg, align_cfg, match_cfg, quick: bool = False,
                   on_row: Callable[[dict], None] | None = None) -> BenchmarkResult:
-    """Train and evaluate every configured system; write the reports under `out_dir`."""
-    from components.align.config import AlignConfig
+    """Train and evaluate every configured system; write the reports under `out_dir`.
+
+    Per seed and training fraction the alignment is trained by the align stage on the
+    ad-level text of that fraction (the same training queries the matchers see) with
+    cross-fitted words for training ads; every trained matcher gets the same learning-rate
+    search (seed 0 of the list, full data; its winner is reused as that run), budget and
+    splits; late_fusion fuses the text_only of its own fraction and seed.
+    """
     from components.align.model import AlignmentModel
-    from components.align.stage import training_texts
-    from components.align.train import train_alignment
+    from components.align.stage import (
+        LOGITS_FILE,
+        WORDS_FILE,
+        load_word_logits,
+        load_words,
+        run_align,
+    )
     from components.evaluate.metrics import ScoreMatrix
+    from components.evaluate.significance import run_detail
     from components.evaluate.subsets import evaluate_scores
-    from components.match.config import MatchConfig
     from components.match.data import match_data
-    from components.match.systems import select_learning_rate, train_system
-    from components.text.encoder import TextEncoder
+    from components.match.systems import load_scorer, select_learning_rate, train_system
     from components.vision.cache import extract_parts_cached
 
     started = time.perf_counter()
@@ -80,16 +110,15 @@ def run_benchmark(cfg: BenchmarkConfig, *, dataset_dir: Path, out_dir: Path, cac
     if work_dir.exists():
         shutil.rmtree(work_dir)
     work_dir.mkdir(parents=True)
-    align_cfg: AlignConfig = align_cfg
-    match_cfg: MatchConfig = match_cfg
     if quick:
-        cfg = cfg.model_copy(update={"seeds": cfg.seeds[:1], "fractions": sorted({0.5, 1.0} & set(cfg.fractions)) or [1.0]})
+        cfg = cfg.model_copy(update={"seeds": cfg.seeds[:1], "fractions": sorted({0.5, 1.0} & set(cfg.fractions)) or [1.0],
+                                     "bootstrap_samples": 200})
         match_cfg = match_cfg.model_copy(update={"max_steps": cfg.quick_max_steps,
                                                  "eval_every": max(1, cfg.quick_max_steps // 2),
                                                  "lr_grid": match_cfg.lr_grid[len(match_cfg.lr_grid) // 2:][:1]})
-        align_cfg = align_cfg.model_copy(update={"epochs": cfg.quick_align_epochs})
     timings: dict[str, float] = {}
     rows: list[dict] = []
+    details: dict[tuple[str, float, int], object] = {}
 
     def add(new_rows: list[dict]) -> None:
         rows.extend(new_rows)
@@ -99,6 +128,7 @@ def run_benchmark(cfg: BenchmarkConfig, *, dataset_dir: Path, out_dir: Path, cac
 
     dataset = read_dataset(dataset_dir)
     splits = {name: dataset.split(name) for name in ("train", "valid", cfg.eval_split)}
+    full = max(cfg.fractions)
 
     # 1. visual parts of every ad, once (cached on disk by image content + config)
     t = time.perf_counter()
@@ -107,107 +137,122 @@ def run_benchmark(cfg: BenchmarkConfig, *, dataset_dir: Path, out_dir: Path, cac
     split_features = {name: features.take(dataset.ad_rows(split)) for name, split in splits.items()}
     timings["features_seconds"] = time.perf_counter() - t
 
-    # 2. label-free alignment per seed (and per ablated loss), then words for every ad
+    # 2. the alignment per (variant, fraction, seed), through the align stage
     t = time.perf_counter()
-    encoder = TextEncoder(cache_dir=cache_dir / "text")
-    texts = training_texts(dataset)
+    wants_words = any(s in WORD_SYSTEMS for s in cfg.systems) or bool(cfg.ablations)
     variants = {"ours": {}}
-    if "ours_no_structure" in cfg.ablations:
-        variants["ours_no_structure"] = {"structure_loss": False}
-    if "ours_no_mil" in cfg.ablations:
-        variants["ours_no_mil"] = {"mil_loss": False}
-    words: dict[tuple[str, int], dict[str, list]] = {}
-    align_models: dict[int, AlignmentModel] = {}
-    all_ad_ids = dataset.ads["ad_id"].astype(str).tolist()
-    for seed in cfg.seeds:
+    if "ours_titles_only" in cfg.ablations:
+        variants["ours_titles_only"] = {"click_text": False}
+    if "ours_in_sample" in cfg.ablations:
+        variants["ours_in_sample"] = {"folds": 0}
+    alignments: dict[tuple[str, float, int], AdWords] = {}
+    for seed in cfg.seeds if wants_words else []:
         for variant, update in variants.items():
-            result = train_alignment(align_cfg.model_copy(update={"seed": seed, **update}), texts=texts,
-                                     parts=split_features["train"], encoder=encoder,
-                                     out_dir=work_dir / "align" / f"{variant}-seed{seed}")
-            model = AlignmentModel.load(result.model_dir)
-            translated = model.translate(features)
-            words[(variant, seed)] = dict(zip(all_ad_ids, translated, strict=True))
-            add(_alignment_rows(model, variant, seed, dataset, features, words[(variant, seed)],
-                                cfg.eval_split))
-            if variant == "ours":
-                align_models[seed] = model
+            for fraction in cfg.fractions if variant == "ours" else [full]:
+                align_dir = work_dir / "align" / f"{variant}-f{fraction:g}-seed{seed}"
+                result = run_align(align_cfg.model_copy(update={"seed": seed, **update}), dataset_dir=dataset_dir,
+                                   features=features, out_dir=align_dir, cache_dir=cache_dir, gallery_size=0,
+                                   fraction=fraction, query_seed=seed, metrics_split=cfg.eval_split)
+                model = AlignmentModel.load(result.model_dir)
+                alignments[(variant, fraction, seed)] = AdWords(
+                    load_words(align_dir / WORDS_FILE), load_word_logits(align_dir / LOGITS_FILE),
+                    list(model.words), list(model.word_counts))
+                add([{"system": variant, "fraction": fraction, "seed": seed, "subset": "all", "metric": k,
+                      "value": float(v)} for k, v in result.metrics.items()
+                     if k.startswith(("visual_word_", "alignment_precision"))])
         if "ours_random_words" in cfg.ablations:
-            model = align_models[seed]
-            words[("ours_random_words", seed)] = random_words(words[("ours", seed)], list(model.words),
-                                                              list(model.word_counts), seed)
+            base = alignments[("ours", full, seed)]
+            alignments[("ours_random_words", full, seed)] = AdWords(
+                random_words(base.words, base.vocabulary, base.counts, seed), shuffled_logits(base.logits, seed),
+                base.vocabulary, base.counts)
     timings["align_seconds"] = time.perf_counter() - t
 
-    def data_for(variant: str, seed: int):
-        ad_words = words.get((variant, seed)) if variant.startswith("ours") else None
-        return {name: match_data(split, words=ad_words, features=split_features[name])
+    def data_for(system: str, fraction: float, seed: int):
+        ad_words = None
+        if system in WORD_SYSTEMS or system.startswith("ours"):
+            variant = system if system in variants or system == "ours_random_words" else "ours"
+            ad_words = alignments[(variant, fraction if variant == "ours" else full, seed)]
+        return {name: match_data(split, words=None if ad_words is None else ad_words.words,
+                                 features=split_features[name],
+                                 word_logits=None if ad_words is None else ad_words.logits)
                 for name, split in splits.items()}
 
-    # 3. the same learning-rate search for every trained system (seed 0 of the list, all data)
+    # 3. the same learning-rate search for every trained system (seed 0 of the list, all data);
+    #    the winning run is that system's (full, seeds[0]) run
     t = time.perf_counter()
-    trained = [s for s in cfg.systems if s not in UNTRAINED + ("late_fusion",)]
+    trained = [s for s in cfg.systems if s in TRAINED_SYSTEMS]
     if cfg.ablations and "ours" not in trained:
         trained.append("ours")  # ablations of ours train at ours' learning rate
     learning_rates: dict[str, float] = {}
+    reuse: dict[tuple[str, float, int], Path] = {}
     for system in trained:
         if match_cfg.lr is not None:
             learning_rates[system] = match_cfg.lr
             continue
-        data = data_for(system, cfg.seeds[0])
-        lr_cfg = match_cfg.model_copy(update={"seed": cfg.seeds[0], "train_fraction": 1.0})
-        best, values = select_learning_rate(system, lr_cfg, data["train"], data["valid"],
-                                            work_dir / "lr" / system)
+        data = data_for(system, full, cfg.seeds[0])
+        lr_cfg = match_cfg.model_copy(update={"seed": cfg.seeds[0], "train_fraction": full})
+        search_dir = work_dir / "lr" / system
+        best, values = select_learning_rate(system, lr_cfg, data["train"], data["valid"], search_dir)
         learning_rates[system] = best
+        reuse[(system, full, cfg.seeds[0])] = search_dir / f"lr-{best:g}" / "scorer"
         log.info("learning rate of %s: %g (valid ndcg@10 %s)", system, best, values)
     timings["lr_search_seconds"] = time.perf_counter() - t
 
-    # 4. every system x fraction x seed (+ ablations at the full data), scored on eval_split
+    # 4. every system x fraction x seed (+ ablations at the full data), scored on eval_split;
+    #    text_only before late_fusion, which fuses it
     t = time.perf_counter()
-    runs = [(s, f, seed) for seed in cfg.seeds for f in cfg.fractions for s in cfg.systems]
-    runs += [(a, 1.0, seed) for seed in cfg.seeds for a in cfg.ablations]
+    order = sorted(cfg.systems, key=lambda s: (s == "late_fusion", SYSTEMS.index(s)))
+    if "late_fusion" in order and "text_only" not in order:
+        order.insert(0, "text_only")
+    runs = [(s, f, seed) for seed in cfg.seeds for f in cfg.fractions for s in order]
+    runs += [(a, full, seed) for seed in cfg.seeds for a in cfg.ablations]
+    text_scorers: dict[tuple[float, int], object] = {}
     for system, fraction, seed in runs:
-        if system in UNTRAINED and fraction != max(cfg.fractions):
+        if system in UNTRAINED_SYSTEMS and fraction != full:
             continue  # no training data involved: evaluated once per seed
         base = "ours" if system.startswith("ours") else system
-        data = data_for(system, seed)
-        run_cfg = match_cfg.model_copy(update={"seed": seed, "train_fraction": fraction,
-                                               "lr": learning_rates.get(base, learning_rates.get("ours"))})
+        data = data_for(system, fraction, seed)
+        update = {"seed": seed, "train_fraction": fraction, "lr": learning_rates.get(base, learning_rates.get("ours"))}
+        if system == "ours_no_channel":
+            update["word_channel"] = False
+        run_cfg = match_cfg.model_copy(update=update)
         run_started = time.perf_counter()
-        scorer = train_system(base, run_cfg, data["train"], data["valid"],
-                              work_dir / "runs" / f"{system}-f{fraction:g}-seed{seed}")
+        if (system, fraction, seed) in reuse:
+            scorer = load_scorer(reuse[(system, fraction, seed)], match_cfg.device)
+        else:
+            scorer = train_system(base, run_cfg, data["train"], data["valid"],
+                                  work_dir / "runs" / f"{system}-f{fraction:g}-seed{seed}",
+                                  text_scorer=text_scorers.get((fraction, seed)))
+        if system == "text_only":
+            text_scorers[(fraction, seed)] = scorer
         test = data[cfg.eval_split]
-        scores = scorer.score(test.queries, test.ads)
-        matrix = ScoreMatrix(test.queries.query_ids, test.ads.ad_ids, scores)
+        matrix = ScoreMatrix(test.queries.query_ids, test.ads.ad_ids, scorer.score(test.queries, test.ads))
         records = evaluate_scores(splits[cfg.eval_split], matrix, seed)
+        detail = run_detail(splits[cfg.eval_split], matrix, seed)
+        info = getattr(scorer, "info", {}) or {}
+        if "word_channel_weight" in info:
+            records.append({"subset": "all", "metric": "word_channel_weight", "value": info["word_channel_weight"]})
         # Untrained systems use no training data: their numbers stand for every fraction.
-        for row_fraction in (cfg.fractions if system in UNTRAINED else [fraction]):
+        for row_fraction in (cfg.fractions if system in UNTRAINED_SYSTEMS else [fraction]):
             add(_rows(records, system=system, fraction=row_fraction, seed=seed))
+            details[(system, row_fraction, seed)] = detail
         log.info("%s fraction=%g seed=%d: %.1f s", system, fraction, seed, time.perf_counter() - run_started)
     timings["train_eval_seconds"] = time.perf_counter() - t
 
     seconds = time.perf_counter() - started
     timings["total_seconds"] = seconds
-    result = BenchmarkResult(out_dir=out_dir, rows=rows, seconds=seconds, timings=timings)
-    result.paths = write_reports(result, cfg, dataset=dataset, learning_rates=learning_rates,
-                                 gallery=_gallery_items(dataset, splits[cfg.eval_split],
-                                                        words.get(("ours", cfg.seeds[0]), {}), cfg.gallery_size),
+    result = BenchmarkResult(out_dir=out_dir, rows=rows, seconds=seconds, timings=timings, details=details)
+    gallery = []
+    if cfg.gallery_size and ("ours", full, cfg.seeds[0]) in alignments:
+        from components.align.stage import gallery_items, load_visual_words
+
+        align_dir = work_dir / "align" / f"ours-f{full:g}-seed{cfg.seeds[0]}"
+        gallery = gallery_items(dataset, cfg.eval_split, load_visual_words(align_dir / WORDS_FILE), features,
+                                cfg.gallery_size)
+    result.paths = write_reports(result, cfg, dataset=dataset, learning_rates=learning_rates, gallery=gallery,
                                  quick=quick)
     shutil.rmtree(work_dir, ignore_errors=True)  # trained weights are not the product here
     return result
-
-
-def _alignment_rows(model, variant: str, seed: int, dataset: Dataset, features, ad_words: dict,
-                    split_name: str) -> list[dict]:
-    from components.align.stage import alignment_metrics
-
-    metrics = alignment_metrics(model, dataset, features, ad_words, split_name)
-    return [{"system": variant, "fraction": 1.0, "seed": seed, "subset": "all", "metric": k, "value": v}
-            for k, v in metrics.items()]
-
-
-def _gallery_items(dataset: Dataset, split: Dataset, ad_words: dict, size: int) -> list:
-    ads = split.ads.head(size)
-    return [(dataset.image_file(row.image_path), str(row.title), ad_words.get(row.ad_id, []))
-            for row in ads.itertuples()]
 
 
 def summarise(rows: list[dict]) -> pd.DataFrame:
@@ -217,52 +262,80 @@ def summarise(rows: list[dict]) -> pd.DataFrame:
     return grouped.agg(["mean", "std", "count"]).reset_index()
 
 
-def check_claims(summary: pd.DataFrame) -> list[dict]:
-    """The paper's claims (and this project's targets) as checks on the summary."""
+def check_claims(summary: pd.DataFrame, details: dict | None = None, cfg: BenchmarkConfig | None = None) -> list[dict]:
+    """The paper's claims (and this project's targets) as checks on the summary.
+
+    A "beats by >= margin" or "at least" claim holds when the mean over seeds meets the margin
+    AND the paired bootstrap over test queries (seeds pooled, `significance.paired_test`)
+    gives a one-sided p < `claim_alpha`. A "not worse" claim holds when the 95% interval
+    of the delta stays above -`non_inferiority_margin`. Each check carries delta, interval, p.
+    """
+    from components.evaluate.significance import paired_test
+
+    cfg = cfg or BenchmarkConfig()
+    details = details or {}
+
     def value(system: str, subset: str, metric: str, fraction: float = 1.0) -> float | None:
         hit = summary[(summary.system == system) & (summary.subset == subset)
                       & (summary.metric == metric) & np.isclose(summary.fraction, fraction)]
         return None if hit.empty else float(hit["mean"].iloc[0])
 
+    def test(left: str, right: str, subset: str, metric: str, left_fraction: float, right_fraction: float) -> dict:
+        seeds = sorted({k[2] for k in details if k[0] == left and np.isclose(k[1], left_fraction)}
+                       & {k[2] for k in details if k[0] == right and np.isclose(k[1], right_fraction)})
+        if not seeds:
+            return {}
+        return paired_test([details[(left, left_fraction, s)] for s in seeds],
+                           [details[(right, right_fraction, s)] for s in seeds], subset, metric,
+                           samples=cfg.bootstrap_samples, seed=0)
+
     checks = []
 
-    def check(claim: str, left: float | None, right: float | None, margin: float = 0.0, *,
-              at_least: bool = True) -> None:
-        if left is None or right is None:
+    def check(claim: str, left: str, right: str, subset: str, metric: str, margin: float = 0.0, *,
+              kind: str = "beats", left_fraction: float = 1.0, right_fraction: float = 1.0) -> None:
+        lv, rv = value(left, subset, metric, left_fraction), value(right, subset, metric, right_fraction)
+        if lv is None or rv is None:
             return
-        ok = left - right >= margin if at_least else left - right >= -margin
-        checks.append({"claim": claim, "ours": round(left, 4), "other": round(right, 4),
-                       "delta": round(left - right, 4), "passed": bool(ok)})
+        stats = test(left, right, subset, metric, left_fraction, right_fraction)
+        delta = lv - rv
+        if kind == "not_worse":
+            ok = bool(stats) and stats["low"] >= -cfg.non_inferiority_margin
+        else:
+            ok = delta >= margin and bool(stats) and stats["p"] < cfg.claim_alpha
+        checks.append({"claim": claim, "ours": round(lv, 4), "other": round(rv, 4), "delta": round(delta, 4),
+                       "low": round(stats.get("low", float("nan")), 4), "high": round(stats.get("high", float("nan")), 4),
+                       "p": round(stats.get("p", float("nan")), 4), "passed": bool(ok)})
 
     for other in ("implicit_fusion", "late_fusion", "text_only"):
-        for metric in ("auc", "ndcg@10"):
-            check(f"ours beats {other} on image-only {metric} by >= 0.026",
-                  value("ours", "image_only", metric), value(other, "image_only", metric), 0.026)
-    check("ours not worse than text_only on title-overlap auc",
-          value("ours", "title_overlap", "auc"), value("text_only", "title_overlap", "auc"))
+        for metric in ("ndcg@10", "auc"):
+            check(f"ours beats {other} on image-only {metric} by >= 0.026", "ours", other, "image_only",
+                  metric, 0.026)
+    for metric in ("ndcg@10", "auc"):
+        check(f"ours not worse than text_only on title-overlap {metric}", "ours", "text_only", "title_overlap",
+              metric, kind="not_worse")
     for other in ("implicit_fusion", "late_fusion"):
-        check(f"ours at 50% data >= {other} at 100% (ndcg@10)",
-              value("ours", "all", "ndcg@10", 0.5), value(other, "all", "ndcg@10", 1.0))
-    check("implicit_fusion not below late_fusion (ndcg@10)",
-          value("implicit_fusion", "all", "ndcg@10"), value("late_fusion", "all", "ndcg@10"))
+        check(f"ours at 50% data >= {other} at 100% (ndcg@10)", "ours", other, "all", "ndcg@10",
+              left_fraction=0.5, right_fraction=1.0)
+    check("implicit_fusion_words beats implicit_fusion (recall@10)", "implicit_fusion_words", "implicit_fusion",
+          "all", "recall@10")
+    check("implicit_fusion_words beats implicit_fusion (ndcg@10)", "implicit_fusion_words", "implicit_fusion",
+          "all", "ndcg@10")
+    check("implicit_fusion not below late_fusion (ndcg@10)", "implicit_fusion", "late_fusion", "all", "ndcg@10",
+          kind="not_worse")
     for ablation in ABLATIONS:
-        check(f"ablation {ablation} costs quality (ours - ablation, ndcg@10)",
-              value("ours", "all", "ndcg@10"), value(ablation, "all", "ndcg@10"), 1e-9)
+        check(f"ablation {ablation} costs quality (ours - ablation, ndcg@10)", "ours", ablation, "all", "ndcg@10")
     return checks
 
 
 def write_reports(result: BenchmarkResult, cfg: BenchmarkConfig, *, dataset: Dataset,
                   learning_rates: dict[str, float], gallery: list, quick: bool) -> dict[str, Path]:
-    from components.evaluate.plots import (
-        plot_alignment_gallery,
-        plot_data_efficiency,
-        plot_subset_bars,
-    )
+    from components.align.gallery import plot_alignment_gallery
+    from components.evaluate.plots import plot_data_efficiency, plot_subset_bars
 
     out_dir = result.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarise(result.rows)
-    checks = check_claims(summary)
+    checks = check_claims(summary, result.details, cfg)
     paths = {"json": out_dir / "benchmark.json", "markdown": out_dir / "benchmark.md"}
     payload = {
         "dataset": str(dataset.root), "config": cfg.model_dump(), "quick": quick,
@@ -292,15 +365,15 @@ def _cell(summary: pd.DataFrame, system: str, fraction: float, subset: str, metr
 
 def render_markdown(summary: pd.DataFrame, checks: list[dict], payload: dict) -> str:
     columns = [("all", "ndcg@10"), ("all", "recall@10"), ("all", "mrr@10"), ("all", "auc"),
-               ("image_only", "ndcg@10"), ("image_only", "auc"), ("title_overlap", "ndcg@10"),
-               ("title_overlap", "auc")]
+               ("image_only", "ndcg@10"), ("image_only", "recall@10"), ("image_only", "auc"),
+               ("title_overlap", "ndcg@10"), ("title_overlap", "auc")]
     lines = [f"# Benchmark on `{payload['dataset']}`", "",
              f"Mean ± std over seeds {payload['config']['seeds']}, evaluation split "
              f"`{payload['config']['eval_split']}`{' (quick configuration)' if payload['quick'] else ''}. "
              f"Total time {payload['timings'].get('total_seconds', 0):.0f} s.", "",
              "| system | fraction | " + " | ".join(f"{m} {s}" for s, m in columns) + " |",
              "|---|---|" + "---|" * len(columns)]
-    order = {name: i for i, name in enumerate(BASE_SYSTEMS + ABLATIONS)}
+    order = {name: i for i, name in enumerate(SYSTEMS + ABLATIONS)}
     keys = summary[["system", "fraction"]].drop_duplicates()
     keys = keys[summary.groupby(["system", "fraction"])["metric"].transform("size").loc[keys.index] > 0]
     for system, fraction in sorted(keys.itertuples(index=False), key=lambda k: (order.get(k[0], 99), k[1])):
@@ -308,17 +381,31 @@ def render_markdown(summary: pd.DataFrame, checks: list[dict], payload: dict) ->
         if all(c == "–" for c in cells):
             continue
         lines.append(f"| {system} | {fraction:g} | " + " | ".join(cells) + " |")
-    align = summary[summary.metric.isin(["alignment_precision@1", "visual_word_precision"])]
+    word_metrics = ["visual_word_precision", "visual_word_precision_not_in_title", "visual_word_constant_precision",
+                    "visual_word_lift", "visual_word_coverage", "visual_word_mean_words", "alignment_precision@1"]
+    align = summary[summary.metric.isin(word_metrics)]
     if not align.empty:
-        lines += ["", "## Alignment (label-free)", "", "| variant | metric | value |", "|---|---|---|"]
-        for row in align.itertuples():
-            std = f" ± {row.std:.3f}" if pd.notna(row.std) else ""
-            lines.append(f"| {row.system} | {row.metric} | {row.mean:.3f}{std} |")
+        present = [m for m in word_metrics if m in set(align.metric)]
+        lines += ["", "## Visual words (held-out tags of the evaluation split's ads)", "",
+                  "| variant | fraction | " + " | ".join(m.removeprefix("visual_word_") for m in present) + " |",
+                  "|---|---|" + "---|" * len(present)]
+        for (system, fraction), group in align.groupby(["system", "fraction"], sort=False):
+            cells = []
+            for m in present:
+                hit = group[group.metric == m]
+                cells.append("–" if hit.empty else f"{hit['mean'].iloc[0]:.3f}"
+                             + (f" ± {hit['std'].iloc[0]:.3f}" if pd.notna(hit['std'].iloc[0]) else ""))
+            lines.append(f"| {system} | {fraction:g} | " + " | ".join(cells) + " |")
     if checks:
-        lines += ["", "## Claims", "", "| claim | ours | other | delta | passed |", "|---|---|---|---|---|"]
+        lines += ["", "## Claims", "",
+                  "Paired bootstrap over test queries, seeds pooled; p one-sided (left > right). "
+                  "'beats'/'at least' claims need the margin on the mean and p < "
+                  f"{payload['config']['claim_alpha']}; 'not worse' needs the interval above "
+                  f"-{payload['config']['non_inferiority_margin']}.", "",
+                  "| claim | left | right | delta | 95% interval | p | passed |", "|---|---|---|---|---|---|---|"]
         for c in checks:
             lines.append(f"| {c['claim']} | {c['ours']:.4f} | {c['other']:.4f} | {c['delta']:+.4f} | "
-                         f"{'yes' if c['passed'] else 'NO'} |")
+                         f"[{c['low']:+.4f}, {c['high']:+.4f}] | {c['p']:.4f} | {'yes' if c['passed'] else 'NO'} |")
     lines += ["", "## Settings", "", f"- learning rates (valid ndcg@10 search): {payload['learning_rates']}",
               f"- timings (s): {payload['timings']}", "",
               "Plots: `data_efficiency.png`, `subsets_auc.png`, `subsets_ndcg.png`, `alignment_gallery.png`.", ""]

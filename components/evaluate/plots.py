@@ -8,24 +8,20 @@ from __future__ import annotations
 
 import logging
 import math
-import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from PIL import Image
 
 from components.evaluate.subsets import SUBSETS
+from components.figures import new_figure as _new_figure
+from components.figures import save_figure as _save
 
 logger = logging.getLogger(__name__)
 
 METRIC_ORDER: tuple[str, ...] = ("ndcg@10", "recall@10", "mrr@10", "auc")
 SUBSET_LABELS = {"all": "all queries / pairs", "image_only": "image-only", "title_overlap": "title-overlap"}
-DPI = 120
-MAX_GALLERY_ITEMS = 16
 
 
 def _frame(rows: Iterable[Mapping] | pd.DataFrame, required: Sequence[str]) -> pd.DataFrame:
@@ -35,20 +31,6 @@ def _frame(rows: Iterable[Mapping] | pd.DataFrame, required: Sequence[str]) -> p
         raise ValueError(f"rows lack column(s) {missing}; expected records with {list(required)}")
     frame["value"] = frame["value"].astype(float)
     return frame
-
-
-def _new_figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Figure, out_path: Path) -> Path:
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, format="png", dpi=DPI, facecolor="white")
-    logger.info("wrote %s", out_path)
-    return out_path
 
 
 def _ordered(values: Iterable[str], order: Sequence[str]) -> list[str]:
@@ -146,53 +128,4 @@ def plot_subset_bars(rows: Iterable[Mapping] | pd.DataFrame, out_path: Path, met
     ax.legend(title="subset", fontsize=9, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title(f"{metric} by subset (mean ± std over {seeds} seed{'s' if seeds != 1 else ''}{note})",
                  fontsize=12)
-    return _save(fig, out_path)
-
-
-def _shorten(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _load_image(image_path: Path | str) -> np.ndarray | None:
-    try:
-        with Image.open(image_path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (OSError, ValueError) as exc:
-        logger.warning("gallery: cannot read %s (%s)", image_path, exc)
-        return None
-
-
-def plot_alignment_gallery(items: Sequence[tuple[Path | str, str, Sequence[tuple[str, float]]]],
-                           out_path: Path, *, title: str = "Ad images and their aligned words",
-                           max_words: int = 6) -> Path:
-    """A grid of ad images, each with its title above and its aligned words (with scores)
-    below. `items`: (image_path, title, [(word, score), ...]); at most 16 are drawn."""
-    if not items:
-        raise ValueError("no items to draw")
-    if len(items) > MAX_GALLERY_ITEMS:
-        logger.info("gallery: drawing the first %d of %d items", MAX_GALLERY_ITEMS, len(items))
-        items = list(items)[:MAX_GALLERY_ITEMS]
-    ncols = min(4, len(items))
-    nrows = math.ceil(len(items) / ncols)
-    fig = _new_figure(max(3.6 * ncols, 6.5), 4.5 * nrows + 0.7)
-    # Each ad gets an image cell and a text cell below it.
-    grid = fig.add_gridspec(2 * nrows, ncols, height_ratios=[3.3, 1.2] * nrows)
-    for i, (image_path, ad_title, words) in enumerate(items):
-        row, col = divmod(i, ncols)
-        ax_image = fig.add_subplot(grid[2 * row, col])
-        pixels = _load_image(image_path)
-        if pixels is None:
-            ax_image.text(0.5, 0.5, "image not readable", ha="center", va="center", fontsize=10, color="gray")
-        else:
-            ax_image.imshow(pixels)
-        ax_image.set_xticks([])
-        ax_image.set_yticks([])
-        wrapped = textwrap.fill(str(ad_title) or "(no title)", width=30, max_lines=2, placeholder=" …")
-        ax_image.set_title(wrapped, fontsize=10.5, fontweight="bold")
-        ax_text = fig.add_subplot(grid[2 * row + 1, col])
-        ax_text.axis("off")
-        lines = [f"{_shorten(str(word), 16):<16} {float(score):5.2f}" for word, score in list(words)[:max_words]]
-        ax_text.text(0.5, 1.0, "\n".join(lines) if lines else "(no aligned words)", ha="center", va="top",
-                     fontsize=10, family="monospace", transform=ax_text.transAxes)
-    fig.suptitle(f"{title}\n(word and alignment score below each image)", fontsize=13)
     return _save(fig, out_path)

@@ -27,7 +27,7 @@ class EvaluateResult:
     plot_paths: dict[str, Path] = field(default_factory=dict)
 
 
-def run_evaluate(*, dataset_dir: Path, scorer_dir: Path, out_dir: Path, features=None, words=None,
+def run_evaluate(*, dataset_dir: Path, scorer_dir: Path, out_dir: Path, features=None, words=None, word_logits=None,
                  splits: tuple[str, ...] = ("valid", "test"), seed: int = 0,
                  references: tuple[str, ...] = REFERENCE_SYSTEMS, match_cfg=None) -> EvaluateResult:
     """Metrics of the trained scorer in `scorer_dir` and of the reference systems.
@@ -52,7 +52,7 @@ def run_evaluate(*, dataset_dir: Path, scorer_dir: Path, out_dir: Path, features
     metrics: dict[str, dict] = {}
     rows = []
     for split_name in splits:
-        data = split_data(dataset, split_name, features=features, words=words)
+        data = split_data(dataset, split_name, features=features, words=words, word_logits=word_logits)
         for name, system in systems.items():
             matrix = ScoreMatrix(data.queries.query_ids, data.ads.ad_ids, system.score(data.queries, data.ads))
             records = evaluate_scores(dataset.split(split_name), matrix, seed)

@@ -40,8 +40,16 @@ class MatchConfig(BaseModel):
     max_ad_len: int = Field(48, ge=4)
     device: str = Field("auto", description="auto | cpu | cuda")
 
-    # Ad text for `ours`.
-    words_per_ad: int = Field(5, ge=0, description="m: aligned words appended to the title")
+    # How `ours` (and `implicit_fusion_words`) read the aligned words.
+    words_per_ad: int = Field(5, ge=0, description="m: aligned words appended to the title, most confident first")
+    word_min_score: float = Field(0.0, ge=0, le=1, description="words below this probability stay out of the text")
+    words_skip_title: bool = Field(False, description="leave out words whose stem is already in the title")
+    word_dropout: float = Field(0.3, ge=0, lt=1, description="word-field dropout: a training ad's text is its "
+                                "title alone with this probability")
+    word_channel: bool = Field(True, description="ours scores query words against the ad's per-word visual "
+                               "evidence too, with a learned weight (components/match/words.py)")
+    word_channel_init: float = Field(0.05, gt=0, description="initial weight of the word channel")
+    word_channel_lr: float = Field(0.01, gt=0, description="learning rate of the channel's weight (one scalar)")
 
     # implicit_fusion head.
     fusion: Literal["residual", "concat"] = Field(

@@ -35,18 +35,28 @@ def _word(item: str | tuple[str, float]) -> str:
     return item if isinstance(item, str) else str(item[0])
 
 
-def ad_text(title: str, words: Words | None = None, max_words: int | None = None) -> str:
-    """The matcher's text of one ad: "title [SEP] w1 w2 ...".
+def ad_text(title: str, words: Words | None = None, max_words: int | None = None, *,
+            min_score: float = 0.0, skip_title_words: bool = False) -> str:
+    """The matcher's text of one ad: "title [SEP] w1 w2 ...", the words their own marked
+    segment, most confident first.
 
     Only the title when there are no words, only the words when the title is empty; words
-    keep their order (best first), duplicates dropped, at most `max_words` of them.
+    keep their order (best first), duplicates dropped, those scored below `min_score` and
+    (with `skip_title_words`) those whose stem is already in the title left out, at most
+    `max_words` of them.
     """
+    from components.text.stems import word_stem
+    from components.text.vocabulary import tokenize
+
     title = normalize_text(title)
+    title_stems = {word_stem(t) for t in tokenize(title)} if skip_title_words else set()
     kept: list[str] = []
     for item in words or ():
         word = normalize_text(_word(item))
-        if word and word not in kept:
-            kept.append(word)
+        score = 1.0 if isinstance(item, str) else float(item[1])
+        if not word or word in kept or score < min_score or word_stem(word) in title_stems:
+            continue
+        kept.append(word)
     if max_words is not None:
         kept = kept[:max_words]
     if not kept:
@@ -79,7 +89,9 @@ class AdSide:
 
     - `words[i]`: visual words of ad i from the alignment ((word, score), best first);
     - `pooled` (N,1280), `parts` (N,P,1280), `parts_mask` (N,P) bool: image features
-      (`components.vision.parts.PartsFeatures` rows in ad order).
+      (`components.vision.parts.PartsFeatures` rows in ad order);
+    - `evidence` (N,V) float32 with `evidence_words` (V): the alignment's centred per-word
+      logits, what the word channel reads (`components.match.words`).
     """
 
     ad_ids: list[str]
@@ -88,6 +100,8 @@ class AdSide:
     pooled: np.ndarray | None = None
     parts: np.ndarray | None = None
     parts_mask: np.ndarray | None = None
+    evidence: np.ndarray | None = None
+    evidence_words: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.ad_ids = [str(a) for a in self.ad_ids]
@@ -113,6 +127,11 @@ class AdSide:
             self.parts_mask = np.asarray(self.parts_mask, dtype=bool)
             if self.parts_mask.shape != self.parts.shape[:2]:
                 raise ValueError(f"parts_mask {self.parts_mask.shape} does not match parts {self.parts.shape}")
+        if self.evidence is not None:
+            self.evidence = np.asarray(self.evidence, dtype=np.float32)
+            if self.evidence_words is None or self.evidence.shape != (n, len(self.evidence_words)):
+                raise ValueError(f"evidence {self.evidence.shape} needs (ads, len(evidence_words)) = "
+                                 f"({n}, {None if self.evidence_words is None else len(self.evidence_words)})")
 
     def __len__(self) -> int:
         return len(self.ad_ids)
@@ -121,18 +140,21 @@ class AdSide:
     def has_images(self) -> bool:
         return self.pooled is not None and self.parts is not None
 
-    def texts(self, use_words: bool, max_words: int | None = None) -> list[str]:
-        """The ad texts a text tower reads: titles, or `ad_text(title, words)`."""
+    def texts(self, use_words: bool, max_words: int | None = None, *, min_score: float = 0.0,
+              skip_title_words: bool = False) -> list[str]:
+        """The ad texts a text tower reads: titles, or `ad_text(title, words, ...)`."""
         if not use_words or self.words is None:
             return list(self.titles)
-        return [ad_text(t, w, max_words) for t, w in zip(self.titles, self.words, strict=True)]
+        return [ad_text(t, w, max_words, min_score=min_score, skip_title_words=skip_title_words)
+                for t, w in zip(self.titles, self.words, strict=True)]
 
     def take(self, index: Sequence[int] | np.ndarray) -> AdSide:
         index = np.asarray(index, dtype=np.int64)
         pick = (lambda a: None if a is None else a[index])  # noqa: E731
         return AdSide(ad_ids=[self.ad_ids[i] for i in index], titles=[self.titles[i] for i in index],
                       words=None if self.words is None else [self.words[i] for i in index],
-                      pooled=pick(self.pooled), parts=pick(self.parts), parts_mask=pick(self.parts_mask))
+                      pooled=pick(self.pooled), parts=pick(self.parts), parts_mask=pick(self.parts_mask),
+                      evidence=pick(self.evidence), evidence_words=self.evidence_words)
 
 
 @dataclass
@@ -165,12 +187,14 @@ def _words_in_order(ad_ids: list[str], words: Mapping[str, Words] | Sequence[Wor
 
 
 def match_data(dataset_split: Dataset, words: Mapping[str, Words] | Sequence[Words] | None = None,
-               features=None) -> MatchData:
+               features=None, word_logits=None) -> MatchData:
     """`MatchData` of one split (`dataset.split(name)`).
 
     `words`: visual words per ad, a mapping ad_id -> [(word, score), ...] (ads missing from
     it get none) or a list in the split's ad order. `features`: a `PartsFeatures` (or any
     object with `pooled`, `parts`, `mask`) whose rows follow the split's ad order.
+    `word_logits`: the alignment's per-word logits (`components.align.stage.WordLogits`),
+    centred into the ads' `evidence` for the word channel.
     """
     ads_table, queries_table = dataset_split.ads, dataset_split.queries
     ad_ids = ads_table["ad_id"].astype(str).tolist()
@@ -178,9 +202,15 @@ def match_data(dataset_split: Dataset, words: Mapping[str, Words] | Sequence[Wor
     pooled = parts = mask = None
     if features is not None:
         pooled, parts, mask = features.pooled, features.parts, features.mask
+    evidence = evidence_words = None
+    if word_logits is not None:
+        from components.match.words import centred_evidence
+
+        evidence = centred_evidence(word_logits.rows(ad_ids), word_logits.means)
+        evidence_words = list(word_logits.words)
     ads = AdSide(ad_ids=ad_ids, titles=titles,
                  words=None if words is None else _words_in_order(ad_ids, words),
-                 pooled=pooled, parts=parts, parts_mask=mask)
+                 pooled=pooled, parts=parts, parts_mask=mask, evidence=evidence, evidence_words=evidence_words)
     queries = QuerySide(query_ids=queries_table["query_id"].astype(str).tolist(),
                         texts=queries_table["text"].astype(object).where(queries_table["text"].notna(), "").tolist())
     return MatchData(queries=queries, ads=ads, qrels=dataset_split.qrels.reset_index(drop=True))
@@ -200,17 +230,18 @@ def load_features(dataset_split: Dataset, parts_cfg=None, cache_dir: Path | None
 def training_pairs(data: MatchData, fraction: float = 1.0, seed: int = 0) -> np.ndarray:
     """Positive (query row, ad row) pairs of a seeded share of the training queries, (M,2).
 
-    The queries with a positive are shuffled by `seed` and the first
-    round(fraction * n) (at least one) are kept, so for one seed the 25% queries are inside
-    the 50% ones, which are inside 100%: data-efficiency curves differ only in data amount.
+    The queries with a positive (in row order) go through `training_query_subset`, the same
+    selection the alignment's click text uses: for one seed the 25% queries are inside the
+    50% ones, which are inside 100%.
     """
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    from components.data.splits import training_query_subset
+
     pairs = data.positives()
     if len(pairs) == 0:
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
         return pairs
     queries = np.unique(pairs[:, 0])
-    order = np.random.default_rng(seed).permutation(len(queries))
-    keep_n = max(1, int(round(fraction * len(queries))))
-    kept = np.sort(queries[order[:keep_n]])
+    kept_ids = set(training_query_subset([data.queries.query_ids[q] for q in queries], fraction, seed))
+    kept = np.array([q for q in queries if data.queries.query_ids[q] in kept_ids], dtype=np.int64)
     return pairs[np.isin(pairs[:, 0], kept)]

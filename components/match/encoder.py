@@ -282,45 +282,68 @@ class TextTower(nn.Module):
 
 
 class TwoTowerMatcher(nn.Module):
-    """Query tower and ad tower over one shared `TextTower`, plus an optional image head.
+    """Query tower and ad tower over one shared `TextTower`, plus optional heads.
 
     `image_head` (implicit fusion) maps (title embedding, image features) to the fused ad
-    embedding; without it the ad embedding is the ad text's embedding.
+    embedding; without it the ad embedding is the ad text's embedding. `word_channel`
+    (`components.match.words.WordChannel`) appends alpha * query terms to the query vector
+    and the ad's centred per-word evidence to the ad vector, so the score (one inner
+    product) adds the learned word-match term.
     """
 
-    def __init__(self, tower: TextTower, image_head: nn.Module | None = None) -> None:
+    def __init__(self, tower: TextTower, image_head: nn.Module | None = None,
+                 word_channel: nn.Module | None = None) -> None:
         super().__init__()
         self.tower = tower
         self.image_head = image_head
+        self.word_channel = word_channel
+
+    @property
+    def dim(self) -> int:
+        """Width of the query and ad vectors (384, plus the vocabulary with a word channel)."""
+        return EMBEDDING_DIM + (self.word_channel.dim if self.word_channel is not None else 0)
 
     def encode_query(self, texts: Sequence[str]) -> torch.Tensor:
-        return self.tower.encode_query(texts)  # (B,384)
+        query = self.tower.encode_query(texts)  # (B,384)
+        if self.word_channel is None:
+            return query
+        return torch.cat([query, self.word_channel.query_part(texts)], dim=1)  # (B,384+V)
 
     def encode_ad(self, texts: Sequence[str], pooled: torch.Tensor | None = None,
-                  parts: torch.Tensor | None = None, parts_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B,384) normalised ad embeddings from ad texts (and image features for fusion)."""
+                  parts: torch.Tensor | None = None, parts_mask: torch.Tensor | None = None,
+                  evidence: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,dim) ad vectors from ad texts (+ image features for fusion, + word evidence)."""
         if self.image_head is None:
-            return self.tower.encode_ad_text(texts)
-        if pooled is None or parts is None:
-            raise ValueError("this matcher fuses image features: pass pooled and parts")
-        title = self.tower.encode_ad_text(texts)  # (B,384)
-        return self.image_head(title, pooled, parts, parts_mask)
+            ad = self.tower.encode_ad_text(texts)
+        else:
+            if pooled is None or parts is None:
+                raise ValueError("this matcher fuses image features: pass pooled and parts")
+            ad = self.image_head(self.tower.encode_ad_text(texts), pooled, parts, parts_mask)  # (B,384)
+        if self.word_channel is None:
+            return ad
+        if evidence is None:
+            raise ValueError("this matcher has a word channel: pass the ads' word evidence")
+        return torch.cat([ad, evidence.to(ad.dtype)], dim=1)  # (B,384+V)
 
     def forward(self, query_texts: Sequence[str], ad_texts: Sequence[str], pooled: torch.Tensor | None = None,
-                parts: torch.Tensor | None = None, parts_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        query = self.encode_query(query_texts)  # (B,384)
-        ad = self.encode_ad(ad_texts, pooled, parts, parts_mask)  # (B,384)
+                parts: torch.Tensor | None = None, parts_mask: torch.Tensor | None = None,
+                evidence: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        query = self.encode_query(query_texts)  # (B,dim)
+        ad = self.encode_ad(ad_texts, pooled, parts, parts_mask, evidence)  # (B,dim)
         return {"query": query, "ad": ad, "scores": query @ ad.T}  # scores (B,B)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """What a fine-tune changes: top text layers + the whole image head (weights and buffers)."""
+        """What a fine-tune changes: top text layers + the image head and word channel."""
         out = {f"tower.{k}": v for k, v in self.tower.trainable_state_dict().items()}
-        if self.image_head is not None:
-            out.update({f"image_head.{k}": v for k, v in self.image_head.state_dict().items()})
+        for name in ("image_head", "word_channel"):
+            head = getattr(self, name)
+            if head is not None:
+                out.update({f"{name}.{k}": v for k, v in head.state_dict().items()})
         return out
 
     def head_parameters(self) -> list[nn.Parameter]:
-        return [] if self.image_head is None else [p for p in self.image_head.parameters() if p.requires_grad]
+        heads = [h for h in (self.image_head, self.word_channel) if h is not None]
+        return [p for h in heads for p in h.parameters() if p.requires_grad]
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.tower.parameters() if p.requires_grad]

@@ -27,6 +27,7 @@ from components.match.data import MatchData
 from components.match.encoder import TextTower, TowerConfig, TwoTowerMatcher
 from components.match.fusion import ImageFusionHead
 from components.match.losses import InfoNCELoss
+from components.match.words import WordChannel
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +42,15 @@ class MatchBatches(pl.LightningDataModule):
     """Training batches of positive pairs, and the whole valid split as one "batch".
 
     `ad_texts` are the texts the ad tower reads (titles, or title + words), row-aligned with
-    `train.ads`; `valid_ad_texts` likewise for `valid.ads`. `use_images` adds features.
+    `train.ads`; `valid_ad_texts` likewise for `valid.ads`. `use_images` adds features,
+    `use_evidence` the ads' word evidence (the word channel). `word_dropout` > 0 replaces a
+    training ad's text by its title alone with that probability (word-field dropout: the
+    matcher must not lean on words that may be wrong).
     """
 
     def __init__(self, train: MatchData, pairs: np.ndarray, ad_texts: list[str], valid: MatchData,
-                 valid_ad_texts: list[str], batch_size: int, seed: int, use_images: bool = False) -> None:
+                 valid_ad_texts: list[str], batch_size: int, seed: int, use_images: bool = False,
+                 use_evidence: bool = False, word_dropout: float = 0.0) -> None:
         super().__init__()
         if len(pairs) == 0:
             raise ValueError("no training pairs")
@@ -53,8 +58,12 @@ class MatchBatches(pl.LightningDataModule):
         self.pairs = np.asarray(pairs, dtype=np.int64)  # (M,2) query row, ad row
         self.ad_texts, self.valid_ad_texts = ad_texts, valid_ad_texts
         self.batch_size, self.seed, self.use_images = batch_size, seed, use_images
+        self.use_evidence, self.word_dropout = use_evidence, word_dropout
+        self._dropout_rng = np.random.default_rng(seed)
         if use_images and not (train.ads.has_images and valid.ads.has_images):
             raise ValueError("image features are needed for train and valid ads")
+        if use_evidence and (train.ads.evidence is None or valid.ads.evidence is None):
+            raise ValueError("word evidence is needed for train and valid ads (the word channel)")
         self.positive_ads: dict[int, set[int]] = {}
         for q, a in self.pairs:
             self.positive_ads.setdefault(int(q), set()).add(int(a))
@@ -63,20 +72,29 @@ class MatchBatches(pl.LightningDataModule):
         """(query texts, ad texts) the module will encode: their frozen prefix is cached once."""
         q = self.train_data.queries.texts
         queries = [q[i] for i in np.unique(self.pairs[:, 0])] + list(self.valid_data.queries.texts)
-        ads = [self.ad_texts[i] for i in np.unique(self.pairs[:, 1])] + list(self.valid_ad_texts)
+        rows = np.unique(self.pairs[:, 1])
+        ads = [self.ad_texts[i] for i in rows] + list(self.valid_ad_texts)
+        if self.word_dropout > 0:
+            ads += [self.train_data.ads.titles[i] for i in rows]
         return queries, ads
 
     def _collate(self, rows: list[int]) -> dict:
         pairs = self.pairs[np.asarray(rows, dtype=np.int64)]  # (B,2)
         q_rows, a_rows = pairs[:, 0], pairs[:, 1]
         false_negative = torch.tensor([[int(a) in self.positive_ads[int(q)] for a in a_rows] for q in q_rows])
+        ad_texts = [self.ad_texts[i] for i in a_rows]
+        if self.word_dropout > 0:
+            dropped = self._dropout_rng.random(len(a_rows)) < self.word_dropout
+            ad_texts = [self.train_data.ads.titles[i] if d else t for i, d, t in zip(a_rows, dropped, ad_texts, strict=True)]
         batch = {
             "query_texts": [self.train_data.queries.texts[i] for i in q_rows],
-            "ad_texts": [self.ad_texts[i] for i in a_rows],
+            "ad_texts": ad_texts,
             "false_negative": false_negative,  # (B,B) ad j relevant to query i
         }
         if self.use_images:
             batch.update(_features(self.train_data, a_rows))
+        if self.use_evidence:
+            batch["evidence"] = torch.from_numpy(self.train_data.ads.evidence[a_rows])  # (B,V)
         return batch
 
     def train_dataloader(self) -> DataLoader:
@@ -95,6 +113,8 @@ class MatchBatches(pl.LightningDataModule):
         }
         if self.use_images:
             batch.update(_features(self.valid_data, np.arange(len(self.valid_data.ads))))
+        if self.use_evidence:
+            batch["evidence"] = torch.from_numpy(self.valid_data.ads.evidence)
         return DataLoader([batch], batch_size=None, collate_fn=lambda b: b)
 
 
@@ -116,14 +136,16 @@ class MatcherModule(pl.LightningModule):
                  symmetric_loss: bool = True, trainable_layers: int = 2, max_query_len: int = 16,
                  max_ad_len: int = 48, image_head: bool = False, image_dim: int = 1280,
                  fusion: str = "residual", fusion_query: str = "title", fusion_dropout: float = 0.1,
-                 fusion_hidden: int = 384) -> None:
+                 fusion_hidden: int = 384, word_vocabulary: list[str] | None = None,
+                 word_channel_init: float = 0.05, word_channel_lr: float = 0.01) -> None:
         super().__init__()
         self.save_hyperparameters()
         tower = TextTower(TowerConfig(trainable_layers=trainable_layers, max_query_len=max_query_len,
                                       max_ad_len=max_ad_len))
         head = (ImageFusionHead(image_dim=image_dim, hidden=fusion_hidden, fusion=fusion,
                                 query=fusion_query, dropout=fusion_dropout) if image_head else None)
-        self.net = TwoTowerMatcher(tower, head)
+        channel = WordChannel(word_vocabulary, word_channel_init) if word_vocabulary else None
+        self.net = TwoTowerMatcher(tower, head, channel)
         self.loss = InfoNCELoss(temperature=temperature, symmetric=symmetric_loss)
         self.val_history: list[tuple[int, float]] = []
 
@@ -143,7 +165,7 @@ class MatcherModule(pl.LightningModule):
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         return self.net(batch["query_texts"], batch["ad_texts"], batch.get("pooled"), batch.get("parts"),
-                        batch.get("parts_mask"))
+                        batch.get("parts_mask"), batch.get("evidence"))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self(batch)
@@ -162,13 +184,13 @@ class MatcherModule(pl.LightningModule):
             if side == "query":
                 chunks.append(self.net.encode_query(texts[sl]))
             else:
-                feats = {k: batch[k][sl] for k in ("pooled", "parts", "parts_mask") if k in batch}
+                feats = {k: batch[k][sl] for k in ("pooled", "parts", "parts_mask", "evidence") if k in batch}
                 chunks.append(self.net.encode_ad(texts[sl], **feats))
-        return torch.cat(chunks) if chunks else torch.zeros(0, 384, device=self.device)
+        return torch.cat(chunks) if chunks else torch.zeros(0, self.net.dim, device=self.device)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        query = self.encode_in_chunks(batch, "query")  # (Q,384)
-        ad = self.encode_in_chunks(batch, "ad")  # (A,384)
+        query = self.encode_in_chunks(batch, "query")  # (Q,dim)
+        ad = self.encode_in_chunks(batch, "ad")  # (A,dim)
         scores = (query @ ad.T).double().cpu().numpy()  # (Q,A)
         matrix = ScoreMatrix(batch["query_ids"], batch["ad_ids"], scores)
         qrels = batch["qrels"]
@@ -182,9 +204,12 @@ class MatcherModule(pl.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         groups = [{"params": self.net.encoder_parameters(), "lr": hp.lr}]
-        head = self.net.head_parameters()
+        channel = [] if self.net.word_channel is None else list(self.net.word_channel.parameters())
+        head = [p for p in self.net.head_parameters() if all(p is not c for c in channel)]
         if head:  # new layers: the same multiplier rule for every system that has them
             groups.append({"params": head, "lr": hp.lr * hp.head_lr_multiplier})
+        if channel:  # one scalar: at the encoder's rate it could not move within the budget
+            groups.append({"params": channel, "lr": hp.word_channel_lr, "weight_decay": 0.0})
         groups = [g for g in groups if g["params"]]
         optimizer = torch.optim.AdamW(groups, weight_decay=hp.weight_decay)
         warmup, total = max(0, hp.warmup_steps), max(1, hp.max_steps)
@@ -276,7 +301,7 @@ def fit_matcher(module: MatcherModule, batches: MatchBatches, *, max_steps: int,
     seconds = time.perf_counter() - started
     best_path = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
     if best_path is not None and best_path.is_file():
-        state = torch.load(best_path, map_location="cpu", weights_only=False)["state_dict"]
+        state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_trained_state(state)
     history = list(module.val_history)
     best_step, best_score = max(history, key=lambda sv: (sv[1], -sv[0])) if history else (0, float("nan"))

@@ -27,25 +27,26 @@ class MatcherStageResult:
 
 
 def split_data(dataset: Dataset, split_name: str, *, features: PartsFeatures | None,
-               words: dict | None) -> MatchData:
-    """`MatchData` of one split, with the split's rows of the dataset-wide features."""
+               words: dict | None, word_logits=None) -> MatchData:
+    """`MatchData` of one split, with the split's rows of the dataset-wide features (and the
+    alignment's per-word logits, `components.align.stage.WordLogits`)."""
     split = dataset.split(split_name)
     split_features = None
     if features is not None:
         split_features = features.take(dataset.ad_rows(split))
-    return match_data(split, words=words, features=split_features)
+    return match_data(split, words=words, features=split_features, word_logits=word_logits)
 
 
 def run_train_matcher(cfg: MatchConfig, *, dataset_dir: Path, out_dir: Path, system: str = "ours",
                       features: PartsFeatures | None = None, words: dict | None = None,
-                      logger=None) -> MatcherStageResult:
+                      word_logits=None, logger=None) -> MatcherStageResult:
     """Train `system` on the training split (model selection on valid); save it under
-    `out_dir/scorer`. `ours` needs the aligned `words`; `implicit_fusion` and `late_fusion`
+    `out_dir/scorer`. `ours` needs the aligned `words` and `word_logits`; `implicit_fusion` and `late_fusion`
     need the image `features`."""
     started = time.perf_counter()
     dataset = read_dataset(dataset_dir)
-    train = split_data(dataset, "train", features=features, words=words)
-    valid = split_data(dataset, "valid", features=features, words=words)
+    train = split_data(dataset, "train", features=features, words=words, word_logits=word_logits)
+    valid = split_data(dataset, "valid", features=features, words=words, word_logits=word_logits)
     out_dir = Path(out_dir)
     scorer = train_system(system, cfg, train, valid, out_dir, logger=logger)
     info = getattr(scorer, "info", {}) or {}

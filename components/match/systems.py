@@ -33,6 +33,7 @@ from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file as save_torch
 
+from components.device import resolve_device
 from components.evaluate.metrics import ScoreMatrix, qrels_from_frame, ranking_metrics
 from components.match.config import MatchConfig
 from components.match.data import AdSide, MatchData, QuerySide, training_pairs
@@ -41,24 +42,24 @@ from components.match.fusion import ImageFusionHead
 from components.match.lexical import bm25_scores
 from components.match.module import MatchBatches, MatcherModule, fit_matcher
 from components.match.probe import TermProbe, fit_logistic, term_labels, zscore_rows
+from components.match.words import WordChannel
+from components.systems import (
+    IMAGE_SYSTEMS,
+    SYSTEMS,
+    TRAINED_SYSTEMS,
+    TWO_TOWER_SYSTEMS,
+    WORD_SYSTEMS,
+)
 
 log = logging.getLogger(__name__)
 
-SYSTEMS: tuple[str, ...] = ("lexical", "text_zero_shot", "text_only", "ours", "implicit_fusion", "late_fusion")
-TRAINED_SYSTEMS: tuple[str, ...] = ("text_only", "ours", "implicit_fusion")
-TWO_TOWER_SYSTEMS: tuple[str, ...] = ("text_zero_shot", "text_only", "ours", "implicit_fusion")
 
 FORMAT_VERSION = 1
 SCORER_FILE = "scorer.json"
 WEIGHTS_FILE = "weights.safetensors"
 PROBE_FILE = "probe.safetensors"
+LATE_FUSION_TEXT_DIR = "text"  # late_fusion's trained text_only scorer, inside its own directory
 _ENCODE_BATCH = 256
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _ndcg_at_10(query_ids: list[str], ad_ids: list[str], scores: np.ndarray, qrels: dict) -> float:
@@ -109,10 +110,11 @@ class TwoTowerScorer(Scorer):
     """Score = <encode_queries, encode_ads> (both L2-normalised: cosine)."""
 
     def __init__(self, system: str, net: TwoTowerMatcher, *, use_words: bool = False, words_per_ad: int = 5,
-                 trained: bool = False, head_config: dict | None = None, device: str = "auto",
-                 info: dict | None = None) -> None:
+                 word_min_score: float = 0.0, words_skip_title: bool = False, trained: bool = False,
+                 head_config: dict | None = None, device: str = "auto", info: dict | None = None) -> None:
         self.system, self.net = system, net
         self.use_words, self.words_per_ad = use_words, words_per_ad
+        self.word_min_score, self.words_skip_title = word_min_score, words_skip_title
         self.trained, self.head_config = trained, head_config
         self.device = resolve_device(device)
         self.net.to(self.device).eval()
@@ -126,7 +128,7 @@ class TwoTowerScorer(Scorer):
 
     @torch.no_grad()
     def _encode(self, texts: list[str], encode, extra: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        out = np.zeros((len(texts), 384), dtype=np.float32)
+        out = np.zeros((len(texts), self.net.dim), dtype=np.float32)
         order = np.argsort([len(t) for t in texts], kind="stable")  # less padding per batch
         for start in range(0, len(texts), _ENCODE_BATCH):
             rows = order[start:start + _ENCODE_BATCH]
@@ -135,19 +137,26 @@ class TwoTowerScorer(Scorer):
         return out
 
     def encode_queries(self, queries: QuerySide) -> np.ndarray:
-        """(Q,384) float32, L2-normalised."""
+        """(Q,dim) float32: the L2-normalised text embedding (+ alpha * query terms with a word channel)."""
         return self._encode(queries.texts, self.net.encode_query)
 
     def ad_texts(self, ads: AdSide) -> list[str]:
-        return ads.texts(self.use_words, self.words_per_ad)
+        return ads.texts(self.use_words, self.words_per_ad, min_score=self.word_min_score,
+                         skip_title_words=self.words_skip_title)
 
     def encode_ads(self, ads: AdSide) -> np.ndarray:
-        """(A,384) float32, L2-normalised (what the faiss index holds)."""
-        extra = None
+        """(A,dim) float32 (what the faiss index holds): the L2-normalised ad embedding (+ the
+        centred word evidence with a word channel)."""
+        extra = {}
         if self.net.image_head is not None:
             if not ads.has_images:
                 raise ValueError(f"{self.system} needs image features of the ads (AdSide.pooled/parts)")
-            extra = {"pooled": ads.pooled, "parts": ads.parts, "parts_mask": ads.parts_mask}
+            extra.update({"pooled": ads.pooled, "parts": ads.parts, "parts_mask": ads.parts_mask})
+        if self.net.word_channel is not None:
+            if ads.evidence is None or ads.evidence_words != self.net.word_channel.vocabulary:
+                raise ValueError(f"{self.system} needs the ads' word evidence over its own alignment vocabulary "
+                                 "(AdSide.evidence from the alignment it was trained with)")
+            extra["evidence"] = ads.evidence
         return self._encode(self.ad_texts(ads), self.net.encode_ad, extra)
 
     def score(self, queries: QuerySide, ads: AdSide) -> np.ndarray:
@@ -157,14 +166,18 @@ class TwoTowerScorer(Scorer):
         if self.trained:
             state = {k: v.detach().cpu().contiguous() for k, v in self.net.trainable_state_dict().items()}
             save_torch(state, str(out_dir / WEIGHTS_FILE))
+        channel = self.net.word_channel
         return {"tower": asdict(self.net.tower.cfg), "head": self.head_config, "use_words": self.use_words,
-                "words_per_ad": self.words_per_ad, "trained": self.trained}
+                "words_per_ad": self.words_per_ad, "word_min_score": self.word_min_score,
+                "words_skip_title": self.words_skip_title, "trained": self.trained,
+                "word_channel": None if channel is None else {"vocabulary": channel.vocabulary}}
 
     @classmethod
     def _load(cls, out_dir: Path, meta: dict, device: str) -> TwoTowerScorer:
         tower = TextTower(TowerConfig(**meta["tower"]))
         head = ImageFusionHead(**meta["head"]) if meta.get("head") else None
-        net = TwoTowerMatcher(tower, head)
+        channel = WordChannel(meta["word_channel"]["vocabulary"]) if meta.get("word_channel") else None
+        net = TwoTowerMatcher(tower, head, channel)
         if meta["trained"]:
             state = load_torch(str(out_dir / WEIGHTS_FILE))
             expected = set(net.trainable_state_dict())
@@ -173,11 +186,13 @@ class TwoTowerScorer(Scorer):
                                  f"({len(expected - set(state))} missing, {len(set(state) - expected)} unexpected)")
             net.load_state_dict(state, strict=False)
         return cls(meta["system"], net, use_words=meta["use_words"], words_per_ad=meta["words_per_ad"],
+                   word_min_score=meta.get("word_min_score", 0.0), words_skip_title=meta.get("words_skip_title", False),
                    trained=meta["trained"], head_config=meta.get("head"), device=device, info=meta.get("info"))
 
 
 class LateFusionScorer(Scorer):
-    """z(text_zero_shot score) + weight * z(term-probe score), z-scored per query."""
+    """z(trained text_only score) + weight * z(term-probe score), z-scored per query
+    (METHOD.md section 5, revised: the text matcher a user would fuse is the trained one)."""
 
     def __init__(self, text: TwoTowerScorer, probe: TermProbe, weight: float, info: dict | None = None) -> None:
         self.system, self.text, self.probe, self.weight = "late_fusion", text, probe, float(weight)
@@ -201,15 +216,17 @@ class LateFusionScorer(Scorer):
         if self.probe.components is not None:
             arrays["components"] = self.probe.components
         save_numpy({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(out_dir / PROBE_FILE))
-        return {"weight": self.weight, "terms": self.probe.terms, "tower": asdict(self.text.net.tower.cfg)}
+        self.text.save(out_dir / LATE_FUSION_TEXT_DIR)
+        return {"weight": self.weight, "terms": self.probe.terms}
 
     @classmethod
     def _load(cls, out_dir: Path, meta: dict, device: str) -> LateFusionScorer:
         arrays = load_numpy(str(out_dir / PROBE_FILE))
         probe = TermProbe(meta["terms"], arrays["mean"], arrays["std"], arrays["weights"], arrays["intercepts"],
                           arrays.get("components"))
-        tower = TextTower(TowerConfig(**meta["tower"]))
-        text = TwoTowerScorer("text_zero_shot", TwoTowerMatcher(tower), device=device)
+        text = load_scorer(out_dir / LATE_FUSION_TEXT_DIR, device)
+        if not isinstance(text, TwoTowerScorer):
+            raise ValueError(f"{out_dir}: late_fusion's text scorer is {text.system}, not a two-tower system")
         return cls(text, probe, meta["weight"], info=meta.get("info"))
 
 
@@ -244,9 +261,12 @@ def _lr_dir(out_dir: Path, lr: float) -> Path:
 def _train_matcher(name: str, cfg: MatchConfig, lr: float, train: MatchData, valid: MatchData,
                    run_dir: Path, logger=None) -> TwoTowerScorer:
     """One fine-tune of a trained system at one learning rate (best valid checkpoint kept)."""
-    use_words, use_images = name == "ours", name == "implicit_fusion"
+    use_words, use_images = name in WORD_SYSTEMS, name in IMAGE_SYSTEMS
     if use_words and train.ads.words is None:
-        log.warning("ours without aligned words: the ad text is the title alone (= text_only)")
+        log.warning("%s without aligned words: the ad text is the title alone", name)
+    use_channel = name == "ours" and cfg.word_channel and train.ads.evidence is not None
+    if name == "ours" and cfg.word_channel and not use_channel:
+        log.warning("ours without word evidence: no word channel")
     pairs = training_pairs(train, cfg.train_fraction, cfg.seed)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the head's initialisation too
     image_dim = train.ads.pooled.shape[1] if use_images and train.ads.pooled is not None else 1280
@@ -256,15 +276,19 @@ def _train_matcher(name: str, cfg: MatchConfig, lr: float, train: MatchData, val
                    trainable_layers=cfg.trainable_layers, max_query_len=cfg.max_query_len,
                    max_ad_len=cfg.max_ad_len, image_head=use_images, image_dim=image_dim, fusion=cfg.fusion,
                    fusion_query=cfg.fusion_query, fusion_dropout=cfg.fusion_dropout,
-                   fusion_hidden=cfg.fusion_hidden)
+                   fusion_hidden=cfg.fusion_hidden,
+                   word_vocabulary=list(train.ads.evidence_words) if use_channel else None,
+                   word_channel_init=cfg.word_channel_init, word_channel_lr=cfg.word_channel_lr)
     module = MatcherModule(**hparams)
     if use_images:
         if not (train.ads.has_images and valid.ads.has_images):
             raise ValueError("implicit_fusion needs image features for the train and valid ads")
         module.net.image_head.fit_statistics(train.ads.pooled, train.ads.parts, train.ads.parts_mask)
-    batches = MatchBatches(train, pairs, train.ads.texts(use_words, cfg.words_per_ad), valid,
-                           valid.ads.texts(use_words, cfg.words_per_ad), batch_size=cfg.batch_size,
-                           seed=cfg.seed, use_images=use_images)
+    text_options = dict(min_score=cfg.word_min_score, skip_title_words=cfg.words_skip_title)
+    batches = MatchBatches(train, pairs, train.ads.texts(use_words, cfg.words_per_ad, **text_options), valid,
+                           valid.ads.texts(use_words, cfg.words_per_ad, **text_options), batch_size=cfg.batch_size,
+                           seed=cfg.seed, use_images=use_images, use_evidence=use_channel,
+                           word_dropout=cfg.word_dropout if use_words else 0.0)
     result = fit_matcher(module, batches, max_steps=cfg.max_steps, eval_every=cfg.eval_every, seed=cfg.seed,
                          out_dir=run_dir, patience=cfg.patience, device=cfg.device, logger=logger)
     head_config = None
@@ -277,7 +301,10 @@ def _train_matcher(name: str, cfg: MatchConfig, lr: float, train: MatchData, val
             "seed": cfg.seed, "train_fraction": cfg.train_fraction}
     log.info("%s lr=%g: best val/ndcg@10 %.4f at step %d of %d (%.1f s, %d pairs)", name, lr,
              result.best_score, result.best_step, result.steps, result.seconds, len(pairs))
-    scorer = TwoTowerScorer(name, module.net, use_words=use_words, words_per_ad=cfg.words_per_ad, trained=True,
+    if use_channel:
+        info["word_channel_weight"] = float(module.net.word_channel.scale().detach())
+    scorer = TwoTowerScorer(name, module.net, use_words=use_words, words_per_ad=cfg.words_per_ad,
+                            word_min_score=cfg.word_min_score, words_skip_title=cfg.words_skip_title, trained=True,
                             head_config=head_config, device=cfg.device, info=info)
     scorer.save(Path(run_dir) / "scorer")
     return scorer
@@ -308,12 +335,12 @@ def select_learning_rate(name: str, cfg: MatchConfig, train: MatchData, valid: M
     return best_lr, values
 
 
-def fit_late_fusion(cfg: MatchConfig, train: MatchData, valid: MatchData) -> LateFusionScorer:
-    """Term probe on the training ads' pooled vectors (C picked on valid) + zero-shot text,
-    summed with the weight that maximises valid ndcg@10."""
+def fit_late_fusion(cfg: MatchConfig, train: MatchData, valid: MatchData, text: TwoTowerScorer) -> LateFusionScorer:
+    """Term probe on the training ads' pooled vectors (C picked on valid) + the trained
+    `text` matcher (text_only at the same fraction and seed), summed with the weight that
+    maximises valid ndcg@10."""
     if train.ads.pooled is None or valid.ads.pooled is None:
         raise ValueError("late_fusion needs pooled image vectors for the train and valid ads")
-    text = TwoTowerScorer.zero_shot(cfg)
     pairs = training_pairs(train, cfg.train_fraction, cfg.seed)
     terms, labels = term_labels(train, pairs)
     keep = (labels.sum(0) > 0) & (labels.sum(0) < len(labels))
@@ -352,11 +379,12 @@ def fit_late_fusion(cfg: MatchConfig, train: MatchData, valid: MatchData) -> Lat
 
 
 def train_system(name: str, cfg: MatchConfig, train: MatchData, valid: MatchData, out_dir: Path,
-                 logger=None) -> Scorer:
+                 logger=None, text_scorer: TwoTowerScorer | None = None) -> Scorer:
     """Fit one system on `train` (model selection on `valid`) and save it to `out_dir/scorer`.
 
     Trained systems use `cfg.lr`, or when it is None the best of `cfg.lr_grid`
-    (`select_learning_rate`, the same search for each of them).
+    (`select_learning_rate`, the same search for each of them). `late_fusion` fuses
+    `text_scorer` (a trained text_only); without it, text_only is trained first here.
     """
     _check_name(name)
     out_dir = Path(out_dir)
@@ -366,7 +394,9 @@ def train_system(name: str, cfg: MatchConfig, train: MatchData, valid: MatchData
     elif name == "text_zero_shot":
         scorer = TwoTowerScorer.zero_shot(cfg)
     elif name == "late_fusion":
-        scorer = fit_late_fusion(cfg, train, valid)
+        if text_scorer is None:
+            text_scorer = train_system("text_only", cfg, train, valid, out_dir / "text_only", logger)
+        scorer = fit_late_fusion(cfg, train, valid, text_scorer)
     elif cfg.lr is None:
         best_lr, values = select_learning_rate(name, cfg, train, valid, out_dir, logger)
         scorer = load_scorer(_lr_dir(out_dir, best_lr) / "scorer", cfg.device)

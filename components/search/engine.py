@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from components.align.model import AlignmentModel, word_stem
+from components.align.stage import translate_ads
 from components.data.format import Dataset, read_dataset
 from components.evaluate.metrics import ScoreMatrix
 from components.evaluate.subsets import evaluate_scores, flatten_records
@@ -77,11 +78,12 @@ def ad_features(dataset: Dataset, vision: PartsConfig, cache_dir: Path) -> Parts
 
 def build_bundle(out_dir: Path, *, align_dir: Path, scorer_dir: Path, dataset_dir: Path, words: dict[str, Words],
                  vision: PartsConfig, index_cfg: IndexConfig, dataset_hash: str,
-                 features: PartsFeatures | None = None) -> Path:
+                 features: PartsFeatures | None = None, word_logits=None) -> Path:
     """Assemble a bundle from trained stage outputs; the catalogue is every ad of the dataset.
 
-    `words`: visual words per ad id (from the align stage); `features`: the dataset's parts
-    in ad order, needed only by systems with an image head.
+    `words`, `word_logits`: visual words and per-word logits per ad (from the align stage;
+    the logits feed ours' word channel); `features`: the dataset's parts in ad order,
+    needed only by systems with an image head.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -92,7 +94,7 @@ def build_bundle(out_dir: Path, *, align_dir: Path, scorer_dir: Path, dataset_di
     shutil.copytree(scorer_dir, out_dir / "scorer")
     scorer = _two_tower(load_scorer(out_dir / "scorer"), scorer_dir)
     dataset = read_dataset(dataset_dir)
-    data = match_data(dataset, words=words, features=features)
+    data = match_data(dataset, words=words, features=features, word_logits=word_logits)
     ads = data.ads
     index = AdIndex.build(ads.ad_ids, scorer.encode_ads(ads), index_cfg)
     index.save(out_dir / "index")
@@ -201,9 +203,9 @@ class SearchEngine:
         """Scores of every (query, ad) of one split of a dataset, ads translated afresh."""
         part = dataset.split(split)
         features = ad_features(part, self.vision, cache_dir)
-        words = dict(zip(part.ads["ad_id"].astype(str), self.alignment.translate(features), strict=True))
+        words, word_logits = translate_ads(self.alignment, part.ads["ad_id"].astype(str).tolist(), features)
         needs_images = self.scorer.net.image_head is not None
-        data = match_data(part, words=words, features=features if needs_images else None)
+        data = match_data(part, words=words, features=features if needs_images else None, word_logits=word_logits)
         return ScoreMatrix(data.queries.query_ids, data.ads.ad_ids, self.scorer.score(data.queries, data.ads))
 
     def evaluate(self, dataset_dir: Path, split: str = "test", *, cache_dir: Path, seed: int = 0) -> dict[str, float]:

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from components.device import resolve_device
+
 log = logging.getLogger(__name__)
 
 EMBEDDING_DIM = 384
@@ -34,12 +36,6 @@ def load_minilm(device: str | torch.device | None = None):
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModel.from_pretrained(path, local_files_only=True)
     return tokenizer, model.to(resolve_device(device))
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def mean_pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

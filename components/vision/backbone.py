@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from components.device import resolve_device  # noqa: F401 (re-export)
 from components.vision.config import WEIGHTS_NAME
 
 log = logging.getLogger(__name__)
@@ -178,13 +179,6 @@ def fold_batchnorm(model: EfficientNetLite0) -> EfficientNetLite0:
     _fold(fused._conv_head, fused._bn1)
     fused._bn1 = nn.Identity()
     return fused
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """`None` -> CUDA when available, else CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def load_backbone(device: str | torch.device | None = None, *, fold_bn: bool = False,

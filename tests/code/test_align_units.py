@@ -21,11 +21,18 @@ from components.align.evaluation import (
     concept_kinds,
     region_kinds,
     visual_word_precision,
+    word_precision_report,
 )
-from components.align.losses import MILAdLoss, StructureLoss
-from components.align.model import csls_scores, dedupe, near_duplicates, top_k_mean, word_stem
-from components.align.network import AlignmentNetwork
-from components.align.train import gw_cost, random_coupling
+from components.align.head import (
+    HeadConfig,
+    WordHead,
+    cross_fit,
+    fit_head,
+    fit_projection,
+    fold_of,
+    predict_logits,
+)
+from components.align.model import near_duplicates, select_words, sigmoid, word_stem
 
 # ----------------------------------------------------------------------------- co-occurrence
 
@@ -102,104 +109,11 @@ def test_assign_and_bags():
 # ----------------------------------------------------------------------------- losses
 
 
-def _identical_pair() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    words = torch.eye(2)  # e0, e1
-    z = torch.eye(2)[:, None, :]  # ad 0 has one part equal to e0, ad 1 one equal to e1
-    mask = torch.ones(2, 1, dtype=torch.bool)
-    return z, mask, words
-
-
-def test_mil_loss_on_identical_embeddings_matches_hand_value():
-    z, mask, words = _identical_pair()
-    titles = torch.tensor([[0], [1]])
-    tau = 0.5
-    terms = MILAdLoss(temperature=tau, ad_weight=1.0, word_weight=1.0)(z, mask, words, titles)
-    # Each positive logit is 1/tau against one negative at 0: CE = log(1 + exp(-1/tau)).
-    expected = math.log(1 + math.exp(-1 / tau))
-    assert terms["mil_ad"].item() == pytest.approx(expected, rel=1e-6)
-    assert terms["mil_word"].item() == pytest.approx(expected, rel=1e-6)
-    assert terms["mil"].item() == pytest.approx(2 * expected, rel=1e-6)
-
-
-def test_mil_loss_word_prior_and_shared_words():
-    z, mask, words = _identical_pair()
-    tau = 0.5
-    prior = torch.log(torch.tensor([0.2, 0.8]))
-    terms = MILAdLoss(tau)(z, mask, words, torch.tensor([[0], [1]]), word_log_prior=prior)
-    # Word side for (ad 0, w0): logits [2 + log .2, 0 + log .8].
-    e0 = -math.log(math.exp(2 + math.log(0.2)) / (math.exp(2 + math.log(0.2)) + 0.8))
-    e1 = -math.log(math.exp(2 + math.log(0.8)) / (math.exp(2 + math.log(0.8)) + 0.2))
-    assert terms["mil_word"].item() == pytest.approx((e0 + e1) / 2, rel=1e-6)
-    # Both titles hold w0: neither ad is a negative of the other, the ad side is exactly 0.
-    both = MILAdLoss(tau)(z, mask, words, torch.tensor([[0, -1], [0, -1]]))
-    assert both["mil_ad"].item() == pytest.approx(0.0, abs=1e-7)
-
-
-def test_mil_loss_pools_by_max_over_unmasked_parts():
-    words = torch.eye(2)
-    z = torch.stack([torch.stack([torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.0])]),
-                     torch.stack([torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.0])])])
-    mask = torch.tensor([[True, True], [True, False]])  # ad 1's e0-like part is masked
-    terms = MILAdLoss(0.5, word_weight=0.0)(z, mask, words, torch.tensor([[0], [-1]]))
-    # (ad 0, w0): ad 0 scores 1 (its second part), ad 1 scores 0 (only e1 visible).
-    assert terms["mil_ad"].item() == pytest.approx(math.log(1 + math.exp(-2)), rel=1e-6)
-
-
-def test_structure_loss_consistency_is_zero_when_structures_agree():
-    # Two concepts mapped exactly onto two words with identical structures.
-    words = torch.eye(2)
-    mapped = torch.eye(2)
-    structure_matrix = torch.tensor([[1.0, 0.3], [0.3, 1.0]])
-    loss = StructureLoss(temperature=0.001, gw_target_weight=0.0, marginal_kl_weight=1.0)
-    terms = loss(mapped, words, concept_structure=structure_matrix, word_structure=structure_matrix,
-                 concept_mass=torch.tensor([0.5, 0.5]), word_frequency=torch.tensor([0.5, 0.5]))
-    assert terms["consistency"].item() == pytest.approx(0.0, abs=1e-6)
-    assert terms["marginal_kl"].item() == pytest.approx(0.0, abs=1e-6)
-    targets = torch.eye(2)
-    with_targets = StructureLoss(0.001, consistency_weight=0.0, marginal_kl_weight=0.0)(
-        mapped, words, concept_structure=structure_matrix, word_structure=structure_matrix,
-        concept_mass=torch.tensor([0.5, 0.5]), word_frequency=torch.tensor([0.5, 0.5]),
-        targets=targets)
-    assert with_targets["gw_target"].item() == pytest.approx(0.0, abs=1e-6)
-
-
-def test_network_output_is_unit_norm_and_linear_when_hidden_is_zero():
-    torch.manual_seed(0)
-    net = AlignmentNetwork(8, 4, hidden_dim=0)
-    x = torch.randn(5, 8)
-    y = net(x)
-    torch.testing.assert_close(y.norm(dim=-1), torch.ones(5))
-    expected = torch.nn.functional.normalize(x @ net.linear.weight.T + net.linear.bias, dim=-1)
-    torch.testing.assert_close(y, expected)  # just the normalised affine map
-    assert net.mlp is None
-
-
-# ----------------------------------------------------------------------------- CSLS, words
-
-
-def test_top_k_mean():
-    sims = np.array([[0.1, 0.9, 0.5], [0.3, 0.2, 0.4]])
-    np.testing.assert_allclose(top_k_mean(sims, 2), [0.7, 0.35])
-
-
-def test_csls_on_a_toy_example():
-    queries = np.array([[1.0, 0.0], [0.6, 0.8]])
-    words = np.array([[1.0, 0.0], [0.0, 1.0]])
-    hubness = np.array([0.9, 0.1])  # word 0 is a hub: close to many mapped vectors
-    out = csls_scores(queries, words, hubness, k=1)
-    # cos = [[1, 0], [.6, .8]]; r_x (k=1) = [1, .8]; CSLS = 2 cos - r_x - r_w.
-    np.testing.assert_allclose(out, [[2 - 1 - 0.9, 0 - 1 - 0.1], [1.2 - 0.8 - 0.9, 1.6 - 0.8 - 0.1]])
-    # Without the hub penalty query 1 is closer to... word 1 either way; the hub loses rank:
-    assert out[1].argmax() == 1 and (2 * queries @ words.T)[0].argmax() == 0
-
-
 def test_word_stems_and_near_duplicates():
     assert word_stem("boxes") == "box" and word_stem("berries") == "berry"
     assert word_stem("flags") == "flag" and word_stem("glass") == "glass"
     assert near_duplicates("flower", "flowers") and near_duplicates("paint", "painting")
     assert not near_duplicates("star", "start")  # a 4-letter prefix is not enough
-    kept = dedupe([("flag", 0.9), ("flags", 0.8), ("map", 0.7), ("maps", 0.6), ("tree", 0.5)], 2)
-    assert kept == [("flag", 0.9), ("map", 0.7)]
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -232,13 +146,90 @@ def test_visual_word_precision():
 # ----------------------------------------------------------------------------- GW
 
 
-def test_gw_cost_is_zero_for_the_identity_on_identical_structures():
+# ----------------------------------------------------------------------------- the word head
+
+
+def test_projection_standardises_then_projects_on_principal_axes():
     rng = np.random.default_rng(0)
-    points = rng.normal(size=(6, 3))
-    c = points @ points.T
-    p = np.full(6, 1 / 6)
-    assert gw_cost(c, c, p, p, np.eye(6) / 6) == pytest.approx(0.0, abs=1e-9)
-    shuffled = random_coupling(p, p, rng)
-    np.testing.assert_allclose(shuffled.sum(1), p, rtol=1e-6)
-    np.testing.assert_allclose(shuffled.sum(0), p, rtol=1e-6)
-    assert gw_cost(c, c, p, p, shuffled) > 0.1
+    x = rng.normal(size=(200, 5)) * np.array([10.0, 1.0, 1.0, 1.0, 0.1])
+    proj = fit_projection(x, 3)
+    comps = proj.components.astype(np.float64)
+    np.testing.assert_allclose(comps @ comps.T, np.eye(3), atol=1e-5)
+    z = proj.apply(x)
+    standard = (x - x.mean(0)) / x.std(0)
+    np.testing.assert_allclose(z, standard @ comps.T, atol=1e-4)
+    assert z.shape == (200, 3)
+
+
+def _head(pooling: str) -> WordHead:
+    head = WordHead(2, np.zeros((2, 3), np.float32), pooling)
+    with torch.no_grad():
+        head.residual.copy_(torch.eye(2))  # word v scores instance dimension v
+        head.bias.zero_()
+    return head
+
+
+def test_poolings_on_hand_values():
+    z = torch.tensor([[[0.0, 0.0], [2.0, -1.0], [-3.0, 1.0]]])  # pooled, part 1, part 2
+    mask = torch.tensor([[True, True, True]])
+    assert _head("pooled")(z, mask).tolist() == [[0.0, 0.0]]
+    assert _head("max")(z, mask).tolist() == [[2.0, 1.0]]
+    # noisy-OR of p = sigmoid(0), sigmoid(2), sigmoid(-3) for word 0, as a logit
+    p = 1 - (1 - sigmoid(np.array([0.0, 2.0, -3.0]))).prod()
+    assert _head("noisy_or")(z, mask)[0, 0].item() == pytest.approx(math.log(p / (1 - p)), rel=1e-5)
+    masked = torch.tensor([[True, False, True]])
+    assert _head("max")(z, masked).tolist() == [[0.0, 1.0]]
+    assert _head("pooled").source_instances(z, mask).tolist() == [[1, 2]]
+
+
+def test_head_learns_a_separable_toy_and_starts_from_the_prior():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 1, 4)).astype(np.float32)
+    labels = np.stack([(x[:, 0, 0] > 0), (x[:, 0, 1] > 1.0)], axis=1).astype(np.float32)
+    mask = np.ones((300, 1), bool)
+    vectors = np.eye(2, 3, dtype=np.float32)
+    untrained = fit_head(HeadConfig(max_iter=1, c=1e-6), x, mask, labels, vectors)
+    prior = labels.mean(0)
+    np.testing.assert_allclose(untrained.bias.detach().numpy(), np.log(prior / (1 - prior)), atol=0.05)
+    head = fit_head(HeadConfig(c=1.0), x, mask, labels, vectors)
+    accuracy = ((predict_logits(head, x, mask) > 0) == labels.astype(bool)).mean()
+    assert accuracy > 0.95
+
+
+def test_cross_fitting_never_sees_the_row_it_scores():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(60, 1, 3)).astype(np.float32)
+    mask = np.ones((60, 1), bool)
+    labels = (rng.random((60, 2)) < 0.3).astype(np.float32)
+    vectors = np.eye(2, 3, dtype=np.float32)
+    cfg = HeadConfig(c=1.0, max_iter=50)
+    before = cross_fit(cfg, x, mask, labels, vectors, folds=5, seed=0)
+    flipped = labels.copy()
+    flipped[7] = 1 - flipped[7]  # change row 7's own labels only
+    after = cross_fit(cfg, x, mask, flipped, vectors, folds=5, seed=0)
+    np.testing.assert_allclose(after[7], before[7], atol=1e-6)  # its logits never depended on them
+    assert not np.allclose(after, before)  # the other folds did see them
+    folds = fold_of(60, 5, 0)
+    assert np.bincount(folds).tolist() == [12] * 5 and (fold_of(60, 5, 0) == folds).all()
+
+
+def test_select_words_threshold_limit_and_duplicates():
+    words = ["flower", "flowers", "bird", "car"]
+    logits = np.array([3.0, 2.9, 1.0, -4.0])
+    kept = select_words(logits, np.array([1, 0, 2, 0]), words, limit=5, min_score=0.5)
+    assert [w.word for w in kept] == ["flower", "bird"]  # plural dropped, car below 0.5
+    assert kept[0].part == 1 and kept[0].score == pytest.approx(float(sigmoid(np.array(3.0))))
+    assert len(select_words(logits, np.zeros(4, int), words, limit=1, min_score=0.0)) == 1
+
+
+def test_word_precision_report_by_hand():
+    words = {"a": ["bird", "sky", "red"], "b": ["car"], "c": []}
+    held = {"a": ["bird animal"], "b": ["truck"], "c": ["car"]}
+    titles = {"a": "a red bird", "b": "", "c": ""}
+    report = word_precision_report(words, held, titles, ["car", "bird", "sky"], k=3)
+    assert report["precision"] == pytest.approx((1 / 3 + 0 + 0) / 3)
+    # not in the title: a -> [sky] (0 hits), b -> [car] (0 hits)
+    assert report["precision_not_in_title"] == pytest.approx(0.0)
+    # constant list of round(mean words = 4/3) = 1 word: "car" hits only ad c
+    assert report["constant_precision"] == pytest.approx(1 / 3)
+    assert report["coverage"] == pytest.approx(2 / 3)

@@ -18,7 +18,8 @@ from components.evaluate.metrics import (
     per_query_metrics,
     ranking_metrics,
 )
-from components.evaluate.plots import plot_alignment_gallery, plot_data_efficiency, plot_subset_bars
+from components.align.gallery import GalleryItem, GalleryWord, plot_alignment_gallery
+from components.evaluate.plots import plot_data_efficiency, plot_subset_bars
 from components.evaluate.subsets import (
     evaluate_scores,
     image_only_queries,
@@ -313,9 +314,10 @@ def test_alignment_gallery_writes_a_readable_png(tmp_path):
     for i, colour in enumerate(["red", "green", "blue", "orange", "purple"]):
         image_path = tmp_path / f"ad{i}.png"
         Image.new("RGB", (96, 96), colour).save(image_path)
-        items.append((image_path, f"a {colour} thing with a rather long title number {i} for wrapping",
-                      [(colour, 0.9), ("thing", 0.5), ("shape", 0.25)]))
-    items.append((tmp_path / "missing.png", "unreadable image", []))
+        items.append(GalleryItem(image_path, f"a {colour} thing with a rather long title number {i} for wrapping",
+                                 [GalleryWord(colour, 0.9, (10, 10, 40, 40), True), GalleryWord("thing", 0.5),
+                                  GalleryWord("shape", 0.25, None, False)]))
+    items.append(GalleryItem(tmp_path / "missing.png", "unreadable image", []))
 
     out = plot_alignment_gallery(items, tmp_path / "gallery.png")
 

@@ -21,7 +21,7 @@ def test_quick_benchmark_writes_rows_table_and_plots(synthetic_dataset_dir, tmp_
         "benchmark", "--data", str(synthetic_dataset_dir), "--out", str(out), "--quick",
         "--ablations", "ours_random_words",
         "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "match.max_steps=6",
-        "--set", "benchmark.quick_max_steps=6", "--set", "benchmark.quick_align_epochs=2",
+        "--set", "benchmark.quick_max_steps=6",
         "--set", "benchmark.gallery_size=4",
     ])
     assert result.exit_code == 0, result.output
