@@ -21,7 +21,7 @@ def test_stages_chain_through_the_cli(synthetic_dataset_dir, tmp_path):
               "--set", f"paths.align_dir={tmp_path / 'align'}",
               "--set", f"paths.matcher_dir={tmp_path / 'matcher'}",
               "--set", f"paths.reports_dir={tmp_path / 'reports'}",
-              "--set", "align.epochs=3", "--set", "match.max_steps=4", "--set", "match.eval_every=2",
+              "--set", "align.max_iter=20", "--set", "match.max_steps=4", "--set", "match.eval_every=2",
               "--set", "match.lr=0.0001"]
     for command in (["features"], ["align", "train"], ["train-matcher", "--system", "ours"], ["evaluate"]):
         result = runner.invoke(app, command + common)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from components.config import Params, load_params
 
-TINY_TRAINING = ["align.epochs=3", "match.max_steps=4", "match.eval_every=2", "match.lr=0.0001",
+TINY_TRAINING = ["align.max_iter=20", "match.max_steps=4", "match.eval_every=2", "match.lr=0.0001",
                  "benchmark.gallery_size=4"]
 
 

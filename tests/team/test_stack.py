@@ -24,7 +24,7 @@ PREFECT = [sys.executable, "-m", "prefect"]
 # The shrunk config of the ops tests (tests/ops/ops_helpers.py TINY_TRAINING) on a small
 # synthetic dataset (tests/conftest.py sizes).
 TINY = ["data.source=synthetic", "data.synthetic.num_ads=120", "data.synthetic.image_size=96",
-        "align.epochs=3", "match.max_steps=4", "match.eval_every=2", "match.lr=0.0001", "benchmark.gallery_size=4"]
+        "align.max_iter=20", "match.max_steps=4", "match.eval_every=2", "match.lr=0.0001", "benchmark.gallery_size=4"]
 
 pytestmark = pytest.mark.slow
 
