@@ -95,8 +95,9 @@ def test_promotion_cases(prefect_harness, synthetic_dataset_dir, tmp_path):
     assert _promote(root, synthetic_dataset_dir)["outcome"] == "unchanged"
     assert _state(client) == before
 
-    # v2: the zero-shot matcher, a genuinely different model
-    retrain_flow(as_flow_params(ops_params(root, synthetic_dataset_dir, "registry.system=text_zero_shot")))
+    # v2: ours trained with another seed and without the word channel, a genuinely different
+    # model (the zero-shot matcher used to be v2; ours now beats it on every metric here)
+    retrain_flow(as_flow_params(ops_params(root, synthetic_dataset_dir, "match.seed=1", "match.word_channel=false")))
     rule = PromoteConfig()
     metrics = {v: evaluate_version(f"models:/{NAME}/{v}", synthetic_dataset_dir, rule, root / "cache")
                for v in ("1", "2")}
@@ -106,24 +107,32 @@ def test_promotion_cases(prefect_harness, synthetic_dataset_dir, tmp_path):
     # not better by min-delta -> kept, recorded, champion untouched; asking again changes nothing
     client.set_registered_model_alias(NAME, "champion", worse)
     client.set_registered_model_alias(NAME, "challenger", better)
-    kept = _promote(root, synthetic_dataset_dir, "promote.min_delta=0.9")
+    kept = _promote(root, synthetic_dataset_dir, "promote.min_delta=0.9", "promote.guardrail_metric=ndcg@10")
     assert kept["outcome"] == "kept" and "needs to be better by >= 0.9" in kept["reason"]
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == worse
     assert kept["challenger_metrics"] == pytest.approx(metrics[better])
     assert kept["champion_metrics"] == pytest.approx(metrics[worse])
     assert any(d["rule"]["min_delta"] == 0.9 and d["outcome"] == "kept" for d in _decisions(better))
     before = _state(client)
-    assert _promote(root, synthetic_dataset_dir, "promote.min_delta=0.9")["outcome"] == "unchanged"
+    assert _promote(root, synthetic_dataset_dir, "promote.min_delta=0.9", "promote.guardrail_metric=ndcg@10")["outcome"] == "unchanged"
     assert _state(client) == before
 
-    # guardrail: a metric on which the better model is worse may not drop
-    guard = min((k for k in metrics[better] if k != "ndcg@10"),
-                key=lambda k: metrics[better][k] - metrics[worse][k])
-    assert metrics[better][guard] < metrics[worse][guard], "the two models differ on no secondary metric"
-    breach = _promote(root, synthetic_dataset_dir, f"promote.guardrail_metric={guard}",
+    # guardrail: a metric on which the better model (by the compared metric) is worse may not drop.
+    # Which metric pair flips order depends on the two tiny models, so find one.
+    names = sorted(set(metrics["1"]) & set(metrics["2"]))
+    flips = [(p, g) for p in names for g in names
+             if p != g and (metrics["1"][p] - metrics["2"][p]) * (metrics["1"][g] - metrics["2"][g]) < 0]
+    assert flips, "the two models are ordered alike on every metric"
+    primary, guard = flips[0]
+    high, low = sorted(("1", "2"), key=lambda v: -metrics[v][primary])
+    client.set_registered_model_alias(NAME, "champion", low)
+    client.set_registered_model_alias(NAME, "challenger", high)
+    breach = _promote(root, synthetic_dataset_dir, f"promote.metric={primary}", f"promote.guardrail_metric={guard}",
                       "promote.guardrail_max_drop=0.0")
     assert breach["outcome"] == "kept" and f"guardrail {guard} dropped" in breach["reason"]
-    assert str(client.get_model_version_by_alias(NAME, "champion").version) == worse
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == low
+    client.set_registered_model_alias(NAME, "champion", worse)
+    client.set_registered_model_alias(NAME, "challenger", better)
 
     # better, guardrail on the compared metric itself -> promoted
     promoted = _promote(root, synthetic_dataset_dir, "promote.guardrail_metric=ndcg@10")
