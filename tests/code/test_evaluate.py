@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from components.align.gallery import GalleryItem, GalleryWord, plot_alignment_gallery
 from components.data.format import Dataset
 from components.evaluate import metrics as metrics_module
 from components.evaluate.metrics import (
@@ -18,7 +19,6 @@ from components.evaluate.metrics import (
     per_query_metrics,
     ranking_metrics,
 )
-from components.align.gallery import GalleryItem, GalleryWord, plot_alignment_gallery
 from components.evaluate.plots import plot_data_efficiency, plot_subset_bars
 from components.evaluate.subsets import (
     evaluate_scores,
