@@ -1,13 +1,11 @@
-"""Visual concepts: PCA-whitened, L2-normalised part vectors clustered by seeded k-means.
+"""Visual concepts: L2-normalised (projected) part vectors clustered by seeded k-means.
 
-An image is then a bag of concepts (METHOD.md section 2). Whitening is stored as plain
-arrays (mean, matrix), so applying it needs numpy only.
+An image is then a bag of concepts (METHOD.md section 2).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import faiss
 import numpy as np
@@ -17,50 +15,9 @@ from components.vision.parts import PartsFeatures
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Whitening:
-    """z = normalise((x - mean) @ matrix.T): matrix (d, D), principal axes / sqrt(eigenvalue)."""
-
-    mean: np.ndarray  # (D,)
-    matrix: np.ndarray  # (d, D)
-
-    @property
-    def dim(self) -> int:
-        return int(self.matrix.shape[0])
-
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        """(..., D) -> (..., d) float32, unit norm (zero rows stay zero)."""
-        shape = x.shape[:-1]
-        flat = x.reshape(-1, x.shape[-1]).astype(np.float32)
-        z = (flat - self.mean) @ self.matrix.T
-        return l2_normalize(z).reshape(*shape, self.dim).astype(np.float32)
-
-
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     norms = np.linalg.norm(x, axis=-1, keepdims=True)
     return x / np.maximum(norms, eps)
-
-
-def fit_whitening(x: np.ndarray, dim: int, power: float = -0.5, eps: float = 1e-6) -> Whitening:
-    """PCA fitted on rows of `x` (N, D), axes scaled by eigenvalue^power (-0.5 = whitening,
-    0 = plain PCA); `dim` is clamped to N-1 and D.
-
-    numpy's symmetric eigensolver on the covariance: for 1280-d part vectors it takes well
-    under a second, where faiss' PCAMatrix took about 10 s on two cores.
-    """
-    x = np.asarray(x, dtype=np.float32)
-    dim = int(max(2, min(dim, x.shape[1], x.shape[0] - 1)))
-    mean = x.mean(axis=0, dtype=np.float64)
-    centered = x - mean.astype(np.float32)
-    cov = (centered.T @ centered).astype(np.float64) / max(1, len(x) - 1)
-    values, vectors = np.linalg.eigh(cov)  # ascending
-    order = np.argsort(values)[::-1][:dim]
-    values, vectors = np.maximum(values[order], 0.0), vectors[:, order]
-    # Deterministic sign: the largest-magnitude loading of each component is positive.
-    signs = np.sign(vectors[np.abs(vectors).argmax(axis=0), np.arange(dim)])
-    vectors = vectors * np.where(signs == 0, 1.0, signs)
-    matrix = (vectors * (values + eps * max(values.max(), 1e-12)) ** power).T
-    return Whitening(mean=mean.astype(np.float32), matrix=matrix.astype(np.float32))
 
 
 def instance_vectors(parts: PartsFeatures, pooled_as_part: bool) -> tuple[np.ndarray, np.ndarray]:

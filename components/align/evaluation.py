@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from components.align.model import AlignmentModel, word_stem
+from components.align.model import AlignmentModel
+from components.text.stems import word_stem
 from components.text.vocabulary import tokenize
 from components.vision.parts import PartsFeatures
 

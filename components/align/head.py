@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from components.align.config import AlignConfig
+
 Pooling = Literal["pooled", "max", "noisy_or", "attention"]
 POOLINGS: tuple[str, ...] = ("pooled", "max", "noisy_or", "attention")
 
@@ -130,18 +132,7 @@ class Structure:
     word_structure: np.ndarray
 
 
-@dataclass
-class HeadConfig:
-    pooling: str = "pooled"
-    c: float = 0.1  # inverse L2 strength, as sklearn's C
-    map_weight: float = 1.0  # penalty on A relative to U (< 1: tied more to the word vectors)
-    max_iter: int = 100
-    structure_weight: float = 0.0
-    structure_temperature: float = 1.0
-    attention_temperature: float = 1.0
-
-
-def fit_head(cfg: HeadConfig, z: np.ndarray, mask: np.ndarray, labels: np.ndarray,
+def fit_head(cfg: AlignConfig, z: np.ndarray, mask: np.ndarray, labels: np.ndarray,
              word_vectors: np.ndarray, structure: Structure | None = None,
              device: str | torch.device = "cpu") -> WordHead:
     """Fit a `WordHead` on instances z (N, I, d), mask (N, I) and ad-level labels (N, V) in
@@ -208,7 +199,7 @@ def fold_of(num_rows: int, folds: int, seed: int) -> np.ndarray:
     return fold
 
 
-def cross_fit(cfg: HeadConfig, z: np.ndarray, mask: np.ndarray, labels: np.ndarray,
+def cross_fit(cfg: AlignConfig, z: np.ndarray, mask: np.ndarray, labels: np.ndarray,
               word_vectors: np.ndarray, folds: int, seed: int, structure: Structure | None = None,
               device: str | torch.device = "cpu") -> np.ndarray:
     """Out-of-fold logits (N, V): row i scored by a head that never saw row i (k-fold

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from components.align.concepts import assign, instance_vectors
 from components.align.head import Projection, WordHead, predict_logits
-from components.text.stems import word_stem  # noqa: F401 (re-export)
+from components.text.stems import word_stem
 from components.vision.parts import PartsFeatures
 
 MODEL_FILE = "alignment.json"
@@ -98,13 +98,19 @@ class AlignmentModel:
 
     def word_logits(self, parts: PartsFeatures) -> np.ndarray:
         """(N, V) per-image logit of every word."""
-        z, mask = self.instances(parts)
-        return predict_logits(self.head, z, mask)
+        return predict_logits(self.head, *self.instances(parts))
 
-    @torch.inference_mode()
     def word_sources(self, parts: PartsFeatures) -> np.ndarray:
         """(N, V) the instance each word responds to most (0 = the whole image)."""
+        return self._sources(*self.instances(parts))
+
+    def logits_and_sources(self, parts: PartsFeatures) -> tuple[np.ndarray, np.ndarray]:
+        """`word_logits` and `word_sources` from one projection of the instances."""
         z, mask = self.instances(parts)
+        return predict_logits(self.head, z, mask), self._sources(z, mask)
+
+    @torch.inference_mode()
+    def _sources(self, z: np.ndarray, mask: np.ndarray) -> np.ndarray:
         out = np.zeros((len(z), len(self.words)), np.int64)
         for start in range(0, len(z), 512):
             sl = slice(start, start + 512)
@@ -125,8 +131,7 @@ class AlignmentModel:
                   min_word_score: float | None = None) -> list[list[VisualWord]]:
         """Per image, up to m visual words, most probable first, with their probability and
         the part they came from."""
-        return self.translate_logits(self.word_logits(parts), self.word_sources(parts),
-                                     words_per_image, min_word_score)
+        return self.translate_logits(*self.logits_and_sources(parts), words_per_image, min_word_score)
 
     def concept_words(self, top: int = 1) -> list[list[tuple[str, float]]]:
         """Per visual concept, its `top` (word, probability) pairs: the head applied to the

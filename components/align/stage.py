@@ -93,13 +93,13 @@ def ad_level_texts(dataset: Dataset, *, fraction: float = 1.0, seed: int = 0, cl
 
 
 def dataset_logits(model: AlignmentModel, result: AlignResult, dataset: Dataset,
-                   features: PartsFeatures) -> np.ndarray:
+                   features: PartsFeatures) -> tuple[np.ndarray, np.ndarray]:
     """(N, V) logits of every ad of `dataset` (`features` rows in its ad order): training ads
-    out of fold, the others from the full model."""
-    logits = model.word_logits(features)
+    out of fold, the others from the full model; and each word's source part."""
+    logits, sources = model.logits_and_sources(features)
     train_rows = dataset.ad_rows(dataset.split("train"))
     logits[train_rows] = result.out_of_fold_logits
-    return logits
+    return logits, sources
 
 
 def save_words(ad_ids: list[str], words: list[list[VisualWord]], path: Path) -> Path:
@@ -146,8 +146,8 @@ def load_ad_words(words_path: Path) -> tuple[dict[str, Words], WordLogits]:
 def translate_ads(model: AlignmentModel, ad_ids: list[str], features: PartsFeatures
                   ) -> tuple[dict[str, Words], WordLogits]:
     """New ads (never trained on) through the full model: their words and logits."""
-    logits = model.word_logits(features)
-    words = model.translate_logits(logits, model.word_sources(features))
+    logits, sources = model.logits_and_sources(features)
+    words = model.translate_logits(logits, sources)
     by_id = {a: [(w.word, w.score) for w in ws] for a, ws in zip(ad_ids, words, strict=True)}
     return by_id, WordLogits(list(ad_ids), list(model.words), logits, model.word_logit_means)
 
@@ -188,7 +188,7 @@ def gallery_items(dataset: Dataset, split_name: str, words_by_id: dict[str, list
     """The first `size` ads of a split, each word with the box of its source part and ✓/✗
     against the ad's held-out query words. `features` rows follow `dataset`'s ad order."""
     from components.align.evaluation import held_out_words
-    from components.align.model import word_stem
+    from components.text.stems import word_stem
 
     held_out = held_out_texts(dataset, split_name)
     rows = {a: i for i, a in enumerate(dataset.ads["ad_id"].astype(str))}
@@ -220,8 +220,8 @@ def run_align(cfg: AlignConfig, *, dataset_dir: Path, features: PartsFeatures, o
                              encoder=encoder, out_dir=out_dir)
     model = AlignmentModel.load(result.model_dir)
     ad_ids = dataset.ads["ad_id"].astype(str).tolist()
-    logits = dataset_logits(model, result, dataset, features)
-    words = model.translate_logits(logits, model.word_sources(features))
+    logits, sources = dataset_logits(model, result, dataset, features)
+    words = model.translate_logits(logits, sources)
     words_path = save_words(ad_ids, words, out_dir / WORDS_FILE)
     logits_path = save_word_logits(ad_ids, model, logits, out_dir / LOGITS_FILE)
     by_id = dict(zip(ad_ids, words, strict=True))

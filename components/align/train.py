@@ -27,7 +27,6 @@ from components.align.concepts import (
 from components.align.config import AlignConfig
 from components.align.cooccurrence import structure
 from components.align.head import (
-    HeadConfig,
     Structure,
     cross_fit,
     fit_head,
@@ -62,12 +61,6 @@ def word_labels(texts: list[str], index: dict[str, int], min_length: int) -> np.
             if j is not None:
                 labels[i, j] = 1.0
     return labels
-
-
-def head_config(cfg: AlignConfig) -> HeadConfig:
-    return HeadConfig(pooling=cfg.pooling, c=cfg.c, map_weight=cfg.map_weight, max_iter=cfg.max_iter,
-                      structure_weight=cfg.structure_weight, structure_temperature=cfg.structure_temperature,
-                      attention_temperature=cfg.attention_temperature)
 
 
 def train_alignment(cfg: AlignConfig, *, texts: list[str], parts: PartsFeatures,
@@ -127,14 +120,13 @@ def _train_alignment(cfg: AlignConfig, *, texts: list[str], parts: PartsFeatures
     timings["seconds_concepts"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    head_cfg = head_config(cfg)
     struct = Structure(concept_means, concept_structure, word_structure) if cfg.structure_weight > 0 else None
-    head = fit_head(head_cfg, z, mask, labels, word_vectors, struct, device).cpu()
+    head = fit_head(cfg, z, mask, labels, word_vectors, struct, device).cpu()
     timings["seconds_head"] = time.perf_counter() - t
 
     t = time.perf_counter()
     if cfg.folds >= 2:
-        out_of_fold = cross_fit(head_cfg, z, mask, labels, word_vectors, cfg.folds, cfg.seed, struct, device)
+        out_of_fold = cross_fit(cfg, z, mask, labels, word_vectors, cfg.folds, cfg.seed, struct, device)
     else:  # in-sample: what the matcher would see if nothing were held out (an ablation)
         out_of_fold = predict_logits(head, z, mask)
     timings["seconds_cross_fit"] = time.perf_counter() - t

@@ -97,11 +97,11 @@ def run_benchmark(cfg: BenchmarkConfig, *, dataset_dir: Path, out_dir: Path, cac
         load_words,
         run_align,
     )
-    from components.evaluate.metrics import ScoreMatrix
     from components.evaluate.significance import run_detail
     from components.evaluate.subsets import evaluate_scores
     from components.match.data import match_data
     from components.match.systems import load_scorer, select_learning_rate, train_system
+    from components.metrics import ScoreMatrix
     from components.vision.cache import extract_parts_cached
 
     started = time.perf_counter()

@@ -18,14 +18,14 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from components.evaluate.metrics import (
+from components.evaluate.subsets import ALL, pair_subsets, query_subsets
+from components.metrics import (
     DEFAULT_METRICS,
     ScoreMatrix,
     labelled_pairs,
     per_query_metrics,
     qrels_from_frame,
 )
-from components.evaluate.subsets import ALL, pair_subsets, query_subsets
 
 RANKING_DEPTH = 100
 
@@ -91,14 +91,15 @@ def paired_test(left: Sequence[RunDetail], right: Sequence[RunDetail], subset: s
     rng = np.random.default_rng(seed)
     if metric == "auc":
         lhs, rhs = _auc_arrays(left, subset), _auc_arrays(right, subset)
-        query_ids = np.unique(np.concatenate([q for q, _, _ in lhs]))
-        index = {q: i for i, q in enumerate(query_ids)}
+        query_ids = np.unique(np.concatenate([q for q, _, _ in lhs + rhs]))
+        # Each pair's query as an integer once, so a resample is one gather per side.
+        lhs = [(np.searchsorted(query_ids, q), y, s) for q, y, s in lhs]
+        rhs = [(np.searchsorted(query_ids, q), y, s) for q, y, s in rhs]
 
         def statistic(weights: np.ndarray) -> float:
             deltas = []
             for (ql, yl, sl), (qr, yr, sr) in zip(lhs, rhs, strict=True):
-                wl = weights[[index[q] for q in ql]]
-                wr = weights[[index[q] for q in qr]]
+                wl, wr = weights[ql], weights[qr]
                 if wl.sum() == 0 or len(np.unique(yl[wl > 0])) < 2 or len(np.unique(yr[wr > 0])) < 2:
                     return float("nan")
                 deltas.append(roc_auc_score(yl, sl, sample_weight=wl) - roc_auc_score(yr, sr, sample_weight=wr))

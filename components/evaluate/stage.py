@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from components.data.format import read_dataset
-from components.evaluate.metrics import ScoreMatrix
 from components.evaluate.subsets import evaluate_scores, flatten_records
+from components.metrics import ScoreMatrix
 
 log = logging.getLogger(__name__)
 

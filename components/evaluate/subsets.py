@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from components.data.format import Dataset
-from components.evaluate.metrics import (
+from components.metrics import (
     DEFAULT_METRICS,
     ScoreMatrix,
     auc_over_pairs,

@@ -15,6 +15,9 @@ import numpy as np
 import pandas as pd
 
 from components.data.format import Dataset
+from components.data.splits import training_query_subset
+from components.text.stems import word_stem
+from components.text.vocabulary import tokenize
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +48,6 @@ def ad_text(title: str, words: Words | None = None, max_words: int | None = None
     (with `skip_title_words`) those whose stem is already in the title left out, at most
     `max_words` of them.
     """
-    from components.text.stems import word_stem
-    from components.text.vocabulary import tokenize
-
     title = normalize_text(title)
     title_stems = {word_stem(t) for t in tokenize(title)} if skip_title_words else set()
     kept: list[str] = []
@@ -234,13 +234,7 @@ def training_pairs(data: MatchData, fraction: float = 1.0, seed: int = 0) -> np.
     selection the alignment's click text uses: for one seed the 25% queries are inside the
     50% ones, which are inside 100%.
     """
-    from components.data.splits import training_query_subset
-
     pairs = data.positives()
-    if len(pairs) == 0:
-        if not 0.0 < fraction <= 1.0:
-            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-        return pairs
     queries = np.unique(pairs[:, 0])
     kept_ids = set(training_query_subset([data.queries.query_ids[q] for q in queries], fraction, seed))
     kept = np.array([q for q in queries if data.queries.query_ids[q] in kept_ids], dtype=np.int64)

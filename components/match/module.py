@@ -21,13 +21,13 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from components.evaluate.metrics import ScoreMatrix, qrels_from_frame, ranking_metrics
 from components.lightning_logs import quiet_lightning
 from components.match.data import MatchData
 from components.match.encoder import TextTower, TowerConfig, TwoTowerMatcher
 from components.match.fusion import ImageFusionHead
 from components.match.losses import InfoNCELoss
 from components.match.words import WordChannel
+from components.metrics import ScoreMatrix, qrels_from_frame, ranking_metrics
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,6 @@ from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file as save_torch
 
 from components.device import resolve_device
-from components.evaluate.metrics import ScoreMatrix, qrels_from_frame, ranking_metrics
 from components.match.config import MatchConfig
 from components.match.data import AdSide, MatchData, QuerySide, training_pairs
 from components.match.encoder import TextTower, TowerConfig, TwoTowerMatcher
@@ -43,6 +42,7 @@ from components.match.lexical import bm25_scores
 from components.match.module import MatchBatches, MatcherModule, fit_matcher
 from components.match.probe import TermProbe, fit_logistic, term_labels, zscore_rows
 from components.match.words import WordChannel
+from components.metrics import ScoreMatrix, qrels_from_frame, ranking_metrics
 from components.systems import (
     IMAGE_SYSTEMS,
     SYSTEMS,

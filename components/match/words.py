@@ -55,7 +55,6 @@ class WordChannel(nn.Module):
         super().__init__()
         self.vocabulary = list(vocabulary)
         self.raw_scale = nn.Parameter(torch.tensor(math.log(math.expm1(init_scale))))
-        self._terms: dict[str, torch.Tensor] = {}
 
     @property
     def dim(self) -> int:
@@ -65,14 +64,9 @@ class WordChannel(nn.Module):
         return F.softplus(self.raw_scale)
 
     def query_terms(self, texts: Sequence[str]) -> torch.Tensor:
-        """(B, V) term weights of query texts (memoised per text: queries repeat)."""
-        missing = [t for t in dict.fromkeys(texts) if t not in self._terms]
-        if missing:
-            for text, row in zip(missing, query_term_weights(missing, self.vocabulary), strict=True):
-                self._terms[text] = torch.from_numpy(row)
-        device = self.raw_scale.device
-        return torch.stack([self._terms[t] for t in texts]).to(device) if texts else \
-            torch.zeros(0, self.dim, device=device)
+        """(B, V) term weights of query texts (tokenising a batch is cheap next to the encoder,
+        and nothing per query is kept: a service sees unbounded distinct queries)."""
+        return torch.from_numpy(query_term_weights(list(texts), self.vocabulary)).to(self.raw_scale.device)
 
     def query_part(self, texts: Sequence[str]) -> torch.Tensor:
         """(B, V) what the query tower appends: alpha * t_q."""

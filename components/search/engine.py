@@ -27,15 +27,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from components.align.model import AlignmentModel, word_stem
+from components.align.model import AlignmentModel
 from components.align.stage import translate_ads
 from components.data.format import Dataset, read_dataset
-from components.evaluate.metrics import ScoreMatrix
 from components.evaluate.subsets import evaluate_scores, flatten_records
 from components.match.data import QuerySide, match_data, normalize_text
 from components.match.systems import TwoTowerScorer, load_scorer
+from components.metrics import ScoreMatrix
 from components.retrieve.config import IndexConfig
 from components.retrieve.index import AdIndex
+from components.text.stems import word_stem
 from components.vision.cache import extract_parts_cached
 from components.vision.config import PartsConfig
 from components.vision.parts import PartsFeatures

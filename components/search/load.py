@@ -16,9 +16,11 @@ BAD_INPUTS: list[tuple[str, str, dict]] = [
     ("empty query", "post", {"json": {"query": ""}}),
     ("whitespace query", "post", {"json": {"query": " \t\n "}}),
     ("10 kB query", "post", {"json": {"query": "tree " * 2048}}),
+    ("300-char query (over max_query_chars)", "post", {"json": {"query": "t" * 300}}),
     ("k=0", "post", {"json": {"query": "tree", "k": 0}}),
     ("k=-1", "post", {"json": {"query": "tree", "k": -1}}),
     ("k=10^6", "post", {"json": {"query": "tree", "k": 10**6}}),
+    ("k=10^30", "post", {"json": {"query": "tree", "k": 10**30}}),
     ("k float", "post", {"json": {"query": "tree", "k": 2.5}}),
     ("k string", "post", {"json": {"query": "tree", "k": "many"}}),
     ("query a number", "post", {"json": {"query": 5}}),
@@ -26,6 +28,7 @@ BAD_INPUTS: list[tuple[str, str, dict]] = [
     ("query null", "post", {"json": {"query": None}}),
     ("no query", "post", {"json": {"k": 3}}),
     ("body a list", "post", {"json": ["tree"]}),
+    ("body a string", "post", {"json": "tree"}),
     ("invalid JSON", "post", {"content": b'{"query": "tree"', "headers": {"content-type": "application/json"}}),
     ("body not UTF-8", "post", {"content": b'{"query": "\xff\xfe"}', "headers": {"content-type": "application/json"}}),
     ("lone surrogate", "post", {"content": b'{"query": "\\ud800"}', "headers": {"content-type": "application/json"}}),
@@ -34,6 +37,7 @@ BAD_INPUTS: list[tuple[str, str, dict]] = [
     ("GET blank q", "get", {"params": {"q": "  "}}),
     ("GET k=0", "get", {"params": {"q": "tree", "k": 0}}),
     ("GET k=10^6", "get", {"params": {"q": "tree", "k": 10**6}}),
+    ("GET k text", "get", {"params": {"q": "tree", "k": "x"}}),
     ("GET 10 kB q", "get", {"params": {"q": "x" * 10_000}}),
 ]
 # Valid but unusual: must be answered (2xx), never 5xx.

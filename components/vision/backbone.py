@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components.device import resolve_device  # noqa: F401 (re-export)
+from components.device import resolve_device
 from components.vision.config import WEIGHTS_NAME
 
 log = logging.getLogger(__name__)

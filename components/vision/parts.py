@@ -30,12 +30,12 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from components.device import resolve_device
 from components.vision.backbone import (
     NUM_FEATURES,
     EfficientNetLite0,
     load_backbone,
     normalize,
-    resolve_device,
 )
 from components.vision.config import EXTRACTOR_VERSION, FEATURE_STRIDE, PartsConfig  # noqa: F401 (re-export)
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from components.align.concepts import assign, concept_bags, fit_whitening, l2_normalize
+from components.align.concepts import assign, concept_bags, l2_normalize
+from components.align.config import AlignConfig
 from components.align.cooccurrence import (
     cooccurrence_counts,
     document_matrix,
@@ -24,7 +25,6 @@ from components.align.evaluation import (
     word_precision_report,
 )
 from components.align.head import (
-    HeadConfig,
     WordHead,
     cross_fit,
     fit_head,
@@ -32,7 +32,8 @@ from components.align.head import (
     fold_of,
     predict_logits,
 )
-from components.align.model import near_duplicates, select_words, sigmoid, word_stem
+from components.align.model import near_duplicates, select_words, sigmoid
+from components.text.stems import word_stem
 
 # ----------------------------------------------------------------------------- co-occurrence
 
@@ -82,19 +83,6 @@ def test_marginals_power_and_structure_shapes():
 
 
 # ----------------------------------------------------------------------------- concepts
-
-
-def test_whitening_projects_on_principal_axes_and_normalises():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(500, 3)) * np.array([10.0, 1.0, 0.1])
-    white = fit_whitening(x, 2, power=-0.5)
-    z = (x - white.mean) @ white.matrix.T
-    np.testing.assert_allclose(z.std(axis=0), 1.0, rtol=0.02)  # unit variance per axis
-    assert abs(white.matrix[0, 0]) > 0.99 * np.linalg.norm(white.matrix[0])  # first axis = x0
-    np.testing.assert_allclose(np.linalg.norm(white.apply(x), axis=1), 1.0, rtol=1e-5)
-    plain = fit_whitening(x, 2, power=0.0)  # plain PCA keeps the variance ratio
-    zp = (x - plain.mean) @ plain.matrix.T
-    assert zp[:, 0].std() / zp[:, 1].std() == pytest.approx(10.0, rel=0.1)
 
 
 def test_assign_and_bags():
@@ -188,10 +176,10 @@ def test_head_learns_a_separable_toy_and_starts_from_the_prior():
     labels = np.stack([(x[:, 0, 0] > 0), (x[:, 0, 1] > 1.0)], axis=1).astype(np.float32)
     mask = np.ones((300, 1), bool)
     vectors = np.eye(2, 3, dtype=np.float32)
-    untrained = fit_head(HeadConfig(max_iter=1, c=1e-6), x, mask, labels, vectors)
+    untrained = fit_head(AlignConfig(max_iter=1, c=1e-6), x, mask, labels, vectors)
     prior = labels.mean(0)
     np.testing.assert_allclose(untrained.bias.detach().numpy(), np.log(prior / (1 - prior)), atol=0.05)
-    head = fit_head(HeadConfig(c=1.0), x, mask, labels, vectors)
+    head = fit_head(AlignConfig(c=1.0), x, mask, labels, vectors)
     accuracy = ((predict_logits(head, x, mask) > 0) == labels.astype(bool)).mean()
     assert accuracy > 0.95
 
@@ -202,7 +190,7 @@ def test_cross_fitting_never_sees_the_row_it_scores():
     mask = np.ones((60, 1), bool)
     labels = (rng.random((60, 2)) < 0.3).astype(np.float32)
     vectors = np.eye(2, 3, dtype=np.float32)
-    cfg = HeadConfig(c=1.0, max_iter=50)
+    cfg = AlignConfig(c=1.0, max_iter=50)
     before = cross_fit(cfg, x, mask, labels, vectors, folds=5, seed=0)
     flipped = labels.copy()
     flipped[7] = 1 - flipped[7]  # change row 7's own labels only

@@ -9,22 +9,22 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from components import metrics as metrics_module
 from components.align.gallery import GalleryItem, GalleryWord, plot_alignment_gallery
 from components.data.format import Dataset
-from components.evaluate import metrics as metrics_module
-from components.evaluate.metrics import (
-    ScoreMatrix,
-    auc_over_pairs,
-    labelled_pairs,
-    per_query_metrics,
-    ranking_metrics,
-)
 from components.evaluate.plots import plot_data_efficiency, plot_subset_bars
 from components.evaluate.subsets import (
     evaluate_scores,
     image_only_queries,
     pair_subsets,
     query_subsets,
+)
+from components.metrics import (
+    ScoreMatrix,
+    auc_over_pairs,
+    labelled_pairs,
+    per_query_metrics,
+    ranking_metrics,
 )
 
 

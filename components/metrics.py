@@ -1,4 +1,5 @@
-"""Ranking metrics (through ranx), ROC-AUC over labelled pairs, and the labelled pairs themselves.
+"""IR metrics (ranx) and pair AUC (scikit-learn) over score matrices, below both matcher
+training (validation) and evaluation, which use them.
 
 Every metric of the benchmark is defined here once and reused by Lightning validation, the
 evaluate stage and the tests. Conventions (ranx's own behaviour differs on some of them):
