@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -214,17 +213,6 @@ def match_data(dataset_split: Dataset, words: Mapping[str, Words] | Sequence[Wor
     queries = QuerySide(query_ids=queries_table["query_id"].astype(str).tolist(),
                         texts=queries_table["text"].astype(object).where(queries_table["text"].notna(), "").tolist())
     return MatchData(queries=queries, ads=ads, qrels=dataset_split.qrels.reset_index(drop=True))
-
-
-def load_features(dataset_split: Dataset, parts_cfg=None, cache_dir: Path | None = None, **kwargs):
-    """Image features of a split's ads in ad order, through the vision cache (`PartsFeatures`)."""
-    from components.vision.cache import extract_parts_cached
-    from components.vision.parts import PartsConfig, extract_parts
-
-    paths = [dataset_split.image_file(p) for p in dataset_split.ads["image_path"].astype(str)]
-    if cache_dir is None:
-        return extract_parts(paths, parts_cfg or PartsConfig(), **kwargs)
-    return extract_parts_cached(paths, parts_cfg or PartsConfig(), cache_dir=cache_dir, **kwargs)
 
 
 def training_pairs(data: MatchData, fraction: float = 1.0, seed: int = 0) -> np.ndarray:
