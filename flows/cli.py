@@ -154,14 +154,14 @@ def _retrain(cfg) -> dict:
     from components.data.format import DatasetFormatError
     from components.data.validate import ValidationError
     from components.registry.versions import RegistryError
-    from flows.retrain import retrain_flow
+    from flows.retrain import RetrainAlreadyRunning, retrain_flow
 
     try:
         return retrain_flow(cfg.model_dump(mode="json", by_alias=True))
     except ValidationError as exc:
         err_console.print(f"[red]Dataset validation failed: nothing trained, nothing registered.[/red]\n{exc}",
                           soft_wrap=True)
-    except (DatasetFormatError, FileNotFoundError, ValueError, RegistryError) as exc:
+    except (DatasetFormatError, FileNotFoundError, ValueError, RegistryError, RetrainAlreadyRunning) as exc:
         err_console.print(f"[red]Retraining failed, nothing registered:[/red] {exc}", soft_wrap=True)
     raise typer.Exit(1)
 

@@ -11,6 +11,7 @@ from prefect import flow, get_run_logger, task
 from components.config import Params
 from components.registry.tracking import configure_mlflow
 from flows.retrain import retrain_flow
+from flows.runtime import setup_runtime
 
 
 @task(name="promote", retries=1, retry_delay_seconds=10)
@@ -28,6 +29,7 @@ def promote_task(params: dict[str, Any], dataset_dir: str | None) -> dict:
 def promote_flow(params: dict[str, Any], dataset_dir: str | None = None) -> dict:
     """Evaluate challenger and champion on the current test split of `dataset_dir` (default: the
     dataset the challenger was trained on, as its run recorded); move `champion` if the rule allows."""
+    setup_runtime()
     decision = promote_task(params, dataset_dir)
     get_run_logger().info("promotion: %s (%s)", decision["outcome"], decision["reason"])
     return decision
@@ -41,7 +43,12 @@ def retrain_and_promote_flow(params_file: str = "params.yaml", overrides: list[s
     """
     from components.config import load_params
 
+    setup_runtime()  # a deployment's worker starts here, not through the CLI
     params = load_params(Path(params_file), overrides).model_dump(mode="json", by_alias=True)
     retrained = retrain_flow(params)
     decision = promote_flow(params, dataset_dir=retrained["dataset_dir"])
     return {"retrain": retrained, "promotion": decision}
+
+
+if __name__ == "__main__":  # python -m flows.promote: the scheduled job once, locally
+    print(retrain_and_promote_flow())

@@ -1,11 +1,19 @@
 """The retraining flow: dataset → validation → visual features → alignment → matcher →
 evaluation → registration in MLflow (alias `challenger`).
 
-Tasks are thin wrappers around the component stage functions. The expensive ones are cached
-by Prefect on a stage key: a hash of (DVC dataset hash, the stage's params, the code version
-of `components/` and this file, the upstream stage keys). Each stage writes into
-`paths.flow_dir/<stage>/<key>`, so an unchanged rerun reuses every output and goes straight to the registration check, which finds
-the identical version already registered and adds none.
+Tasks are thin wrappers around the component stage functions. Each is cached by Prefect on a
+stage key: a hash of (DVC dataset hash, the stage's params, the code the stage runs, the upstream
+stage keys). "The code the stage runs" is `components.stages.stage_code(stage)`, the same list
+`dvc.yaml` declares as the stage's deps, plus the task's own source here: an edit to the HTTP
+service does not retrain the alignment, an edit to validation re-validates.
+
+Each stage writes into a temporary directory beside `paths.flow_dir/<stage>/<key>` and renames
+it there when complete, so a killed run never leaves a half-written stage directory to be reused;
+a finished directory is reused even when Prefect's own result record is gone. An unchanged rerun
+reuses every output and goes straight to the registration check, which finds the identical
+version already registered and adds none. One retrain at a time per `paths.flow_dir`: a second
+one refuses with "already running" (an OS file lock, released when its holder dies, so a killed
+run never blocks the next one).
 
 Every flow run opens one MLflow run (params, dataset hash, git commit, per-stage metrics and
 timings, validation report, alignment gallery, plots, model); Lightning logs into it too.
@@ -14,11 +22,18 @@ A run that fails anywhere is marked FAILED in MLflow and registers nothing.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import inspect
 import json
 import logging
+import os
+import shutil
+import socket
 import tempfile
 import time
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,11 +52,15 @@ from components.registry.tracking import (
     numeric_metrics,
     source_tags,
 )
+from components.stages import stage_code_version
+from flows.runtime import setup_runtime
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DONE_FILE = "DONE"  # written last into a stage directory: its outputs are complete
+TMP_PREFIX = ".tmp-"  # a stage directory being written (renamed to its key when complete)
+LOCK_FILE = ".retrain.lock"
 SOURCE_NAME = "flows/retrain.py:retrain_flow"  # the run page's Source, the same from CLI, schedule, deployment
 
 
@@ -70,16 +89,105 @@ def _key_from_stage(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     return f"alignsearch-{context.task.name}-{parameters['key']}"
 
 
+def code_key(stage: str, task_fn) -> str:
+    """The code version of `stage`: the components it runs (`components.stages`, the list
+    dvc.yaml declares) and the task wrapper's own source in this file."""
+    wrapper = inspect.getsource(getattr(task_fn, "fn", task_fn))
+    return stage_key(stage_code_version(stage), hashlib.sha256(wrapper.encode()).hexdigest()[:16])
+
+
 def _stage_dir(root: Path, stage: str, key: str) -> Path:
     return Path(root) / stage / key
 
 
-def _finish(out_dir: Path, payload: dict) -> dict:
-    (out_dir / DONE_FILE).write_text(json.dumps(payload, default=str) + "\n")
+def _done(out_dir: Path) -> dict | None:
+    """The payload a complete stage directory recorded, or None."""
+    try:
+        return json.loads((Path(out_dir) / DONE_FILE).read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return None
+
+
+@contextmanager
+def _staging(out_dir: Path):
+    """A fresh temporary directory beside `out_dir` for the stage to write into; removed if the
+    stage fails. `_publish` renames it to `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f"{TMP_PREFIX}{out_dir.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(tmp: Path, out_dir: Path, payload: dict) -> dict:
+    """Record `payload` (paths under `tmp` rewritten to `out_dir`) and rename `tmp` to `out_dir`:
+    the stage directory appears complete or not at all."""
+    payload = json.loads(json.dumps(payload, default=str).replace(str(tmp), str(out_dir)))
+    (tmp / DONE_FILE).write_text(json.dumps(payload) + "\n")
+    if out_dir.exists() and _done(out_dir) is None:  # an unfinished leftover (a failed validation's report)
+        shutil.rmtree(out_dir)
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:  # someone published this key meanwhile (same inputs): theirs is as good
+        done = _done(out_dir)
+        if done is None:
+            raise
+        return done
     return payload
 
 
+def _reused(out_dir: Path) -> dict | None:
+    """A finished stage directory's payload, marked as reused (Prefect's record of it may be gone)."""
+    done = _done(out_dir)
+    return None if done is None else {**done, "reused": True}
+
+
 STAGE_TASK = {"cache_key_fn": _key_from_stage, "persist_result": True}
+
+
+class RetrainAlreadyRunning(RuntimeError):
+    """Another retrain holds the lock on the same `paths.flow_dir`."""
+
+
+@contextmanager
+def retrain_lock(flow_dir: Path):
+    """Hold the one-retrain-per-`flow_dir` lock (refuse with `RetrainAlreadyRunning` if taken).
+
+    An OS lock (`flock`) on `flow_dir/.retrain.lock`: the kernel releases it when the holder
+    exits, however it dies, so a stale lock never blocks. The file names the holder (pid,
+    host, start time) for the message; a leftover file from a dead holder is simply taken over.
+    """
+    flow_dir = Path(flow_dir)
+    flow_dir.mkdir(parents=True, exist_ok=True)
+    path = flow_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+            raise RetrainAlreadyRunning(
+                f"another retrain is already running on {flow_dir} ({holder}); wait for it to finish "
+                f"(its lock is released when it exits) or use another paths.flow_dir") from None
+        previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        if previous:
+            log.info("taking over the retrain lock left by %s (no longer running)", previous)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                  .encode(), 0)
+        # Temporary stage directories left here are from killed runs (only the holder writes).
+        for tmp in flow_dir.glob(f"*/{TMP_PREFIX}*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            yield path
+        finally:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the lock
 
 
 # --------------------------------------------------------------------------- tasks
@@ -107,15 +215,27 @@ def resolve_dataset(data: dict) -> dict:
     return {"dataset_dir": str(dataset_dir), "dataset_hash": dataset_hash(dataset_dir), "counts": counts}
 
 
-@task(name="validate")
-def validate(dataset_dir: str, validation: dict, report_dir: str) -> dict:
-    """Great Expectations validation; raises `ValidationError` (stopping the flow) on failure."""
+@task(name="validate", **STAGE_TASK)
+def validate(key: str, dataset_dir: str, validation: dict, report_dir: str) -> dict:
+    """Great Expectations validation; raises `ValidationError` (stopping the flow) on failure,
+    with its report left in `report_dir` (a failed validation is not cached)."""
     from components.config import ValidateConfig
-    from components.data.validate import validate_dataset
+    from components.data.validate import ValidationError, validate_dataset
 
-    result = validate_dataset(Path(dataset_dir), ValidateConfig(**validation), report_dir=Path(report_dir))
-    result.raise_if_failed()
-    return {"report_dir": report_dir, "num_rules": result.num_rules, "seconds": round(result.seconds, 2)}
+    report = Path(report_dir)
+    if (done := _reused(report)) is not None:
+        return done
+    with _staging(report) as tmp:
+        result = validate_dataset(Path(dataset_dir), ValidateConfig(**validation), report_dir=tmp)
+        payload = {"report_dir": report_dir, "num_rules": result.num_rules,
+                   "metrics": {"seconds": round(result.seconds, 2)}}
+        if result.success:
+            return _publish(tmp, report, payload)
+        # The report of a failure is kept where the flow logs it from, with no DONE file: it is
+        # never taken for a pass, and the next run replaces it.
+        shutil.rmtree(report, ignore_errors=True)
+        os.rename(tmp, report)
+        raise ValidationError(result)
 
 
 @task(name="features", **STAGE_TASK)
@@ -123,9 +243,12 @@ def features(key: str, vision: dict, dataset_dir: str, out_dir: str, cache_dir: 
     from components.vision.config import PartsConfig
     from components.vision.stage import run_features
 
-    result = run_features(PartsConfig(**vision), dataset_dir=Path(dataset_dir), out_dir=Path(out_dir),
-                          cache_dir=Path(cache_dir))
-    return _finish(Path(out_dir), {"features_path": str(result.features_path), "metrics": result.metrics})
+    if (done := _reused(Path(out_dir))) is not None:
+        return done
+    with _staging(Path(out_dir)) as tmp:
+        result = run_features(PartsConfig(**vision), dataset_dir=Path(dataset_dir), out_dir=tmp,
+                              cache_dir=Path(cache_dir))
+        return _publish(tmp, Path(out_dir), {"features_path": str(result.features_path), "metrics": result.metrics})
 
 
 @task(name="align", **STAGE_TASK)
@@ -135,13 +258,16 @@ def align(key: str, align_cfg: dict, dataset_dir: str, features_path: str, out_d
     from components.align.stage import run_align
     from components.vision.stage import load_features
 
-    result = run_align(AlignConfig(**align_cfg), dataset_dir=Path(dataset_dir),
-                       features=load_features(Path(features_path)), out_dir=Path(out_dir),
-                       cache_dir=Path(cache_dir), gallery_size=gallery_size, fraction=fraction,
-                       query_seed=query_seed)
-    return _finish(Path(out_dir), {"model_dir": str(result.model_dir), "words_path": str(result.words_path),
-                                   "gallery_path": str(result.gallery_path) if result.gallery_path else None,
-                                   "metrics": result.metrics})
+    if (done := _reused(Path(out_dir))) is not None:
+        return done
+    with _staging(Path(out_dir)) as tmp:
+        result = run_align(AlignConfig(**align_cfg), dataset_dir=Path(dataset_dir),
+                           features=load_features(Path(features_path)), out_dir=tmp,
+                           cache_dir=Path(cache_dir), gallery_size=gallery_size, fraction=fraction,
+                           query_seed=query_seed)
+        return _publish(tmp, Path(out_dir), {
+            "model_dir": str(result.model_dir), "words_path": str(result.words_path),
+            "gallery_path": str(result.gallery_path) if result.gallery_path else None, "metrics": result.metrics})
 
 
 @task(name="train-matcher", **STAGE_TASK)
@@ -153,12 +279,15 @@ def train_matcher(key: str, match_cfg: dict, system: str, dataset_dir: str, feat
     from components.match.stage import run_train_matcher
     from components.vision.stage import load_features
 
+    if (done := _reused(Path(out_dir))) is not None:
+        return done
     words, word_logits = load_ad_words(Path(words_path))
-    result = run_train_matcher(MatchConfig(**match_cfg), dataset_dir=Path(dataset_dir), out_dir=Path(out_dir),
-                               system=system, features=load_features(Path(features_path)),
-                               words=words, word_logits=word_logits,
-                               logger=_lightning_logger("matcher", mlflow_run_id, tracking_uri))
-    return _finish(Path(out_dir), {"scorer_dir": str(result.scorer_dir), "metrics": result.metrics})
+    with _staging(Path(out_dir)) as tmp:
+        result = run_train_matcher(MatchConfig(**match_cfg), dataset_dir=Path(dataset_dir), out_dir=tmp,
+                                   system=system, features=load_features(Path(features_path)),
+                                   words=words, word_logits=word_logits,
+                                   logger=_lightning_logger("matcher", mlflow_run_id, tracking_uri))
+        return _publish(tmp, Path(out_dir), {"scorer_dir": str(result.scorer_dir), "metrics": result.metrics})
 
 
 @task(name="evaluate", **STAGE_TASK)
@@ -169,12 +298,15 @@ def evaluate(key: str, match_cfg: dict, seed: int, dataset_dir: str, scorer_dir:
     from components.match.config import MatchConfig
     from components.vision.stage import load_features
 
+    if (done := _reused(Path(out_dir))) is not None:
+        return done
     words, word_logits = load_ad_words(Path(words_path))
-    result = run_evaluate(dataset_dir=Path(dataset_dir), scorer_dir=Path(scorer_dir), out_dir=Path(out_dir),
-                          features=load_features(Path(features_path)), words=words, word_logits=word_logits,
-                          seed=seed, match_cfg=MatchConfig(**match_cfg))
-    return _finish(Path(out_dir), {"metrics_path": str(result.metrics_path), "metrics": result.metrics,
-                                   "plots": {k: str(v) for k, v in result.plot_paths.items()}})
+    with _staging(Path(out_dir)) as tmp:
+        result = run_evaluate(dataset_dir=Path(dataset_dir), scorer_dir=Path(scorer_dir), out_dir=tmp,
+                              features=load_features(Path(features_path)), words=words, word_logits=word_logits,
+                              seed=seed, match_cfg=MatchConfig(**match_cfg))
+        return _publish(tmp, Path(out_dir), {"metrics_path": str(result.metrics_path), "metrics": result.metrics,
+                                             "plots": {k: str(v) for k, v in result.plot_paths.items()}})
 
 
 @task(name="register", retries=2, retry_delay_seconds=10)
@@ -239,15 +371,21 @@ def retrain_flow(params: dict[str, Any]) -> dict:
     `params`: the full parameter set (`Params.model_dump(mode="json", by_alias=True)`).
     Returns a `RetrainResult` as a dict.
     """
+    setup_runtime()  # also when a deployment's worker, not the CLI, starts the run
+    cfg = Params.model_validate(params)
+    with retrain_lock(Path(cfg.paths.flow_dir)):
+        return _retrain(cfg, params)
+
+
+def _retrain(cfg: Params, params: dict[str, Any]) -> dict:
     import mlflow
 
     started = time.perf_counter()
-    cfg = Params.model_validate(params)
     logger = get_run_logger()
     experiment_id = configure_mlflow(cfg.registry)
     client = mlflow.MlflowClient()
     uri = mlflow.get_tracking_uri()
-    # What the stages run: the components and this file's task wrappers (not the CLI).
+    # The whole code base, for the run page; each stage's key uses only the code it runs.
     code = code_version([REPO_ROOT / "components", Path(__file__)])
     run = client.create_run(experiment_id, run_name=f"retrain-{time.strftime('%Y%m%d-%H%M%S')}",
                             tags={"alignsearch.code_version": code, **git_state(REPO_ROOT),
@@ -263,9 +401,10 @@ def retrain_flow(params: dict[str, Any]) -> dict:
         t0 = time.perf_counter()
         state = fn(*args, return_state=True, **kwargs)
         timings[stage] = round(time.perf_counter() - t0, 2)
-        if state.name == "Cached":
+        value = state.result()  # re-raises the task's exception when it failed
+        if state.name == "Cached" or (isinstance(value, dict) and value.get("reused")):
             cached.append(stage)
-        return state.result()  # re-raises the task's exception when it failed
+        return value
 
     try:
         dataset = timed("dataset", resolve_dataset, cfg.data.model_dump(mode="json"))
@@ -274,14 +413,17 @@ def retrain_flow(params: dict[str, Any]) -> dict:
         client.set_tag(run_id, "dataset_dir", dataset_dir)
         client.log_param(run_id, "dataset_hash", dhash)
         log_dataset_input(client, run_id, Path(dataset_dir), dhash, dataset["counts"])
-        report_dir = root / "validation" / dhash.removesuffix(".dir")
+        validation = cfg.validation.model_dump(mode="json")
+        valid_key = stage_key("validate", dhash, validation, code_key("validate", validate))
+        report_dir = _stage_dir(root, "validation", valid_key)
         try:
-            timed("validate", validate, dataset_dir, cfg.validation.model_dump(mode="json"), str(report_dir))
+            timed("validate", _refreshed_if_missing(validate, report_dir), valid_key, dataset_dir, validation,
+                  str(report_dir))
         finally:  # the report matters most when validation failed
             _log_dir(client, run_id, report_dir, "validation")
 
         vision = cfg.vision.model_dump(mode="json")
-        feat_key = stage_key("features", dhash, vision, code)
+        feat_key = stage_key("features", dhash, vision, code_key("features", features))
         feat_dir = _stage_dir(root, "features", feat_key)
         feats = timed("features", _refreshed_if_missing(features, feat_dir), feat_key, vision, dataset_dir, str(feat_dir),
                       cache_dir)
@@ -289,7 +431,8 @@ def retrain_flow(params: dict[str, Any]) -> dict:
         align_cfg = cfg.align.model_dump(mode="json")
         # The alignment sees the click text of the matcher's training queries (same fraction and seed).
         query_share = {"train_fraction": cfg.match.train_fraction, "seed": cfg.match.seed}
-        align_key = stage_key("align", feat_key, align_cfg, query_share, cfg.benchmark.gallery_size, code)
+        align_key = stage_key("align", feat_key, align_cfg, query_share, cfg.benchmark.gallery_size,
+                              code_key("align", align))
         align_dir = _stage_dir(root, "align", align_key)
         aligned = timed("align", _refreshed_if_missing(align, align_dir), align_key, align_cfg, dataset_dir,
                         feats["features_path"], str(align_dir), cache_dir, cfg.benchmark.gallery_size,
@@ -297,13 +440,13 @@ def retrain_flow(params: dict[str, Any]) -> dict:
 
         match_cfg = cfg.match.model_dump(mode="json")
         system = cfg.registry.system
-        match_key = stage_key("matcher", align_key, match_cfg, system, code)
+        match_key = stage_key("matcher", align_key, match_cfg, system, code_key("train_matcher", train_matcher))
         match_dir = _stage_dir(root, "matcher", match_key)
         matcher = timed("train_matcher", _refreshed_if_missing(train_matcher, match_dir), match_key, match_cfg, system,
                         dataset_dir, feats["features_path"], aligned["words_path"], str(match_dir),
                         mlflow_run_id=run_id, tracking_uri=uri)
 
-        eval_key = stage_key("evaluate", match_key, cfg.promote.seed, code)
+        eval_key = stage_key("evaluate", match_key, match_cfg, cfg.promote.seed, code_key("evaluate", evaluate))
         eval_dir = _stage_dir(root, "evaluate", eval_key)
         evaluation = timed("evaluate", _refreshed_if_missing(evaluate, eval_dir), eval_key, match_cfg, cfg.promote.seed,
                            dataset_dir, matcher["scorer_dir"], feats["features_path"], aligned["words_path"],
@@ -323,7 +466,8 @@ def retrain_flow(params: dict[str, Any]) -> dict:
             client.log_artifact(run_id, plot, "plots")
         client.log_artifact(run_id, evaluation["metrics_path"], "evaluation")
 
-        model_key = stage_key("model", match_key, cfg.retrieve.model_dump(mode="json"), code)
+        model_key = stage_key("model", match_key, vision, cfg.retrieve.model_dump(mode="json"),
+                              cfg.registry.model_name, code_key("register", register))
         client.set_tag(run_id, "alignsearch.model_key", model_key)
         registered = timed("register", register, run_id, model_key, cfg.registry.model_dump(mode="json"), vision,
                            cfg.retrieve.model_dump(mode="json"), dataset_dir, dhash, aligned["model_dir"],
@@ -345,3 +489,13 @@ def retrain_flow(params: dict[str, Any]) -> dict:
     logger.info("registered %s v%s (%s) in %.0f s; cached stages: %s", result.model_name, result.version,
                 "new" if result.version_created else "already registered", result.seconds, cached or "none")
     return result.__dict__
+
+
+if __name__ == "__main__":  # python -m flows.retrain [--set key=value ...]: one local run
+    import sys
+
+    from components.config import load_params
+
+    overrides = [arg for flag, arg in zip(sys.argv[1::2], sys.argv[2::2], strict=False) if flag == "--set"]
+    print(json.dumps(retrain_flow(load_params(Path("params.yaml"), overrides).model_dump(mode="json", by_alias=True)),
+                     indent=2, default=str))

@@ -64,6 +64,10 @@ class RuleFailure:
     note: str = ""
 
 
+# Statistics of the run, not of the data: kept out of the DVC-tracked validation.json.
+MACHINE_STATS = ("timing", "seconds", "workers")
+
+
 @dataclass
 class ValidationResult:
     root: Path
@@ -86,6 +90,18 @@ class ValidationResult:
         out = asdict(self)
         out["root"] = str(self.root)
         out["report_paths"] = {k: str(v) for k, v in self.report_paths.items()}
+        return out
+
+    def report_dict(self) -> dict[str, Any]:
+        """What `validation.json` holds: the verdict, failures and statistics of the data only.
+        DVC tracks the file, so nothing that changes from run to run with the same data goes in
+        (timings, thread counts, where the reports were written); validation.md has those."""
+        out = self.to_dict()
+        for key in ("seconds", "report_paths"):
+            out.pop(key)
+        out["stats"] = {k: v for k, v in out["stats"].items() if k not in MACHINE_STATS}
+        if out["stats"].get("images"):
+            out["stats"]["images"] = {k: v for k, v in out["stats"]["images"].items() if k not in MACHINE_STATS}
         return out
 
 
@@ -516,7 +532,7 @@ def validate_dataset(root: Path, cfg: ValidateConfig, report_dir: Path | None = 
     result.seconds = round(time.perf_counter() - started, 3)
     if data_docs_dir is not None:
         result.report_paths["markdown"].write_text(_markdown_report(result))
-        result.report_paths["json"].write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+        result.report_paths["json"].write_text(json.dumps(result.report_dict(), indent=2, default=str) + "\n")
     log.info("validated %s in %.1f s: %s", root, result.seconds,
              "ok" if result.success else f"{len(failures)} rule(s) failed")
     return result

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,20 @@ class TextEncoder:
         self.device = next(model.parameters()).device
         self.max_length = max_length
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        self._identity: str | None = None
+
+    def identity(self) -> str:
+        """Which encoder this is: model name, tokenizer and a hash of the weights. Part of the
+        cache key, so embeddings of another (e.g. fine-tuned or upgraded) model are never
+        read back as this one's. Hashing ~90 MB of weights takes ~0.2 s, once per encoder."""
+        if self._identity is None:
+            digest = hashlib.sha256()
+            for name, tensor in self.model.state_dict().items():
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            name = Path(str(getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__)).name
+            self._identity = f"{name}|{type(self.tokenizer).__name__}:{len(self.tokenizer)}|{digest.hexdigest()[:20]}"
+        return self._identity
 
     @torch.inference_mode()
     def _encode_batch(self, texts: list[str]) -> np.ndarray:
@@ -84,7 +99,7 @@ class TextEncoder:
     def _cache_path(self, texts: list[str]) -> Path | None:
         if self.cache_dir is None:
             return None
-        key = hashlib.sha256(("\x1f".join(texts) + f"|{self.max_length}").encode()).hexdigest()[:24]
+        key = hashlib.sha256(("\x1f".join(texts) + f"|{self.max_length}|{self.identity()}").encode()).hexdigest()[:24]
         return self.cache_dir / f"text-{key}.npy"
 
     def _load_cache(self, texts: list[str]) -> np.ndarray | None:
@@ -97,4 +112,6 @@ class TextEncoder:
         path = self._cache_path(texts)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            np.save(path, embeddings)
+            tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+            np.save(tmp, embeddings)
+            os.replace(tmp, path)  # a killed run leaves no half-written cache entry

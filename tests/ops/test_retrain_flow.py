@@ -18,7 +18,7 @@ from flows.retrain import retrain_flow
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["features", "align", "train_matcher", "evaluate"]
+STAGES = ["validate", "features", "align", "train_matcher", "evaluate"]
 
 
 def _artifacts(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
@@ -88,7 +88,7 @@ def test_changed_params_retrain_only_the_stages_downstream(trained_store, synthe
     root, _, first = trained_store
     cfg = ops_params(root, synthetic_dataset_dir, "match.max_steps=2")
     result = retrain_flow(as_flow_params(cfg))
-    assert result["cached_stages"] == ["features", "align"]
+    assert result["cached_stages"] == ["validate", "features", "align"]
     assert result["version_created"] and result["version"] == "2"
     assert str(MlflowClient().get_model_version_by_alias("alignsearch", "challenger").version) == "2"
 
