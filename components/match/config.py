@@ -70,6 +70,15 @@ class MatchConfig(BaseModel):
     bm25_k1: float = Field(1.2, gt=0)
     bm25_b: float = Field(0.75, ge=0, le=1)
 
+    # Distribution: passed to Lightning's Trainer as they are (a GPU worker needs no change).
+    accelerator: str = Field("auto", description="Lightning accelerator: auto | cpu | gpu | cuda | mps; "
+                             "auto follows `device`")
+    devices: int | str = Field("auto", description="devices per node: auto (1 on CPU, every GPU), a "
+                               "number, or a list such as '0,1'")
+    strategy: str = Field("auto", description="auto | ddp_spawn | ddp_fork | ddp ...; with more than one "
+                          "process, auto and ddp become ddp_spawn (only the calling process goes on after fit)")
+    num_nodes: int = Field(1, ge=1, description="machines taking part in one training")
+
     @model_validator(mode="after")
     def _check(self) -> MatchConfig:
         if not self.lr_grid:

@@ -10,7 +10,9 @@ rest is the bundled MiniLM.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -256,17 +258,75 @@ class FitResult:
     history: list[tuple[int, float]]
 
 
+def num_processes(accelerator: str, devices: int | str | list, num_nodes: int = 1) -> int:
+    """How many training processes Lightning starts for these Trainer arguments."""
+    gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    if devices == "auto" or devices == -1 or devices == "-1":
+        per_node = torch.cuda.device_count() if gpu else (1 if devices == "auto" else os.cpu_count() or 1)
+    elif isinstance(devices, list | tuple):
+        per_node = len(devices)
+    elif isinstance(devices, str) and "," in devices:
+        per_node = len([d for d in devices.split(",") if d.strip()])
+    else:
+        per_node = int(devices)
+    return per_node * num_nodes
+
+
+def trainer_strategy(strategy: str, accelerator: str, devices: int | str, num_nodes: int) -> str:
+    """The strategy the Trainer gets: with more than one process, `auto` and `ddp` become
+    `ddp_spawn`, so the extra ranks live only inside `fit` and the caller (a stage, a flow, a
+    Prefect worker's engine process) goes on alone and writes its outputs once. Lightning's
+    plain `ddp` re-runs the whole command line on every rank (and would run the flow twice)."""
+    if strategy in ("auto", "ddp") and num_processes(accelerator, devices, num_nodes) > 1:
+        return "ddp_spawn"
+    return strategy
+
+
+class _RankZeroHistory(pl.Callback):
+    """Validation history and step count written by global rank 0 to a JSON file: with a
+    spawned strategy the ranks' modules are copies, and this file is how the caller gets them."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.history, self.steps = Path(path), [], 0
+
+    def _write(self, trainer: pl.Trainer) -> None:
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps({"history": self.history, "steps": self.steps}))
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and VAL_METRIC in trainer.callback_metrics:
+            self.history.append((int(trainer.global_step), float(trainer.callback_metrics[VAL_METRIC])))
+            self._write(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.steps = int(trainer.global_step)
+        self._write(trainer)
+
+
 def fit_matcher(module: MatcherModule, batches: MatchBatches, *, max_steps: int, eval_every: int,
                 seed: int, out_dir: Path, patience: int | None = None, device: str = "auto",
-                logger=None) -> FitResult:
+                logger=None, accelerator: str = "auto", devices: int | str = 1, strategy: str = "auto",
+                num_nodes: int = 1) -> FitResult:
     """Train for `max_steps` steps, validating every `eval_every`; restore the best weights.
 
     Deterministic for a seed (same data order, dropout and init). `logger` is any Lightning
-    logger (e.g. `MLFlowLogger`), or None for no logging.
+    logger (e.g. `MLFlowLogger`), or None for no logging. `accelerator` ("auto" follows
+    `device`), `devices`, `strategy` and `num_nodes` go to the Trainer; with more than one
+    process the training runs on spawned ranks (`trainer_strategy`): only global rank 0
+    writes checkpoints and logs (Lightning's loggers are rank-zero-only), and only this
+    process returns.
     """
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
     out_dir = Path(out_dir)
+    if accelerator == "auto" and device != "auto":
+        accelerator = device
+    strategy = trainer_strategy(strategy, accelerator, devices, num_nodes)
+    if strategy.startswith(("ddp_spawn", "ddp_fork", "ddp_notebook")):
+        return _fit_spawned(module, batches, max_steps=max_steps, eval_every=eval_every, seed=seed,
+                            out_dir=out_dir, patience=patience, logger=logger, accelerator=accelerator,
+                            devices=devices, strategy=strategy, num_nodes=num_nodes)
     pl.seed_everything(seed, workers=True, verbose=False)
     checkpoint = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="best", monitor=VAL_METRIC,
                                  mode="max", save_top_k=1, save_weights_only=True,
@@ -275,12 +335,12 @@ def fit_matcher(module: MatcherModule, batches: MatchBatches, *, max_steps: int,
     if patience is not None:
         callbacks.append(EarlyStopping(monitor=VAL_METRIC, mode="max", patience=patience,
                                        check_on_train_epoch_end=False))
-    accelerator = "auto" if device == "auto" else device
     eval_every = min(eval_every, max_steps)
     quiet_lightning()
     trainer = pl.Trainer(max_steps=max_steps, max_epochs=-1, val_check_interval=eval_every,
                          check_val_every_n_epoch=None, num_sanity_val_steps=0, accelerator=accelerator,
-                         devices=1, deterministic=True, logger=logger if logger is not None else False,
+                         devices=devices, strategy=strategy, num_nodes=num_nodes, deterministic=True,
+                         logger=logger if logger is not None else False,
                          log_every_n_steps=max(1, min(10, eval_every)), enable_progress_bar=False,
                          enable_model_summary=False, callbacks=callbacks, default_root_dir=out_dir)
     started = time.perf_counter()
@@ -309,3 +369,60 @@ def fit_matcher(module: MatcherModule, batches: MatchBatches, *, max_steps: int,
     module.cpu().eval()
     return FitResult(best_score=float(best_score), best_step=int(best_step), steps=int(module.global_step),
                      seconds=seconds, checkpoint_path=best_path, history=history)
+
+
+def _fit_spawned(module: MatcherModule, batches: MatchBatches, *, max_steps: int, eval_every: int, seed: int,
+                 out_dir: Path, patience: int | None, logger, accelerator: str, devices: int | str,
+                 strategy: str, num_nodes: int) -> FitResult:
+    """`fit_matcher` on spawned ranks (DDP: each rank trains on its share of every epoch's
+    pairs, gradients averaged). Lightning hands rank 0's final weights back to this process;
+    the history comes from rank 0's file, and a budget that ends between evaluations is
+    validated here, on one device, like the single-process path does on the trainer."""
+    from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+
+    pl.seed_everything(seed, workers=True, verbose=False)
+    checkpoint = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="best", monitor=VAL_METRIC,
+                                 mode="max", save_top_k=1, save_weights_only=True,
+                                 enable_version_counter=False)
+    record = _RankZeroHistory(out_dir / "val_history.json")
+    callbacks: list = [checkpoint, record]
+    if patience is not None:
+        callbacks.append(EarlyStopping(monitor=VAL_METRIC, mode="max", patience=patience,
+                                       check_on_train_epoch_end=False))
+    eval_every = min(eval_every, max_steps)
+    quiet_lightning()
+    common = dict(accelerator=accelerator, deterministic=True, enable_progress_bar=False,
+                  enable_model_summary=False, default_root_dir=out_dir)
+    trainer = pl.Trainer(max_steps=max_steps, max_epochs=-1, val_check_interval=eval_every,
+                         check_val_every_n_epoch=None, num_sanity_val_steps=0, devices=devices,
+                         strategy=strategy, num_nodes=num_nodes, callbacks=callbacks,
+                         logger=logger if logger is not None else False,
+                         log_every_n_steps=max(1, min(10, eval_every)), **common)
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+        warnings.filterwarnings("ignore", message=r".*sync_dist=True.*")
+        trainer.fit(module, datamodule=batches)  # `module` now holds rank 0's final weights
+        recorded = json.loads(record.path.read_text())
+        history = [(int(step), float(value)) for step, value in recorded["history"]]
+        steps = int(recorded["steps"])
+        module.val_history = []
+        final = None
+        if not history or history[-1][0] != steps:
+            final = pl.Trainer(devices=1, logger=False, **common)
+            final.validate(module, datamodule=batches, verbose=False)
+            history.append((steps, module.val_history[-1][1]))
+    seconds = time.perf_counter() - started
+    best_step, best_score = max(history, key=lambda sv: (sv[1], -sv[0]))
+    best_path = out_dir / "checkpoints" / "best.ckpt"
+    if final is not None and best_step == steps:  # the final weights, which `module` holds, are best
+        final.save_checkpoint(best_path, weights_only=True)
+    elif best_path.is_file():
+        state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_trained_state(state)
+    module.val_history = list(history)
+    module.net.tower.clear_cache()
+    module.cpu().eval()
+    return FitResult(best_score=float(best_score), best_step=int(best_step), steps=steps, seconds=seconds,
+                     checkpoint_path=best_path if best_path.is_file() else None, history=history)

@@ -290,7 +290,9 @@ def _train_matcher(name: str, cfg: MatchConfig, lr: float, train: MatchData, val
                            seed=cfg.seed, use_images=use_images, use_evidence=use_channel,
                            word_dropout=cfg.word_dropout if use_words else 0.0)
     result = fit_matcher(module, batches, max_steps=cfg.max_steps, eval_every=cfg.eval_every, seed=cfg.seed,
-                         out_dir=run_dir, patience=cfg.patience, device=cfg.device, logger=logger)
+                         out_dir=run_dir, patience=cfg.patience, device=cfg.device, logger=logger,
+                         accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
+                         num_nodes=cfg.num_nodes)
     head_config = None
     if use_images:
         head_config = dict(image_dim=image_dim, hidden=cfg.fusion_hidden, fusion=cfg.fusion,

@@ -1,0 +1,130 @@
+"""Distributed training and compute: the matcher under DDP on CPU (2 gloo processes), and the
+Trainer arguments taken from params.yaml.
+
+DDP runs in a subprocess with a clean environment: Lightning's ranks must not inherit
+pytest's process (STACK.md), and MASTER_PORT must not leak into later tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from components.config import load_params
+from components.match.module import num_processes, trainer_strategy
+from flows.runtime import OFFLINE_ENV
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# Trains text_only with 2 CPU ranks through the real stage (run_train_matcher), logging into an
+# MLflow run (sqlite) with the flow's RunLogger, then reloads the saved scorer and scores.
+DDP_SCRIPT = textwrap.dedent('''
+    import json, os, sys, time
+    from pathlib import Path
+
+    # Module level runs in every rank (spawn imports this file as __mp_main__): each rank that
+    # starts fitting leaves a mark, so the test sees how many took part.
+    from components.match.module import MatcherModule
+
+    def _mark(self):
+        Path(sys.argv[1], f"rank{self.global_rank}of{self.trainer.world_size}").touch()
+
+    MatcherModule.on_fit_start = _mark
+
+    def main(root: Path) -> None:
+        import mlflow
+        import numpy as np
+        from components.config import DataConfig, SyntheticConfig
+        from components.data.build import build_dataset
+        from components.data.format import read_dataset
+        from components.match.config import MatchConfig
+        from components.match.stage import run_train_matcher, split_data
+        from components.match.systems import load_scorer
+        from components.registry.lightning import RunLogger
+
+        dataset_dir = root / "dataset"
+        build_dataset(DataConfig(source="synthetic", out_dir=dataset_dir, seed=0, max_ads=None,
+                                 synthetic=SyntheticConfig(num_ads=60, image_size=64)))
+        uri = f"sqlite:///{root / 'mlflow.db'}"
+        client = mlflow.MlflowClient(uri)
+        run_id = client.create_run(client.create_experiment("ddp")).info.run_id
+        cfg = MatchConfig(lr=1e-4, max_steps=5, eval_every=2, batch_size=8, trainable_layers=1,
+                          accelerator="cpu", devices=2, strategy="ddp", num_nodes=1)
+        started = time.perf_counter()
+        result = run_train_matcher(cfg, dataset_dir=dataset_dir, out_dir=root / "matcher", system="text_only",
+                                   logger=RunLogger(run_id=run_id, tracking_uri=uri, prefix="matcher"))
+        seconds = time.perf_counter() - started
+        scorer = load_scorer(result.scorer_dir, "cpu")
+        test = split_data(read_dataset(dataset_dir), "test", features=None, words=None)
+        scores = scorer.score(test.queries, test.ads)
+        steps = [m.step for m in client.get_metric_history(run_id, "matcher-train/loss")]
+        vals = [m.step for m in client.get_metric_history(run_id, "matcher-val/ndcg_at_10")]
+        print("RESULT " + json.dumps({
+            "pid": os.getpid(), "seconds": seconds, "info": scorer.info, "shape": list(scores.shape),
+            "finite": bool(np.isfinite(scores).all()), "loss_steps": steps, "val_steps": vals,
+            "files": sorted(str(p.relative_to(root / "matcher")) for p in (root / "matcher").rglob("*")
+                            if p.is_file())}))
+
+    if __name__ == "__main__":  # spawned ranks import this file as __mp_main__: nothing runs then
+        main(Path(sys.argv[1]))
+''')
+
+
+def _clean_env() -> dict[str, str]:
+    drop = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE", "PL_GLOBAL_SEED",
+            "PL_TRAINER_GPUS", "PYTEST_CURRENT_TEST")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(OFFLINE_ENV)
+    env["CUDA_VISIBLE_DEVICES"] = ""  # the test is about CPU DDP even where a GPU exists
+    return env
+
+
+def test_trainer_arguments_come_from_params_and_default_to_one_process():
+    cfg = load_params(REPO_ROOT / "params.yaml").match
+    assert (cfg.accelerator, cfg.devices, cfg.strategy, cfg.num_nodes) == ("auto", "auto", "auto", 1)
+    over = load_params(REPO_ROOT / "params.yaml",
+                       ["match.devices=2", "match.strategy=ddp", "match.accelerator=cpu", "match.num_nodes=2"]).match
+    assert (over.accelerator, over.devices, over.strategy, over.num_nodes) == ("cpu", 2, "ddp", 2)
+    assert num_processes("cpu", "auto") == 1
+    assert num_processes("cpu", 2, num_nodes=2) == 4
+    assert num_processes("cpu", "0,1") == 2
+    # More than one process: the ranks are spawned, so the caller goes on alone.
+    assert trainer_strategy("auto", "cpu", 2, 1) == "ddp_spawn"
+    assert trainer_strategy("ddp", "cpu", 2, 1) == "ddp_spawn"
+    assert trainer_strategy("auto", "cpu", "auto", 1) == "auto"
+    assert trainer_strategy("ddp_fork", "cpu", 2, 1) == "ddp_fork"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_matcher_trains_with_ddp_on_two_cpu_processes_and_the_result_loads_and_scores(tmp_path):
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT)
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=REPO_ROOT, env=_clean_env(),
+                          capture_output=True, text=True, timeout=200)
+    wall = time.perf_counter() - started
+    assert proc.returncode == 0, f"DDP training failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    # One process went on after fit: the spawned ranks never reach the end of the script.
+    assert len(lines) == 1, proc.stdout[-2000:]
+    result = json.loads(lines[0].removeprefix("RESULT "))
+    print(f"DDP (2 CPU ranks, gloo): training {result['seconds']:.1f} s, subprocess {wall:.1f} s")
+    assert sorted(p.name for p in tmp_path.glob("rank*")) == ["rank0of2", "rank1of2"]
+    info = result["info"]
+    assert info["steps"] == 5
+    assert [step for step, _ in info["val_history"]] == [2, 4, 5]  # the budget's end validated too
+    assert info["val_ndcg@10"] == max(v for _, v in info["val_history"])
+    assert result["finite"] and result["shape"][0] > 0 and result["shape"][1] > 0
+    # Rank 0 alone logged to MLflow: one value per step, no duplicates from rank 1.
+    assert result["loss_steps"] == sorted(set(result["loss_steps"])) and result["loss_steps"]
+    # Two evaluations on the ranks, each logged once; the final check runs in the caller, unlogged.
+    assert len(result["val_steps"]) == 2 == len(set(result["val_steps"]))
+    assert "run/checkpoints/best.ckpt" in result["files"] and "scorer/scorer.json" in result["files"]
