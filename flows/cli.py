@@ -154,10 +154,11 @@ def _retrain(cfg) -> dict:
     from components.data.format import DatasetFormatError
     from components.data.validate import ValidationError
     from components.registry.versions import RegistryError
-    from flows.retrain import RetrainAlreadyRunning, retrain_flow
+    from flows.retrain import RetrainAlreadyRunning, retrain_flow, retrain_lock
 
     try:
-        return retrain_flow(cfg.model_dump(mode="json", by_alias=True))
+        with retrain_lock(Path(cfg.paths.flow_dir)):  # refuse before a flow run starts
+            return retrain_flow(cfg.model_dump(mode="json", by_alias=True))
     except ValidationError as exc:
         err_console.print(f"[red]Dataset validation failed: nothing trained, nothing registered.[/red]\n{exc}",
                           soft_wrap=True)

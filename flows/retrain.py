@@ -153,6 +153,9 @@ class RetrainAlreadyRunning(RuntimeError):
     """Another retrain holds the lock on the same `paths.flow_dir`."""
 
 
+_held_locks: dict[Path, int] = {}  # flow dirs whose lock this process holds -> depth
+
+
 @contextmanager
 def retrain_lock(flow_dir: Path):
     """Hold the one-retrain-per-`flow_dir` lock (refuse with `RetrainAlreadyRunning` if taken).
@@ -160,8 +163,17 @@ def retrain_lock(flow_dir: Path):
     An OS lock (`flock`) on `flow_dir/.retrain.lock`: the kernel releases it when the holder
     exits, however it dies, so a stale lock never blocks. The file names the holder (pid,
     host, start time) for the message; a leftover file from a dead holder is simply taken over.
+    Re-entrant within a process: the CLI takes it before starting the flow (so a refusal is one
+    line, not a failed flow run), the flow takes it again for callers that start it directly.
     """
-    flow_dir = Path(flow_dir)
+    flow_dir = Path(flow_dir).resolve()
+    if _held_locks.get(flow_dir):
+        _held_locks[flow_dir] += 1
+        try:
+            yield flow_dir / LOCK_FILE
+        finally:
+            _held_locks[flow_dir] -= 1
+        return
     flow_dir.mkdir(parents=True, exist_ok=True)
     path = flow_dir / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -182,9 +194,11 @@ def retrain_lock(flow_dir: Path):
         # Temporary stage directories left here are from killed runs (only the holder writes).
         for tmp in flow_dir.glob(f"*/{TMP_PREFIX}*"):
             shutil.rmtree(tmp, ignore_errors=True)
+        _held_locks[flow_dir] = 1
         try:
             yield path
         finally:
+            _held_locks.pop(flow_dir, None)
             os.ftruncate(fd, 0)
     finally:
         os.close(fd)  # releases the lock
