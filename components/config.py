@@ -91,6 +91,23 @@ class DvcConfig(_Section):
     remote_dir: Path = Path("../alignsearch-dvc-remote")
 
 
+class ComputeConfig(_Section):
+    """Where the flows' fan-out work runs (Prefect tasks on a Dask cluster, prefect-dask).
+
+    No workers and no address: in the flow's own process, one task after another. The flows
+    let the environment variable ALIGNSEARCH_DASK_ADDRESS override `scheduler_address`.
+    """
+
+    workers: int = Field(0, ge=0, description="Dask LocalCluster worker processes started for a run; "
+                         "0 = sequential in the flow's process")
+    threads_per_worker: int = Field(1, ge=1, description="threads of each worker, and the torch/ONNX "
+                                    "intra-op threads of its tasks")
+    scheduler_address: str | None = Field(None, description="a running Dask scheduler (tcp://host:8786), "
+                                          "e.g. the team stack's; wins over `workers`")
+    feature_shard_size: int = Field(64, ge=1, description="images per feature-extraction task (a multiple "
+                                    "of 32 keeps the sequential run's batches)")
+
+
 class Params(BaseModel):
     # Unknown keys fail at load time (a typo such as `mach.lr` must not be silently ignored).
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -107,6 +124,7 @@ class Params(BaseModel):
     registry: RegistryConfig = RegistryConfig()
     promote: PromoteConfig = PromoteConfig()
     serve: ServeConfig = ServeConfig()
+    compute: ComputeConfig = ComputeConfig()
 
     @property
     def validation(self) -> ValidateConfig:

@@ -253,16 +253,16 @@ def validate(key: str, dataset_dir: str, validation: dict, report_dir: str) -> d
 
 
 @task(name="features", **STAGE_TASK)
-def features(key: str, vision: dict, dataset_dir: str, out_dir: str, cache_dir: str) -> dict:
-    from components.vision.config import PartsConfig
-    from components.vision.stage import run_features
+def features(key: str, vision: dict, dataset_dir: str, out_dir: str, cache_dir: str,
+             compute: dict | None = None) -> dict:
+    """In-process, or as shard tasks on Dask when `compute` asks (flows/compute.py): same file."""
+    from flows.compute import extract_features
 
     if (done := _reused(Path(out_dir))) is not None:
         return done
     with _staging(Path(out_dir)) as tmp:
-        result = run_features(PartsConfig(**vision), dataset_dir=Path(dataset_dir), out_dir=tmp,
-                              cache_dir=Path(cache_dir))
-        return _publish(tmp, Path(out_dir), {"features_path": str(result.features_path), "metrics": result.metrics})
+        payload = extract_features(vision, dataset_dir, str(tmp), cache_dir, compute)
+        return _publish(tmp, Path(out_dir), payload)
 
 
 @task(name="align", **STAGE_TASK)
@@ -440,7 +440,7 @@ def _retrain(cfg: Params, params: dict[str, Any]) -> dict:
         feat_key = stage_key("features", dhash, vision, code_key("features", features))
         feat_dir = _stage_dir(root, "features", feat_key)
         feats = timed("features", _refreshed_if_missing(features, feat_dir), feat_key, vision, dataset_dir, str(feat_dir),
-                      cache_dir)
+                      cache_dir, compute=cfg.compute.model_dump(mode="json"))
 
         align_cfg = cfg.align.model_dump(mode="json")
         # The alignment sees the click text of the matcher's training queries (same fraction and seed).

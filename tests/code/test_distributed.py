@@ -15,6 +15,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from components.config import load_params
@@ -128,3 +129,77 @@ def test_matcher_trains_with_ddp_on_two_cpu_processes_and_the_result_loads_and_s
     # Two evaluations on the ranks, each logged once; the final check runs in the caller, unlogged.
     assert len(result["val_steps"]) == 2 == len(set(result["val_steps"]))
     assert "run/checkpoints/best.ckpt" in result["files"] and "scorer/scorer.json" in result["files"]
+
+
+# --------------------------------------------------------------------------- Dask
+
+
+@pytest.fixture(scope="module")
+def prefect_harness(tmp_path_factory):
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    storage = tmp_path_factory.mktemp("prefect-results")
+    with prefect_test_harness(server_startup_timeout=60), temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}):
+        yield
+
+
+def test_compute_params_choose_the_runner(monkeypatch):
+    from prefect_dask import DaskTaskRunner
+
+    from components.config import ComputeConfig
+    from flows.compute import DASK_ADDRESS_ENV, dask_task_runner
+
+    monkeypatch.delenv(DASK_ADDRESS_ENV, raising=False)
+    assert load_params(REPO_ROOT / "params.yaml").compute.workers == 0
+    assert dask_task_runner(ComputeConfig()) is None  # sequential by default
+    local = dask_task_runner(ComputeConfig(workers=2))
+    assert isinstance(local, DaskTaskRunner) and local.cluster_kwargs["n_workers"] == 2
+    team = dask_task_runner(ComputeConfig(workers=2, scheduler_address="tcp://127.0.0.1:8786"))
+    assert team.address == "tcp://127.0.0.1:8786"
+    monkeypatch.setenv(DASK_ADDRESS_ENV, "tcp://127.0.0.1:9999")
+    assert dask_task_runner(ComputeConfig(scheduler_address="tcp://127.0.0.1:8786")).address == "tcp://127.0.0.1:9999"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_features_on_dask_equal_the_sequential_features(prefect_harness, synthetic_dataset_dir, tmp_path,
+                                                        monkeypatch):
+    """Shards as Prefect tasks on a running 2-worker scheduler given by ALIGNSEARCH_DASK_ADDRESS
+    (as a team's): the same arrays as one process (fresh caches each), bit for bit but the
+    softmax scores, which agree to float rounding."""
+    from distributed import LocalCluster
+
+    from components.vision.parts import PartsConfig, PartsFeatures
+    from flows.compute import DASK_ADDRESS_ENV, extract_features
+
+    monkeypatch.delenv(DASK_ADDRESS_ENV, raising=False)
+    vision = PartsConfig(input_size=64, num_parts=4, logits_topk=3).model_dump(mode="json")
+    seconds = {}
+
+    def run(name: str, compute: dict) -> PartsFeatures:
+        started = time.perf_counter()
+        out = extract_features(vision, str(synthetic_dataset_dir), str(tmp_path / name), str(tmp_path / f"cache-{name}"),
+                               compute)
+        seconds[name] = time.perf_counter() - started
+        assert not (tmp_path / name / ".shards").exists()  # shard files merged and removed
+        return PartsFeatures.load(Path(out["features_path"]))
+
+    sequential = run("sequential", {"workers": 0})
+    # `compute.workers: 2` builds the same LocalCluster through prefect-dask (the runner is checked
+    # above); starting it here too would add ~20 s for the same shard tasks.
+    with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", scheduler_port=0,
+                      dashboard_address=":0") as cluster:
+        monkeypatch.setenv(DASK_ADDRESS_ENV, cluster.scheduler_address)
+        team = run("team", {"workers": 0, "feature_shard_size": 64})
+        ran_on_cluster = sorted(cluster.scheduler.task_prefixes)
+    print("features seconds:", {k: round(v, 1) for k, v in seconds.items()}, "cluster tasks:", ran_on_cluster)
+    assert any("features" in prefix for prefix in ran_on_cluster), ran_on_cluster
+    assert len(sequential) == 120
+    for other in (team,):
+        assert other.paths == sequential.paths
+        for name in PartsFeatures.ARRAYS:
+            if name == "topk_scores":  # the classifier's matmul sums in a thread-count-dependent order
+                np.testing.assert_allclose(getattr(other, name), sequential.topk_scores, rtol=1e-5, atol=1e-6)
+            else:  # backbone maps, regions, boxes, top-k classes: bit for bit
+                np.testing.assert_array_equal(getattr(other, name), getattr(sequential, name), err_msg=name)
