@@ -22,6 +22,9 @@ class AlignConfig(BaseModel):
     click_text: bool = Field(True, description="the ad-level text of a training ad includes the training "
                              "queries with a positive qrel for it (at the run's training fraction); False = "
                              "titles (and captions of title-less sources) only, the strictly label-free variant")
+    title_words: bool = Field(True, description="with click_text, the title's words count as ad-level "
+                              "text too (False = the click queries alone say what an ad shows; titles "
+                              "still do for ads of a title-only or caption source)")
     folds: int = Field(5, ge=0, description="k of the cross-fitting: training ads get words from a model "
                        "that did not see them; 0 or 1 = in-sample words (measured worse)")
 
@@ -38,9 +41,10 @@ class AlignConfig(BaseModel):
     marginal_power: float = Field(0.75, gt=0, le=1)
 
     # --- the per-word head (head.py)
-    pooling: Literal["pooled", "max", "noisy_or", "attention"] = Field(
+    pooling: Literal["pooled", "pooled_parts", "max", "noisy_or", "attention"] = Field(
         "pooled", description="how an image's instances give its word logits: the pooled vector alone, "
-        "or multiple-instance pooling over pooled vector + parts")
+        "the pooled vector beside the element-wise max over its parts (pooled_parts), or multiple-instance "
+        "pooling of per-instance logits over pooled vector + parts")
     c: float = Field(0.1, gt=0, description="inverse L2 strength of the head (sklearn's C)")
     map_weight: float = Field(1.0, gt=0, description="L2 on the word-vector map A relative to the per-word "
                               "residual U; < 1 ties each word's weights to its word vector")

@@ -34,8 +34,8 @@ from torch import nn
 
 from components.align.config import AlignConfig
 
-Pooling = Literal["pooled", "max", "noisy_or", "attention"]
-POOLINGS: tuple[str, ...] = ("pooled", "max", "noisy_or", "attention")
+Pooling = Literal["pooled", "pooled_parts", "max", "noisy_or", "attention"]
+POOLINGS: tuple[str, ...] = ("pooled", "pooled_parts", "max", "noisy_or", "attention")
 
 
 @dataclass
@@ -83,9 +83,11 @@ class WordHead(nn.Module):
             raise ValueError(f"pooling {pooling!r}: expected one of {POOLINGS}")
         num_words, word_dim = word_vectors.shape
         self.in_dim, self.pooling, self.attention_temperature = in_dim, pooling, attention_temperature
+        # pooled_parts scores [pooled z, max over parts of z] (2d): one weight vector per half
+        feature_dim = 2 * in_dim if pooling == "pooled_parts" else in_dim
         self.register_buffer("word_vectors", torch.as_tensor(np.asarray(word_vectors, np.float32)))  # (V,E)
-        self.residual = nn.Parameter(torch.zeros(num_words, in_dim))  # U (V,d)
-        self.word_map = nn.Parameter(torch.zeros(word_dim, in_dim))  # A (E,d)
+        self.residual = nn.Parameter(torch.zeros(num_words, feature_dim))  # U (V,F)
+        self.word_map = nn.Parameter(torch.zeros(word_dim, feature_dim))  # A (E,F)
         self.bias = nn.Parameter(torch.zeros(num_words))  # b (V,)
 
     @property
@@ -93,8 +95,16 @@ class WordHead(nn.Module):
         return int(self.bias.shape[0])
 
     def weights(self) -> torch.Tensor:
-        """(V, d) visual weights of every word: U + E A."""
+        """(V, F) visual weights of every word: U + E A."""
         return self.residual + self.word_vectors @ self.word_map
+
+    @staticmethod
+    def pooled_and_parts(z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, I, d), (B, I) -> (B, 2d): the pooled vector beside the element-wise max over the
+        valid parts (the pooled vector again for an image without parts)."""
+        parts = z[:, 1:].masked_fill(~mask[:, 1:, None], float("-inf")).max(dim=1).values  # (B,d)
+        parts = torch.where(torch.isfinite(parts), parts, z[:, 0])
+        return torch.cat([z[:, 0], parts], dim=-1)
 
     def instance_logits(self, z: torch.Tensor) -> torch.Tensor:
         """z (..., d) -> (..., V)."""
@@ -105,6 +115,8 @@ class WordHead(nn.Module):
         pooled vector."""
         if self.pooling == "pooled":
             return self.instance_logits(z[:, 0])
+        if self.pooling == "pooled_parts":
+            return self.instance_logits(self.pooled_and_parts(z, mask))
         logits = self.instance_logits(z)  # (B,I,V)
         valid = mask[:, :, None]
         if self.pooling == "max":
@@ -118,6 +130,14 @@ class WordHead(nn.Module):
     def source_instances(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, V) index of the instance that responds most to each word: which part a word
         came from (0 = the whole image)."""
+        if self.pooling == "pooled_parts":  # the part behind the max that carries the word most
+            d = self.in_dim
+            part_weights = self.weights()[:, d:]  # (V,d)
+            pooled_term = z[:, 0] @ self.weights()[:, :d].T  # (B,V)
+            contribution = (z[:, 1:, None, :] * part_weights).sum(-1)  # (B,I-1,V)
+            contribution = contribution.masked_fill(~mask[:, 1:, None], -1e4)
+            best, where = contribution.max(dim=1)
+            return torch.where(best > pooled_term, where + 1, torch.zeros_like(where))
         logits = self.instance_logits(z).masked_fill(~mask[:, :, None], -1e4)
         return logits.argmax(dim=1)
 

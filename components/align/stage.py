@@ -77,18 +77,21 @@ def training_click_texts(dataset: Dataset, fraction: float = 1.0, seed: int = 0)
     return positives.groupby("ad_id")["text"].apply(lambda s: [str(t) for t in s]).to_dict()
 
 
-def ad_level_texts(dataset: Dataset, *, fraction: float = 1.0, seed: int = 0, click_text: bool = True) -> list[str]:
+def ad_level_texts(dataset: Dataset, *, fraction: float = 1.0, seed: int = 0, click_text: bool = True,
+                   title_words: bool = True) -> list[str]:
     """The text that comes with each training ad (METHOD.md section 3), in training-ad order:
     its title, plus with `click_text` the training queries that clicked it (at `fraction`).
     A title-less source (COCO-style) always uses its training captions (its queries). Never
-    tags, never validation or test text."""
+    tags, never validation or test text. With `click_text` and not `title_words` the title is
+    left out: the click queries alone say what the ad shows."""
     train = dataset.split("train")
     titles = train.ads["title"].fillna("").astype(str).tolist()
     title_less = not any(t.strip() for t in titles)
     if not (click_text or title_less):
         return titles
     clicks = training_click_texts(dataset, fraction, seed)
-    return [" ".join([title, *clicks.get(ad_id, [])]).strip()
+    keep_title = title_words or title_less
+    return [" ".join([title if keep_title else "", *clicks.get(ad_id, [])]).strip()
             for title, ad_id in zip(titles, train.ads["ad_id"].astype(str), strict=True)]
 
 
@@ -215,7 +218,8 @@ def run_align(cfg: AlignConfig, *, dataset_dir: Path, features: PartsFeatures, o
     dataset = read_dataset(dataset_dir)
     train = dataset.split("train")
     encoder = TextEncoder(cache_dir=Path(cache_dir) / "text" if cache_dir else None)
-    texts = ad_level_texts(dataset, fraction=fraction, seed=query_seed, click_text=cfg.click_text)
+    texts = ad_level_texts(dataset, fraction=fraction, seed=query_seed, click_text=cfg.click_text,
+                           title_words=cfg.title_words)
     result = train_alignment(cfg, texts=texts, parts=features.take(dataset.ad_rows(train)),
                              encoder=encoder, out_dir=out_dir)
     model = AlignmentModel.load(result.model_dir)

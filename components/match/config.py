@@ -50,6 +50,11 @@ class MatchConfig(BaseModel):
                                "evidence too, with a learned weight (components/match/words.py)")
     word_channel_init: float = Field(0.05, gt=0, description="initial weight of the word channel")
     word_channel_lr: float = Field(0.01, gt=0, description="learning rate of the channel's weight (one scalar)")
+    word_channel_calibration: bool = Field(True, description="after training, fuse the text and channel "
+                                           "scores as per-query z-scores with a weight picked on valid "
+                                           "(still one inner product; components/match/words.py)")
+    word_channel_weights: list[float] = Field([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0], min_length=1,
+                                              description="the calibration's weight grid")
 
     # implicit_fusion head.
     fusion: Literal["residual", "concat"] = Field(

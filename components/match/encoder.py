@@ -307,6 +307,8 @@ class TwoTowerMatcher(nn.Module):
         query = self.tower.encode_query(texts)  # (B,384)
         if self.word_channel is None:
             return query
+        if self.word_channel.calibrated and not self.training:  # z-score fusion (words.py)
+            return self.word_channel.calibrated_query(query, self.word_channel.query_terms(texts))
         return torch.cat([query, self.word_channel.query_part(texts)], dim=1)  # (B,384+V)
 
     def encode_ad(self, texts: Sequence[str], pooled: torch.Tensor | None = None,

@@ -41,7 +41,7 @@ from components.match.fusion import ImageFusionHead
 from components.match.lexical import bm25_scores
 from components.match.module import MatchBatches, MatcherModule, fit_matcher
 from components.match.probe import TermProbe, fit_logistic, term_labels, zscore_rows
-from components.match.words import WordChannel
+from components.match.words import WordChannel, covariance
 from components.metrics import ScoreMatrix, qrels_from_frame, ranking_metrics
 from components.systems import (
     IMAGE_SYSTEMS,
@@ -181,6 +181,8 @@ class TwoTowerScorer(Scorer):
         if meta["trained"]:
             state = load_torch(str(out_dir / WEIGHTS_FILE))
             expected = set(net.trainable_state_dict())
+            if channel is not None:  # a scorer saved before calibration existed: uncalibrated
+                expected -= {f"word_channel.{b}" for b in WordChannel.CALIBRATION_BUFFERS} - set(state)
             if set(state) != expected:
                 raise ValueError(f"{out_dir / WEIGHTS_FILE}: tensors do not match the model "
                                  f"({len(expected - set(state))} missing, {len(set(state) - expected)} unexpected)")
@@ -380,6 +382,37 @@ def fit_late_fusion(cfg: MatchConfig, train: MatchData, valid: MatchData, text: 
     return LateFusionScorer(text, probe, w, info=info)
 
 
+def calibrate_word_channel(scorer: TwoTowerScorer, cfg: MatchConfig, train: MatchData,
+                           valid: MatchData) -> TwoTowerScorer:
+    """The z-score fusion of ours' text score and word-channel score (words.py): the
+    training ads' covariances of both halves of the ad vector, and the channel weight of
+    `cfg.word_channel_weights` that maximises valid ndcg@10 (ties: the smaller weight)."""
+    channel = scorer.net.word_channel
+    text_dim = scorer.net.dim - channel.dim
+    dims = (channel.text_covariance.shape[0], channel.dim)
+    channel.set_calibration(np.zeros((dims[0], dims[0])), np.zeros((dims[1], dims[1])), 0.0)  # uncalibrated
+    train_ads = scorer.encode_ads(train.ads)
+    valid_ads = scorer.encode_ads(valid.ads)
+    text_query = torch.from_numpy(scorer.encode_queries(valid.queries)[:, :text_dim])
+    terms = channel.query_terms(valid.queries.texts).cpu()
+    text_cov, evidence_cov = covariance(train_ads[:, :text_dim]), covariance(train_ads[:, text_dim:])
+    qrels = qrels_from_frame(valid.qrels)
+    channel_cpu = WordChannel(channel.vocabulary, text_dim=text_dim)
+    channel_cpu.set_calibration(text_cov, evidence_cov, 1.0)
+    grid: dict[float, float] = {}
+    for w in sorted(cfg.word_channel_weights):
+        with torch.no_grad():
+            queries = channel_cpu.calibrated_query(text_query, terms, weight=w).numpy()
+        grid[w] = _ndcg_at_10(valid.queries.query_ids, valid.ads.ad_ids, queries @ valid_ads.T, qrels)
+    best = max(grid, key=lambda w: (np.nan_to_num(grid[w], nan=-1.0), -w))
+    channel.set_calibration(text_cov, evidence_cov, best)
+    scorer.info["word_channel_calibration"] = {"weight": best, "val_ndcg@10": grid[best],
+                                               "grid": {f"{w:g}": v for w, v in grid.items()}}
+    log.info("ours word channel calibrated: weight %g, val/ndcg@10 %.4f (uncalibrated %.4f)", best, grid[best],
+             scorer.info.get("val_ndcg@10", float("nan")))
+    return scorer
+
+
 def train_system(name: str, cfg: MatchConfig, train: MatchData, valid: MatchData, out_dir: Path,
                  logger=None, text_scorer: TwoTowerScorer | None = None) -> Scorer:
     """Fit one system on `train` (model selection on `valid`) and save it to `out_dir/scorer`.
@@ -405,5 +438,7 @@ def train_system(name: str, cfg: MatchConfig, train: MatchData, valid: MatchData
         scorer.info["lr_search"] = {f"{lr:g}": v for lr, v in values.items()}
     else:
         scorer = _train_matcher(name, cfg, cfg.lr, train, valid, out_dir / "run", logger)
+    if isinstance(scorer, TwoTowerScorer) and scorer.net.word_channel is not None and cfg.word_channel_calibration:
+        scorer = calibrate_word_channel(scorer, cfg, train, valid)
     scorer.save(out_dir / "scorer")
     return scorer

@@ -148,3 +148,27 @@ def test_match_config_forbids_unknown_keys():
     with pytest.raises(ValidationError):
         MatchConfig(learning_rate=1e-3)
     assert MatchConfig().trainable_layers == 2
+
+
+def test_calibrated_word_channel_is_the_per_query_z_score_fusion():
+    """One inner product of the calibrated query and the ad vectors ranks every query's ads
+    exactly as z(text) + w * z(channel), z over the ads whose covariances were taken."""
+    from components.match.words import WordChannel, covariance
+
+    rng = np.random.default_rng(0)
+    text_dim, vocabulary = 8, ["cat", "dog", "tree", "car"]
+    ads_text = rng.normal(size=(40, text_dim))
+    evidence = rng.normal(size=(40, len(vocabulary))) * np.array([1.0, 3.0, 0.5, 2.0])
+    queries = torch.as_tensor(rng.normal(size=(5, text_dim)), dtype=torch.float32)
+    channel = WordChannel(vocabulary, text_dim=text_dim)
+    terms = channel.query_terms(["cat", "dog tree", "car", "unknown words", "cat car"])
+    assert not channel.calibrated
+    channel.set_calibration(covariance(ads_text), covariance(evidence), 0.75)
+    assert channel.calibrated
+    fused = channel.calibrated_query(queries, terms).numpy() @ np.hstack([ads_text, evidence]).T
+    expected = zscore_rows(queries.numpy() @ ads_text.T) + 0.75 * zscore_rows(terms.numpy() @ evidence.T)
+    shift = lambda s: s - s.mean(1, keepdims=True)  # noqa: E731  per-query constants do not rank
+    scale = math.sqrt(40 / 39)  # covariance divides by n - 1, z-scores by n
+    np.testing.assert_allclose(shift(fused) * scale, shift(expected), atol=1e-4)
+    # the query without a vocabulary word is ranked by its text score alone
+    np.testing.assert_allclose(shift(fused)[3] * scale, shift(zscore_rows(queries.numpy() @ ads_text.T))[3], atol=1e-4)
