@@ -277,24 +277,8 @@ def _champion_version(cfg) -> str | None:
     return None if version is None else str(version.version)
 
 
-def _search_table(cfg, query: str, k: int, model_uri: str) -> None:
-    import pandas as pd
-
-    from components.registry.tracking import configure_mlflow
-    from components.registry.versions import describe, load_search_model
-
-    configure_mlflow(cfg.registry)
-    started = time.perf_counter()
-    try:
-        model = load_search_model(model_uri)
-    except LookupError as exc:
-        err_console.print(f"[red]{exc}[/red]", soft_wrap=True)
-        raise typer.Exit(1) from exc
-    loaded = time.perf_counter()
-    frame = model.predict(pd.DataFrame({"query": [query], "k": [k]}))
-    took = time.perf_counter() - loaded
-    version = describe(model_uri).get("version", "?")
-    table = Table(title=f"{query!r} - {model_uri} (v{version}); load {loaded - started:.1f} s, search {took * 1000:.0f} ms")
+def _print_hits(title: str, frame) -> None:
+    table = Table(title=title)
     for column in ("#", "ad id", "title", "score", "visual words", "matched the query"):
         table.add_column(column, justify="right" if column in ("#", "score") else "left")
     for row in frame.itertuples():
@@ -303,15 +287,72 @@ def _search_table(cfg, query: str, k: int, model_uri: str) -> None:
     console.print(table)
 
 
+def _search_table(cfg, query: str, k: int, model_uri: str) -> None:
+    """One-off search. Fast path: the version and its catalogue pointer read from a local sqlite
+    registry, bundle and catalogue from the local cache, only the query tower loaded (no MLflow
+    import). Otherwise (first use of a version, a server store): resolved through MLflow, which
+    fills the cache for the next search."""
+    import pandas as pd
+
+    from components.catalogue.fast import cached_engine
+    from components.registry.tracking import tracking_uri
+
+    started = time.perf_counter()
+    found = cached_engine(tracking_uri(cfg.registry), model_uri, cfg.data.cache_dir)
+    if found is None:
+        from components.catalogue.live import current_catalogue, resolve_model
+        from components.registry.tracking import configure_mlflow
+        from components.search.engine import SearchEngine
+
+        configure_mlflow(cfg.registry)
+        try:
+            ref = resolve_model(model_uri, cfg.data.cache_dir)
+        except LookupError as exc:
+            err_console.print(f"[red]{exc}[/red]", soft_wrap=True)
+            raise typer.Exit(1) from exc
+        engine = SearchEngine(ref.bundle_dir, catalogue=current_catalogue(ref, cfg.data.cache_dir))
+        info = {"version": ref.version, "catalogue_version": engine.catalogue_version}
+    else:
+        engine, info = found
+    engine.query_tower  # noqa: B018 - load it now, so the timing below says what loading cost
+    loaded = time.perf_counter()
+    frame = engine.search_frame(pd.DataFrame({"query": [query], "k": [k]}))
+    took = time.perf_counter() - loaded
+    _print_hits(f"{query!r} - {model_uri} (v{info['version']}, catalogue {info['catalogue_version']}); "
+                f"load {loaded - started:.1f} s, search {took * 1000:.0f} ms", frame)
+
+
+def _search_url(url: str, query: str, k: int) -> None:
+    """Ask a running `alignsearch serve` (for scripts: no model is loaded here)."""
+    import os
+
+    import httpx
+    import pandas as pd
+
+    headers = {"X-API-Key": os.environ[API_KEY_ENV]} if os.environ.get(API_KEY_ENV) else {}
+    try:
+        response = httpx.get(url.rstrip("/") + "/search", params={"q": query, "k": k}, headers=headers, timeout=30)
+    except httpx.HTTPError as exc:
+        err_console.print(f"[red]Cannot reach {url}:[/red] {exc}", soft_wrap=True)
+        raise typer.Exit(1) from exc
+    if response.status_code != 200:
+        err_console.print(f"[red]{url} answered {response.status_code}:[/red] {response.text[:500]}", soft_wrap=True)
+        raise typer.Exit(1)
+    body = response.json()
+    _print_hits(f"{query!r} - {url} (model v{body.get('model_version')}, catalogue {body.get('catalogue_version')}); "
+                f"{body['took_ms']:.0f} ms in the service", pd.DataFrame(body["results"]))
+
+
 @app.command("search")
 def search(
     query: Annotated[str, typer.Argument(help="The text query, e.g. \"red sports car\".")],
     k: Annotated[int, typer.Option("-k", "--k", min=1, help="How many ads.")] = 10,
     model_uri: Annotated[Optional[str], typer.Option(help="Model to ask (default: params serve.model_uri, the champion).")] = None,  # noqa: UP045
+    url: Annotated[Optional[str], typer.Option(help="Ask a running service instead, e.g. http://127.0.0.1:8080.")] = None,  # noqa: UP045
     params: ParamsOption = Path("params.yaml"),
     set_: SetOption = None,
 ) -> None:
-    """Rank the ads for a query with the champion (or --model-uri) and print a table."""
+    """Rank the ads for a query with the champion (or --model-uri, or a service at --url) and print a table."""
     cfg = _load(params, set_)
     if not query.strip():
         err_console.print("[red]The query is empty.[/red]")
@@ -319,6 +360,9 @@ def search(
     if k > cfg.serve.max_k:
         err_console.print(f"[red]-k {k} is above the limit serve.max_k={cfg.serve.max_k}.[/red]")
         raise typer.Exit(2)
+    if url:
+        _search_url(url, query, k)
+        return
     _search_table(cfg, query, k, model_uri or cfg.serve.model_uri)
 
 
@@ -346,7 +390,8 @@ def serve(
     params: ParamsOption = Path("params.yaml"),
     set_: SetOption = None,
 ) -> None:
-    """Serve search over HTTP (FastAPI): GET/POST /search, GET /health, docs at /docs.
+    """Serve search over HTTP (FastAPI): a search page at /, GET/POST /search, GET /health, docs at /docs.
+    Follows the model version's live catalogue (`alignsearch ads add`): new versions are swapped in.
     With ALIGNSEARCH_API_KEY set, /search needs the header X-API-Key."""
     import os
 
@@ -375,9 +420,20 @@ def serve(
     except LookupError as exc:
         err_console.print(f"[red]{exc}[/red]", soft_wrap=True)
         raise typer.Exit(1) from exc
-    app_ = create_app(model, cfg.serve, model_uri=uri, info=describe(uri), api_key=api_key)
+    from components.catalogue.live import CatalogueWatcher
+    from components.catalogue.versions import resolve_image
+
+    info = describe(uri)
+    engine = model.unwrap_python_model().engine
+    watcher = None
+    if info.get("version"):  # follow the version's live catalogue (a new version is swapped in)
+        watcher = CatalogueWatcher(engine, info["name"], info["version"], cache_dir=cfg.data.cache_dir,
+                                   interval_s=cfg.serve.catalogue_poll_s).start()
+    app_ = create_app(model, cfg.serve, model_uri=uri, info=info, api_key=api_key, engine=engine,
+                      watcher=watcher, image_file=lambda ref: resolve_image(ref, cfg.data.cache_dir))
     port_ = port or cfg.serve.port
-    console.print(f"Serving {uri} on http://{bind}:{port_} (docs at /docs)"
+    console.print(f"Serving {uri} (catalogue {engine.catalogue_version}, {len(engine)} ads) on "
+                  f"http://{bind}:{port_} (search page at /, docs at /docs)"
                   + (f"; API key required ({API_KEY_ENV})" if api_key else ""))
     uvicorn.run(app_, host=bind, port=port_, log_level="info")
 
@@ -597,6 +653,88 @@ def benchmark(
                            parts_cfg=cfg.vision, align_cfg=cfg.align, match_cfg=cfg.match, quick=quick)
     console.print(result.paths["markdown"].read_text(), markup=False, soft_wrap=True)
     console.print(f"Reports: {out}  ({result.seconds / 60:.1f} min)")
+
+
+ads_app = typer.Typer(help="The live catalogue: add and remove ads without retraining.", no_args_is_help=True)
+app.add_typer(ads_app, name="ads")
+ModelUriOption = Annotated[Optional[str], typer.Option(help="Model version whose catalogue changes (default: params serve.model_uri, the champion).")]  # noqa: UP045
+
+
+def _catalogue_line(catalogue) -> str:
+    return (f"{catalogue.model_name} v{catalogue.model_version}: catalogue {catalogue.label} "
+            f"(run {catalogue.run_id or '-'}), {len(catalogue)} ads, {catalogue.index.kind} index")
+
+
+@ads_app.command("add")
+def ads_add(
+    ads_dir: Annotated[Path, typer.Argument(help="Folder with ads.parquet (ad_id, title, image_path) and images/.")],
+    model_uri: ModelUriOption = None,
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+) -> None:
+    """Validate new ads (the dataset rules for ads and images), encode them with the model's
+    alignment and ad tower, and add them as a new catalogue version. An existing ad id is
+    replaced. Any bad row: nothing is added."""
+    from components.catalogue.live import add_ads
+    from components.catalogue.versions import CatalogueConflict
+    from components.data.validate import ValidationError
+    from components.registry.tracking import configure_mlflow
+
+    cfg = _load(params, set_)
+    configure_mlflow(cfg.registry)
+    try:
+        result = add_ads(model_uri or cfg.serve.model_uri, ads_dir, validate_cfg=cfg.validation,
+                         cache_dir=cfg.data.cache_dir, experiment=cfg.registry.experiment)
+    except ValidationError as exc:
+        err_console.print(f"[red]Refused, nothing added:[/red]\n{exc}", soft_wrap=True, markup=False)
+        raise typer.Exit(1) from exc
+    except (LookupError, CatalogueConflict) as exc:
+        err_console.print(f"[red]{exc}[/red]", soft_wrap=True)
+        raise typer.Exit(1) from exc
+    console.print(f"Added {len(result.added)}, replaced {len(result.replaced)} ads "
+                  f"({result.ads_per_second:.1f} ads/s encoding, {result.encode_seconds:.1f} s).")
+    console.print(_catalogue_line(result.catalogue))
+
+
+@ads_app.command("remove")
+def ads_remove(
+    ad_ids: Annotated[list[str], typer.Argument(help="Ad ids to take out.")],
+    model_uri: ModelUriOption = None,
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+) -> None:
+    """Take ads out of the live catalogue (a new catalogue version). An unknown id: nothing removed."""
+    from components.catalogue.live import remove_ads
+    from components.catalogue.versions import CatalogueConflict
+    from components.registry.tracking import configure_mlflow
+
+    cfg = _load(params, set_)
+    configure_mlflow(cfg.registry)
+    try:
+        result = remove_ads(model_uri or cfg.serve.model_uri, ad_ids, cache_dir=cfg.data.cache_dir,
+                            experiment=cfg.registry.experiment)
+    except (KeyError, ValueError, LookupError, CatalogueConflict) as exc:
+        err_console.print(f"[red]Refused, nothing removed:[/red] {exc}", soft_wrap=True, markup=False)
+        raise typer.Exit(1) from exc
+    console.print(f"Removed {len(result.removed)} ads.")
+    console.print(_catalogue_line(result.catalogue))
+
+
+@ads_app.command("status")
+def ads_status(model_uri: ModelUriOption = None, params: ParamsOption = Path("params.yaml"),
+               set_: SetOption = None) -> None:
+    """The current catalogue version of the model and its size."""
+    from components.catalogue.live import current_catalogue, resolve_model
+    from components.registry.tracking import configure_mlflow
+
+    cfg = _load(params, set_)
+    configure_mlflow(cfg.registry)
+    try:
+        ref = resolve_model(model_uri or cfg.serve.model_uri, cfg.data.cache_dir)
+    except LookupError as exc:
+        err_console.print(f"[red]{exc}[/red]", soft_wrap=True)
+        raise typer.Exit(1) from exc
+    console.print(_catalogue_line(current_catalogue(ref, cfg.data.cache_dir)))
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -140,6 +140,16 @@ def _move_champion(client, name: str, version: str, expected: str | None) -> Non
                              "promote again completes it)", exc) from exc
 
 
+def _carry_catalogue(registry: RegistryConfig, champion: str | None, challenger: str, cache_dir: Path) -> None:
+    """Before `champion` moves: the champion's live catalogue (ads added or removed since it was
+    registered) re-encoded by the challenger's model, so the new champion never serves ads
+    encoded by another model (`components.catalogue.live.reindex`; a no-op while the champion
+    serves only its own ads). A failure stops the promotion before the alias moves."""
+    from components.catalogue.live import reindex
+
+    reindex(registry.model_name, champion, challenger, cache_dir=cache_dir, experiment=registry.experiment)
+
+
 @contextlib.contextmanager
 def promotion_lock(timeout_s: float = 3600.0):
     """One promotion at a time per store. A local sqlite store: an exclusive file lock beside
@@ -209,6 +219,7 @@ def _promote(registry: RegistryConfig, rule: PromoteConfig, *, dataset_dir: Path
     tags = challenger.tags or {}
     if tags.get(f"{TAG}.key") == key:
         if tags.get(f"{TAG}.outcome") == PROMOTED:  # recorded, but the alias never moved (a crash between)
+            _carry_catalogue(registry, champion_version, challenger_version, cache_dir)
             _move_champion(client, name, challenger_version, expected=champion_version)
             log.info("%s v%s: completed the recorded promotion (key %s)", name, challenger_version, key)
             return Decision(PROMOTED, f"completed the promotion recorded at {tags.get(f'{TAG}.decided_at')}: "
@@ -226,6 +237,7 @@ def _promote(registry: RegistryConfig, rule: PromoteConfig, *, dataset_dir: Path
                         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     _record(client, name, challenger, decision)  # first: a crash after it is completed by the next run
     if promote_it:
+        _carry_catalogue(registry, champion_version, challenger_version, cache_dir)
         _move_champion(client, name, challenger_version, expected=champion_version)
     log.info("%s v%s: %s (%s) in %.1f s", name, challenger_version, decision.outcome, reason,
              time.perf_counter() - started)

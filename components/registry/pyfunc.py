@@ -35,7 +35,15 @@ class AlignSearchModel(PythonModel):
     def load_context(self, context) -> None:
         from components.search.engine import SearchEngine
 
-        self.engine = SearchEngine(Path(context.artifacts[BUNDLE_ARTIFACT]))
+        bundle = Path(context.artifacts[BUNDLE_ARTIFACT])
+        self.engine = SearchEngine(bundle)
+        # Answer from the live catalogue of the registered version this model is (issue 11);
+        # model_config={"catalogue": "bundle"} keeps the ads it was registered with.
+        config = getattr(context, "model_config", None) or {}
+        if config.get("catalogue", "current") == "current":
+            from components.catalogue.live import attach_current
+
+            self.registered = attach_current(self.engine, bundle.parents[1], cache_dir=config.get("cache_dir"))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         default_k = int((params or {}).get("k", 10))

@@ -23,23 +23,21 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from components.align.model import AlignmentModel
-from components.align.stage import translate_ads
-from components.data.format import Dataset, read_dataset
-from components.evaluate.subsets import evaluate_scores, flatten_records
-from components.match.data import QuerySide, match_data, normalize_text
-from components.match.systems import TwoTowerScorer, load_scorer
-from components.metrics import ScoreMatrix
-from components.retrieve.config import IndexConfig
-from components.retrieve.index import AdIndex
-from components.text.stems import word_stem
-from components.vision.cache import extract_parts_cached
-from components.vision.config import PartsConfig
-from components.vision.parts import PartsFeatures
+# Imports are lazy (inside functions) where they are heavy: a one-off search imports only
+# what a query needs (no Lightning, no alignment, no evaluation).
+if TYPE_CHECKING:
+    from components.data.format import Dataset
+    from components.match.systems import TwoTowerScorer
+    from components.metrics import ScoreMatrix
+    from components.retrieve.config import IndexConfig
+    from components.retrieve.index import AdIndex
+    from components.vision.config import PartsConfig
+    from components.vision.parts import PartsFeatures
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +60,12 @@ class SearchHit:
     score: float
     visual_words: list[str] = field(default_factory=list)
     matched_words: list[str] = field(default_factory=list)
+    catalogue_version: str = "v0"
 
 
 def _two_tower(scorer, where: Path) -> TwoTowerScorer:
+    from components.match.systems import TwoTowerScorer
+
     if not isinstance(scorer, TwoTowerScorer):
         raise ValueError(f"{where}: system {scorer.system!r} cannot serve retrieval; a search bundle needs a "
                          f"two-tower system (ours, text_only, implicit_fusion, text_zero_shot)")
@@ -73,6 +74,8 @@ def _two_tower(scorer, where: Path) -> TwoTowerScorer:
 
 def ad_features(dataset: Dataset, vision: PartsConfig, cache_dir: Path) -> PartsFeatures:
     """Visual parts of `dataset`'s ads in ads.parquet order, through the content-addressed cache."""
+    from components.vision.cache import extract_parts_cached
+
     paths = [dataset.image_file(p) for p in dataset.ads["image_path"].astype(str)]
     return extract_parts_cached(paths, vision, cache_dir=Path(cache_dir) / "features", progress=False)
 
@@ -86,6 +89,11 @@ def build_bundle(out_dir: Path, *, align_dir: Path, scorer_dir: Path, dataset_di
     the logits feed ours' word channel); `features`: the dataset's parts in ad order,
     needed only by systems with an image head.
     """
+    from components.data.format import read_dataset
+    from components.match.data import QuerySide, match_data
+    from components.match.systems import load_scorer
+    from components.retrieve.index import AdIndex
+
     started = time.perf_counter()
     out_dir = Path(out_dir)
     if out_dir.exists():
@@ -116,11 +124,34 @@ def build_bundle(out_dir: Path, *, align_dir: Path, scorer_dir: Path, dataset_di
     return out_dir
 
 
+class _View:
+    """What a search reads from one catalogue version, swapped in as one object (so a search
+    never mixes two versions, and a reload needs no lock)."""
+
+    def __init__(self, catalogue) -> None:
+        self.catalogue = catalogue
+        self.index = catalogue.index
+        ads = catalogue.ads
+        self.titles = dict(zip(ads["ad_id"].astype(str), ads["title"].astype(str), strict=True))
+        self.words = {str(a): list(ws) for a, ws in zip(ads["ad_id"], ads["words"], strict=True)}
+        self.image_refs = dict(zip(ads["ad_id"].astype(str), ads["image_ref"].astype(str), strict=True))
+        words = sorted(catalogue.word_vectors)
+        self.word_row = {w: i for i, w in enumerate(words)}
+        self.word_vectors = (np.stack([catalogue.word_vectors[w] for w in words]).astype(np.float32) if words
+                             else np.zeros((0, self.index.dim), np.float32))
+        self.label = catalogue.label
+
+
 class SearchEngine:
     """Answers text queries from a bundle: faiss top-k over the catalogue, with each hit's
-    visual words and the ones that matched the query."""
+    visual words and the ones that matched the query.
 
-    def __init__(self, bundle_dir: Path, device: str = "auto") -> None:
+    The catalogue is the bundle's own (version 0) unless another version is given or swapped
+    in later (`use_catalogue`, `components.catalogue`). Only what a query needs is loaded up
+    front (the query tower, the index); the full scorer and the alignment load on first use
+    (encoding new ads, evaluation)."""
+
+    def __init__(self, bundle_dir: Path, device: str = "auto", catalogue=None) -> None:
         self.bundle_dir = Path(bundle_dir)
         meta_path = self.bundle_dir / BUNDLE_FILE
         if not meta_path.is_file():
@@ -130,15 +161,14 @@ class SearchEngine:
             raise ValueError(f"{meta_path}: bundle format {self.meta.get('format_version')!r}, "
                              f"expected {FORMAT_VERSION}")
         self.device = device
-        self.scorer = _two_tower(load_scorer(self.bundle_dir / "scorer", device=device), self.bundle_dir)
-        self.index = AdIndex.load(self.bundle_dir / "index")
-        catalogue = pd.read_parquet(self.bundle_dir / CATALOGUE_FILE)
-        self.titles = dict(zip(catalogue["ad_id"].astype(str), catalogue["title"].astype(str), strict=True))
-        self.words = {str(r.ad_id): list(r.words) for r in catalogue.itertuples()}
-        with np.load(self.bundle_dir / WORD_VECTORS_FILE, allow_pickle=False) as data:
-            self.word_row = {str(w): i for i, w in enumerate(data["words"])}
-            self.word_vectors = data["vectors"].astype(np.float32)
-        self._align: AlignmentModel | None = None
+        self._scorer = None
+        self._query_tower = None
+        self._align = None
+        if catalogue is None:
+            from components.catalogue.store import from_bundle
+
+            catalogue = from_bundle(self.bundle_dir, model_name="", model_version="", dataset_dir=None)
+        self._view = _View(catalogue)
 
     @property
     def system(self) -> str:
@@ -146,43 +176,99 @@ class SearchEngine:
 
     @property
     def vision(self) -> PartsConfig:
+        from components.vision.config import PartsConfig
+
         return PartsConfig(**self.meta["vision"])
 
     @property
-    def alignment(self) -> AlignmentModel:
+    def scorer(self):
+        """The bundled two-tower scorer (ad tower included; loaded on first use)."""
+        if self._scorer is None:
+            from components.match.systems import load_scorer
+
+            self._scorer = _two_tower(load_scorer(self.bundle_dir / "scorer", device=self.device), self.bundle_dir)
+        return self._scorer
+
+    @property
+    def query_tower(self):
+        """The query tower alone (`components.search.query`), or the scorer's when loaded."""
+        if self._query_tower is None:
+            from components.search.query import QueryTower
+
+            self._query_tower = (QueryTower.from_scorer(self._scorer) if self._scorer is not None
+                                 else QueryTower.load(self.bundle_dir / "scorer", device=self.device))
+        return self._query_tower
+
+    @property
+    def alignment(self):
         """The bundled alignment model (loaded on first use: only new ads need it)."""
         if self._align is None:
+            from components.align.model import AlignmentModel
+
             self._align = AlignmentModel.load(self.bundle_dir / "align")
         return self._align
 
-    def __len__(self) -> int:
-        return len(self.index)
+    # -- the catalogue --------------------------------------------------------------------
+    @property
+    def catalogue(self):
+        return self._view.catalogue
 
-    def _matched(self, query_vector: np.ndarray, query_stems: set[str], words: list[str]) -> list[str]:
+    @property
+    def catalogue_version(self) -> str:
+        return self._view.label
+
+    @property
+    def index(self) -> AdIndex:
+        return self._view.index
+
+    def use_catalogue(self, catalogue) -> None:
+        """Serve `catalogue` from now on; searches already running finish on the old one."""
+        view = _View(catalogue)
+        if view.index.dim != self._view.index.dim:
+            raise ValueError(f"catalogue {catalogue.label} has dim {view.index.dim}, this model's is "
+                             f"{self._view.index.dim}: it was encoded by another model")
+        self._view = view
+
+    def image_ref(self, ad_id: str) -> str | None:
+        return self._view.image_refs.get(str(ad_id))
+
+    def __len__(self) -> int:
+        return len(self._view.index)
+
+    @staticmethod
+    def _matched(view: _View, query_vector: np.ndarray, query_stems: set[str], words: list[str]) -> list[str]:
+        from components.text.stems import word_stem
+
         matched = []
         for word in words:
-            row = self.word_row.get(word)
-            close = row is not None and float(self.word_vectors[row] @ query_vector) >= MATCHED_WORD_MIN_COSINE
+            row = view.word_row.get(word)
+            close = row is not None and float(view.word_vectors[row] @ query_vector) >= MATCHED_WORD_MIN_COSINE
             if close or word_stem(word) in query_stems:
                 matched.append(word)
         return matched
 
     def search(self, queries: list[str], k: int = 10) -> list[list[SearchHit]]:
         """Top-`k` ads for each query (best first)."""
+        from components.match.data import normalize_text
+        from components.text.stems import word_stem
+
+        view = self._view  # one version for the whole call, whatever a reload does meanwhile
         texts = [normalize_text(q) for q in queries]
-        vectors = self.scorer.encode_queries(QuerySide([str(i) for i in range(len(texts))], texts))
-        scores, ids = self.index.search(vectors, k)
+        vectors = self.query_tower.encode(texts)
+        scores, ids = view.index.search(vectors, k)
         results = []
         for text, vector, row_scores, row_ids in zip(texts, vectors, scores, ids, strict=True):
             stems = {word_stem(t) for t in text.lower().split()}
-            results.append([SearchHit(rank=r + 1, ad_id=ad_id, title=self.titles.get(ad_id, ""),
-                                      score=float(row_scores[r]), visual_words=self.words.get(ad_id, []),
-                                      matched_words=self._matched(vector, stems, self.words.get(ad_id, [])))
+            results.append([SearchHit(rank=r + 1, ad_id=ad_id, title=view.titles.get(ad_id, ""),
+                                      score=float(row_scores[r]), visual_words=view.words.get(ad_id, []),
+                                      matched_words=self._matched(view, vector, stems, view.words.get(ad_id, [])),
+                                      catalogue_version=view.label)
                             for r, ad_id in enumerate(row_ids)])
         return results
 
     def search_frame(self, queries: pd.DataFrame, default_k: int = 10) -> pd.DataFrame:
-        """One row per (query, hit): query, rank, ad_id, title, score, visual_words, matched_words.
+        """One row per (query, hit): query, rank, ad_id, title, score, visual_words, matched_words,
+        catalogue_version.
 
         `queries` has a `query` column and optionally `k` (per row; missing → `default_k`).
         """
@@ -196,12 +282,16 @@ class SearchEngine:
         # One encoding and one index search for the whole batch, at the largest k asked for.
         hits = self.search(texts, max(ks)) if texts else []
         rows = [{"query": text, **asdict(hit)} for text, k, row in zip(texts, ks, hits, strict=True) for hit in row[:k]]
-        columns = ["query", "rank", "ad_id", "title", "score", "visual_words", "matched_words"]
+        columns = ["query", "rank", "ad_id", "title", "score", "visual_words", "matched_words", "catalogue_version"]
         return pd.DataFrame(rows, columns=columns)
 
     # -- evaluation on any dataset (promotion) --------------------------------------------
     def score_split(self, dataset: Dataset, split: str, cache_dir: Path) -> ScoreMatrix:
         """Scores of every (query, ad) of one split of a dataset, ads translated afresh."""
+        from components.align.stage import translate_ads
+        from components.match.data import match_data
+        from components.metrics import ScoreMatrix
+
         part = dataset.split(split)
         features = ad_features(part, self.vision, cache_dir)
         words, word_logits = translate_ads(self.alignment, part.ads["ad_id"].astype(str).tolist(), features)
@@ -211,6 +301,9 @@ class SearchEngine:
 
     def evaluate(self, dataset_dir: Path, split: str = "test", *, cache_dir: Path, seed: int = 0) -> dict[str, float]:
         """Metrics on a split of the dataset at `dataset_dir` (flat keys as in reports/metrics.json)."""
+        from components.data.format import read_dataset
+        from components.evaluate.subsets import evaluate_scores, flatten_records
+
         dataset = read_dataset(dataset_dir)
         matrix = self.score_split(dataset, split, cache_dir)
         return flatten_records(evaluate_scores(dataset.split(split), matrix, seed))

@@ -5,9 +5,16 @@ answer 4xx with a message (empty query, k too large, text too long), a response 
 search (ranked hits with their visual words), and a health endpoint naming the model version,
 all in the same process as the CLI, with no per-model environment to build.
 
-    GET  /health                    -> {"status": "ok", "model_uri": ..., "version": ...} (503: no model)
-    GET  /search?q=red+car&k=5      -> {"query": ..., "k": ..., "results": [...]}
+    GET  /health                    -> {"status": "ok", "model_uri": ..., "version": ...,
+                                        "catalogue_version": ..., "num_ads": ...} (503: no model)
+    GET  /search?q=red+car&k=5      -> {"query": ..., "k": ..., "catalogue_version": ..., "results": [...]}
     POST /search {"query": ..., "k": 5}
+    GET  /                          -> the search page (`page.py`: one HTML file, no CDN, no build)
+    GET  /image?ad_id=...           -> an ad's image (from the catalogue version that holds it)
+
+With an `engine` (the pyfunc's `SearchEngine`) and a `watcher` (`CatalogueWatcher`), the
+service follows the model version's live catalogue: a new version is loaded beside the old
+one and swapped in, so no request is dropped or answered from a half-loaded catalogue.
 
 Behaving like a service: every response carries an `X-Request-ID`; an internal error is a
 generic 500 naming that id (the traceback goes to the log, not to the client); bodies over
@@ -27,7 +34,7 @@ from typing import Annotated, Any
 import pandas as pd
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from components.search.config import ServeConfig
@@ -50,6 +57,8 @@ class SearchResponse(BaseModel):
     query: str
     k: int
     model_uri: str
+    model_version: str | None = None
+    catalogue_version: str | None = None
     took_ms: float
     results: list[Hit]
 
@@ -149,9 +158,13 @@ class _Guard:
 
 
 def create_app(model: Any, cfg: ServeConfig, *, model_uri: str, info: dict | None = None,
-               api_key: str | None = None) -> FastAPI:
+               api_key: str | None = None, engine: Any = None, watcher: Any = None,
+               image_file=None) -> FastAPI:
     """The app over `model` (anything with `predict(DataFrame) -> DataFrame`, e.g. a pyfunc;
-    None: not loaded, /health and /search answer 503). `api_key`: required on /search when set."""
+    None: not loaded, /health and /search answer 503). `api_key`: required on /search when set.
+    `engine`: the model's `SearchEngine` (catalogue version and images on /health, /image);
+    `watcher`: its `CatalogueWatcher` (reload errors on /health); `image_file(ref) -> Path|None`
+    resolves an ad's image reference."""
 
     class SearchRequest(BaseModel):
         query: str = Field(..., max_length=cfg.max_query_chars, description="the user's text query")
@@ -179,9 +192,12 @@ def create_app(model: Any, cfg: ServeConfig, *, model_uri: str, info: dict | Non
         # An exception here (the model failed on a valid request) reaches `_Guard`: logged with
         # its traceback, a generic 500 with the request id for the client.
         log.debug("request %s: query %r, k=%d", request_id, request.query[:100], request.k)
-        hits = _hits(model.predict(pd.DataFrame({"query": [request.query], "k": [request.k]})))
-        return SearchResponse(query=request.query, k=request.k, model_uri=model_uri,
-                              took_ms=round((time.perf_counter() - started) * 1000, 2), results=hits)
+        frame = model.predict(pd.DataFrame({"query": [request.query], "k": [request.k]}))
+        catalogue_version = (str(frame["catalogue_version"].iloc[0]) if "catalogue_version" in frame.columns
+                             and len(frame) else (engine.catalogue_version if engine is not None else None))
+        return SearchResponse(query=request.query, k=request.k, model_uri=model_uri, model_version=version,
+                              catalogue_version=catalogue_version,
+                              took_ms=round((time.perf_counter() - started) * 1000, 2), results=_hits(frame))
 
     def _request_id(request: Request) -> str:
         return request.scope.get("state", {}).get("request_id", "-")
@@ -190,7 +206,27 @@ def create_app(model: Any, cfg: ServeConfig, *, model_uri: str, info: dict | Non
     def health() -> dict:
         if model is None:
             raise HTTPException(status_code=503, detail={"status": "no model loaded", "model_uri": model_uri})
-        return {"status": "ok", "model_uri": model_uri, "version": version, **(info or {})}
+        out = {"status": "ok", "model_uri": model_uri, "version": version, **(info or {})}
+        if engine is not None:
+            out.update(engine.catalogue.describe())
+        if watcher is not None:
+            out["catalogue_reloads"] = watcher.reloads
+            out["catalogue_reload_error"] = watcher.last_error
+        return out
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> HTMLResponse:
+        from components.search.page import PAGE
+
+        return HTMLResponse(PAGE)
+
+    @app.get("/image")
+    def image(ad_id: Annotated[str, Query(max_length=1000)]) -> FileResponse:
+        ref = engine.image_ref(ad_id) if engine is not None else None
+        path = image_file(ref) if ref and image_file is not None else None
+        if path is None:
+            raise HTTPException(status_code=404, detail="no image for this ad")
+        return FileResponse(path, headers={"Cache-Control": "max-age=3600"})
 
     @app.post("/search", response_model=SearchResponse)
     def search_post(body: SearchRequest, request: Request) -> SearchResponse:

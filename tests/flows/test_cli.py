@@ -15,9 +15,9 @@ from flows.cli import app
 runner = CliRunner()
 
 
-COMMANDS = {"align", "bench-serve", "benchmark", "data", "evaluate", "features", "promote", "retrain", "run",
+COMMANDS = {"ads", "align", "bench-serve", "benchmark", "data", "evaluate", "features", "promote", "retrain", "run",
             "schedule", "search", "serve", "team", "train-matcher"}
-SUBCOMMANDS = {"data": {"build", "hash", "validate"}, "align": {"show", "train"}, "team": {"down", "status", "up"}}
+SUBCOMMANDS = {"ads": {"add", "remove", "status"}, "data": {"build", "hash", "validate"}, "align": {"show", "train"}, "team": {"down", "status", "up"}}
 
 
 def _listed(help_text: str) -> set[str]:

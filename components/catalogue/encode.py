@@ -1,0 +1,110 @@
+"""New ads through a registered model version, the same way its bundle encoded its own ads.
+
+No model code lives here: each step is the public function the training/registration path
+uses, so this follows whatever the model does.
+
+    images --extract_parts_cached--> parts --translate_ads (the version's alignment)--> visual
+    words + per-word logits --match_data--> AdSide --TwoTowerScorer.encode_ads--> embeddings
+
+(`components.search.engine.SearchEngine.score_split` and `build_bundle` chain the same calls.)
+Big batches go through in chunks so memory stays flat, with a progress bar and a measured
+ads/s; the vision step uses a GPU when one exists (`extract_parts` picks CUDA) and parallel
+decode threads otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+CHUNK = 512  # ads per chunk: parts, words and embeddings of one chunk are in memory at once
+
+
+@dataclass
+class EncodedAds:
+    ad_ids: list[str]
+    titles: list[str]
+    words: list[list[tuple[str, float]]]  # visual words per ad, best first
+    embeddings: np.ndarray  # (N, dim) float32, L2-normalised: what the index holds
+    word_vectors: dict[str, np.ndarray]  # query-tower vector of every visual word used
+    seconds: float = 0.0
+    step_seconds: dict[str, float] | None = None
+
+    @property
+    def ads_per_second(self) -> float:
+        return len(self.ad_ids) / self.seconds if self.seconds else 0.0
+
+
+def _empty_queries() -> pd.DataFrame:
+    return pd.DataFrame({"query_id": pd.Series([], dtype="string"), "text": pd.Series([], dtype="string"),
+                         "split": pd.Series([], dtype="string")})
+
+
+def encode_ads(engine, ads: pd.DataFrame, root: Path, *, cache_dir: Path, progress: bool = True,
+               known_word_vectors: dict[str, np.ndarray] | None = None, chunk: int = CHUNK) -> EncodedAds:
+    """Encode `ads` (interchange-format rows: ad_id, title, image_path relative to `root`) with
+    `engine`'s model (a `components.search.engine.SearchEngine`: its alignment and ad tower).
+
+    `known_word_vectors`: vectors already computed (the catalogue's), not encoded again.
+    """
+    from tqdm.auto import tqdm
+
+    from components.align.stage import translate_ads
+    from components.data.format import Dataset
+    from components.match.data import QuerySide, match_data
+    from components.search.engine import ad_features
+
+    started = time.perf_counter()
+    steps = {"parts": 0.0, "words": 0.0, "ad_tower": 0.0}
+    ads = ads.reset_index(drop=True)
+    needs_images = engine.scorer.net.image_head is not None
+    ad_ids: list[str] = []
+    titles: list[str] = []
+    words: list[list[tuple[str, float]]] = []
+    chunks: list[np.ndarray] = []
+    with tqdm(total=len(ads), desc="encode ads", unit="ad", disable=not progress) as bar:
+        for start in range(0, len(ads), chunk):
+            part = Dataset(ads=ads.iloc[start:start + chunk].reset_index(drop=True), queries=_empty_queries(),
+                           qrels=pd.DataFrame(columns=["query_id", "ad_id", "relevance", "split"]), root=Path(root))
+            ids = part.ads["ad_id"].astype(str).tolist()
+            t0 = time.perf_counter()
+            features = ad_features(part, engine.vision, cache_dir)
+            t1 = time.perf_counter()
+            ad_words, word_logits = translate_ads(engine.alignment, ids, features)
+            t2 = time.perf_counter()
+            data = match_data(part, words=ad_words, features=features if needs_images else None,
+                              word_logits=word_logits)
+            chunks.append(engine.scorer.encode_ads(data.ads))
+            t3 = time.perf_counter()
+            steps["parts"] += t1 - t0
+            steps["words"] += t2 - t1
+            steps["ad_tower"] += t3 - t2
+            ad_ids += data.ads.ad_ids
+            titles += data.ads.titles
+            words += [ad_words.get(a, []) for a in ids]
+            bar.update(len(ids))
+    known = known_word_vectors or {}
+    missing = sorted({w for ws in words for w, _ in ws} - set(known))
+    vectors = {}
+    if missing:
+        t0 = time.perf_counter()
+        encoded = engine.scorer.encode_queries(QuerySide(missing, missing))
+        vectors = dict(zip(missing, encoded, strict=True))
+        steps["ad_tower"] += time.perf_counter() - t0
+    dim = engine.scorer.net.dim
+    embeddings = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
+    # L2-normalised, as the index holds them (`AdIndex.build` normalises; the bundle's are too).
+    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    embeddings = embeddings / np.where(norms > 0, norms, 1.0)
+    seconds = time.perf_counter() - started
+    log.info("encoded %d ads in %.1f s (%.1f ads/s; parts %.1f s, words %.1f s, ad tower %.1f s)", len(ad_ids),
+             seconds, len(ad_ids) / seconds if seconds else 0.0, steps["parts"], steps["words"], steps["ad_tower"])
+    return EncodedAds(ad_ids, titles, words, embeddings.astype(np.float32), vectors, seconds,
+                      {k: round(v, 3) for k, v in steps.items()})

@@ -1,0 +1,297 @@
+"""Operations on the live catalogue of a registered model version: add, remove, re-index for a
+new champion, and keep a running search engine on the current version.
+
+    add_ads(uri, dir)        validate -> encode with that version's model -> new version (run)
+    remove_ads(uri, ids)     -> new version without them
+    reindex(name, a, b)      the live ads of version a encoded by version b (promotion)
+    CatalogueWatcher         polls the version's pointer, loads a new version, swaps it in
+
+Encoding happens outside the lock, the change is applied to whatever version is current when
+the lock is held (changes are by ad id, so two additions both land), then published with a
+compare-and-set on the pointer (`versions.publish`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from components.catalogue import versions
+from components.catalogue.store import Catalogue, from_bundle
+
+log = logging.getLogger(__name__)
+
+SELF_REF = "run:SELF/"  # an image of the version being published (its run id is not known yet)
+
+
+@dataclass
+class ModelRef:
+    """A registered model version and its search bundle on local disk."""
+
+    name: str
+    version: str
+    bundle_dir: Path
+    dataset_dir: Path | None
+    run_id: str = ""
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+@dataclass
+class ChangeResult:
+    catalogue: Catalogue
+    added: list[str] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    encode_seconds: float = 0.0
+    ads_per_second: float = 0.0
+    step_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def bundle_cache(cache_dir: Path, run_id: str) -> Path:
+    """Where a version's bundle is kept locally: keyed by the run that logged it (a run id is
+    unique across stores; `name/version` is not: every store has an `alignsearch` v1)."""
+    return Path(cache_dir) / "catalogue" / "bundles" / run_id / "bundle"
+
+
+def resolve_model(model_uri: str, cache_dir: Path) -> ModelRef:
+    """`models:/name@alias` or `models:/name/N` -> the version, its bundle (downloaded once per
+    version into `cache_dir`) and its training dataset."""
+    from components.registry.versions import describe, download_bundle, training_dataset_dir
+
+    info = describe(model_uri)
+    if not info:
+        raise LookupError(f"{model_uri}: no such registered model version (run `alignsearch retrain` and "
+                          "`alignsearch promote`, or pass --model-uri models:/NAME/VERSION)")
+    name, version = info["name"], info["version"]
+    from mlflow import MlflowClient
+
+    dataset_dir = training_dataset_dir(MlflowClient().get_model_version(name, version))
+    run_id = info.get("run_id") or ""
+    target = bundle_cache(cache_dir, run_id) if run_id else None
+    if target is None:  # a version without a run: no safe cache key, fetch it every time
+        target = Path(tempfile.mkdtemp(prefix="alignsearch-bundle-")) / "bundle"
+    if not (target / "bundle.json").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
+        try:
+            got = download_bundle(f"models:/{name}/{version}", scratch)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(got, target)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return ModelRef(name, version, target, dataset_dir, run_id)
+
+
+def current_catalogue(ref: ModelRef, cache_dir: Path) -> Catalogue:
+    """The version's current catalogue: the latest recorded change, or version 0 (its bundle)."""
+    found = versions.pointer(ref.name, ref.version)
+    if found is None:
+        return from_bundle(ref.bundle_dir, model_name=ref.name, model_version=ref.version,
+                           dataset_dir=ref.dataset_dir)
+    return versions.load_version(found[0], cache_dir)
+
+
+def _engine(ref: ModelRef, catalogue: Catalogue | None = None):
+    from components.search.engine import SearchEngine
+
+    return SearchEngine(ref.bundle_dir, catalogue=catalogue)
+
+
+def _image_name(path: Path) -> str:
+    digest = hashlib.md5(path.read_bytes()).hexdigest()[:20]
+    return digest + path.suffix.lower()
+
+
+def _encoded_rows(encoded, image_refs: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({"ad_id": encoded.ad_ids, "title": encoded.titles,
+                         "words": [[w for w, _ in ws] for ws in encoded.words],
+                         "scores": [[float(s) for _, s in ws] for ws in encoded.words],
+                         "image_ref": image_refs})
+
+
+def add_ads(model_uri: str, ads_dir: Path, *, validate_cfg, cache_dir: Path, experiment: str,
+            progress: bool = True) -> ChangeResult:
+    """Validate, encode and add the ads of `ads_dir` (ads.parquet + images/) to the live
+    catalogue of the version behind `model_uri`. Any bad row: `ValidationError` naming it,
+    nothing added. An ad id already in the catalogue is replaced."""
+    from components.catalogue.encode import encode_ads
+    from components.catalogue.validate import read_new_ads, validate_new_ads
+
+    ads_dir = Path(ads_dir)
+    validate_new_ads(ads_dir, validate_cfg).raise_if_failed()
+    ads = read_new_ads(ads_dir)
+    ref = resolve_model(model_uri, cache_dir)
+    engine = _engine(ref, current_catalogue(ref, cache_dir))
+    encoded = encode_ads(engine, ads, ads_dir, cache_dir=cache_dir, progress=progress,
+                         known_word_vectors=engine.catalogue.word_vectors)
+    files = [ads_dir / str(p) for p in ads["image_path"]]
+    names = [_image_name(f) for f in files]
+    rows = _encoded_rows(encoded, [SELF_REF + f"images/{n}" for n in names])
+    images = dict(zip(names, files, strict=True))
+    with versions.catalogue_lock():
+        base = current_catalogue(ref, cache_dir)
+        new = base.changed(added=rows, added_embeddings=encoded.embeddings,
+                           added_word_vectors={**engine.catalogue.word_vectors, **encoded.word_vectors})
+        metrics = {"encode_seconds": encoded.seconds, "encode_ads_per_second": encoded.ads_per_second}
+        published = _publish(new, images, experiment, base.run_id, metrics)
+    return ChangeResult(published, published.change["added"], published.change["replaced"], [],
+                        encoded.seconds, encoded.ads_per_second, encoded.step_seconds or {})
+
+
+def remove_ads(model_uri: str, ad_ids: list[str], *, cache_dir: Path, experiment: str) -> ChangeResult:
+    """Take `ad_ids` out of the live catalogue (an id that is not in it: `KeyError`, nothing removed)."""
+    ref = resolve_model(model_uri, cache_dir)
+    with versions.catalogue_lock():
+        base = current_catalogue(ref, cache_dir)
+        new = base.changed(removed=[str(a) for a in ad_ids])
+        published = _publish(new, None, experiment, base.run_id, {})
+    return ChangeResult(published, removed=published.change["removed"])
+
+
+def _publish(catalogue: Catalogue, images, experiment: str, expected_run_id, metrics) -> Catalogue:
+    """`versions.publish`, with this version's own image refs filled in once its run exists."""
+    original = catalogue.ads["image_ref"].copy()
+
+    def fill(run_id: str) -> None:
+        catalogue.ads["image_ref"] = original.str.replace(SELF_REF, f"run:{run_id}/", regex=False)
+
+    return versions.publish(catalogue, experiment=experiment, images=images, metrics=metrics,
+                            expected_run_id=expected_run_id, before_save=fill)
+
+
+def reindex(name: str, from_version: str | None, to_version: str, *, cache_dir: Path, experiment: str,
+            progress: bool = False) -> Catalogue | None:
+    """Make the live catalogue of `from_version` (the champion) the catalogue of `to_version`,
+    every ad encoded again by `to_version`'s model. None when there is nothing to carry over
+    (no champion, or its catalogue is still version 0: the new version serves its own ads).
+    An ad whose image cannot be found raises: a promotion must not serve a catalogue that
+    another model encoded."""
+    from components.catalogue.encode import encode_ads
+
+    if from_version is None:
+        return None
+    source_ref = resolve_model(f"models:/{name}/{from_version}", cache_dir)
+    source = current_catalogue(source_ref, cache_dir)
+    if source.version == 0:
+        return None
+    target_ref = resolve_model(f"models:/{name}/{to_version}", cache_dir)
+    already = current_catalogue(target_ref, cache_dir)
+    if any(str(source.run_id) in item for item in already.change.get("reindexed_from", [])):
+        return already  # done by an earlier attempt of this promotion
+    files = [versions.resolve_image(str(r), cache_dir) for r in source.ads["image_ref"]]
+    lost = [a for a, f in zip(source.ads["ad_id"], files, strict=True) if f is None]
+    if lost:
+        raise FileNotFoundError(f"re-indexing catalogue {source.label} of {name} v{from_version} for v{to_version}: "
+                                f"no image for {len(lost)} ads, e.g. {lost[:5]}; not switched")
+    frame = pd.DataFrame({"ad_id": source.ads["ad_id"], "title": source.ads["title"],
+                          "image_path": [str(f) for f in files], "split": "test"})
+    engine = _engine(target_ref)
+    encoded = encode_ads(engine, frame, Path("/"), cache_dir=cache_dir, progress=progress)
+    rows = _encoded_rows(encoded, source.ads["image_ref"].astype(str).tolist())
+    with versions.catalogue_lock():
+        base = current_catalogue(target_ref, cache_dir)
+        vectors = {**engine.catalogue.word_vectors, **encoded.word_vectors}
+        new = Catalogue(rows, encoded.embeddings, {w: v for w, v in vectors.items()
+                                                   if w in {x for ws in rows["words"] for x in ws}},
+                        base.index_cfg, base.version + 1, name, str(to_version), None, base.run_id,
+                        {"added": [], "replaced": [], "removed": [],
+                         "reindexed_from": [f"{name} v{from_version} {source.label} ({source.run_id})"]})
+        metrics = {"encode_seconds": encoded.seconds, "encode_ads_per_second": encoded.ads_per_second}
+        return _publish(new, None, experiment, base.run_id, metrics)
+
+
+class CatalogueWatcher:
+    """Keeps `engine` on the current catalogue of one model version: every `interval_s` it reads
+    the version's pointer and, when it moved, loads the new version and swaps it in (requests
+    in flight finish on the old one; none waits for the load)."""
+
+    def __init__(self, engine, name: str, version: str, *, cache_dir: Path, interval_s: float = 5.0) -> None:
+        self.engine, self.name, self.version = engine, name, str(version)
+        self.cache_dir, self.interval_s = Path(cache_dir), interval_s
+        self.run_id = engine.catalogue.run_id
+        self.last_error = ""
+        self.reloads = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def check(self) -> bool:
+        """Load and swap in a newer version if there is one; True when it did."""
+        with self._lock:
+            try:
+                found = versions.pointer(self.name, self.version)
+                run_id = found[0] if found else None
+                if run_id == self.run_id:
+                    return False
+                if run_id is None:  # pointer cleared: back to the model's own ads
+                    ref = resolve_model(f"models:/{self.name}/{self.version}", self.cache_dir)
+                    catalogue = current_catalogue(ref, self.cache_dir)
+                else:
+                    catalogue = versions.load_version(run_id, self.cache_dir)
+                catalogue.index  # noqa: B018 - build now, not on the first request
+                self.engine.use_catalogue(catalogue)
+                self.run_id = run_id
+                self.reloads += 1
+                self.last_error = ""
+                log.info("serving catalogue %s of %s v%s (%d ads)", catalogue.label, self.name, self.version,
+                         len(catalogue))
+                return True
+            except Exception as exc:  # keep serving the version we have; say why on /health
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("catalogue reload of %s v%s failed: %s", self.name, self.version, self.last_error)
+                return False
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.check()
+
+    def start(self) -> CatalogueWatcher:
+        if self._thread is None and self.interval_s > 0:
+            self._thread = threading.Thread(target=self._loop, name="catalogue-watcher", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+def attach_current(engine, model_dir: Path, cache_dir: Path | None = None) -> tuple[str, str] | None:
+    """Point a pyfunc's engine at the current catalogue of the registered version it was logged
+    as: the version is found from the run in the model's MLmodel file. Returns (name, version),
+    or None when the model is not a registered version of this store (it keeps its own ads)."""
+    import mlflow
+    import yaml
+    from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
+
+    mlmodel = Path(model_dir) / "MLmodel"
+    if not mlmodel.is_file() or not (is_tracking_uri_set() or os.environ.get("MLFLOW_TRACKING_URI")):
+        return None
+    run_id = (yaml.safe_load(mlmodel.read_text()) or {}).get("run_id")
+    if not run_id:
+        return None
+    found = mlflow.MlflowClient().search_model_versions(f"run_id = '{run_id}'")
+    if not found:
+        return None
+    version = max(found, key=lambda v: int(v.version))
+    cache_dir = Path(cache_dir or Path(tempfile.gettempdir()) / "alignsearch-catalogue")
+    from components.registry.versions import training_dataset_dir
+
+    ref = ModelRef(version.name, str(version.version), engine.bundle_dir, training_dataset_dir(version), run_id)
+    engine.use_catalogue(current_catalogue(ref, cache_dir))
+    return version.name, str(version.version)
+
+

@@ -1,0 +1,96 @@
+"""The search page `alignsearch serve` shows at `/`: one self-contained HTML document (inline CSS
+and JavaScript, no build step, no CDN). It calls the service's own GET /search and /health,
+and loads ad images from /image."""
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>alignsearch</title>
+<style>
+  body { font-family: system-ui, sans-serif; margin: 0; background: #f6f7f9; color: #1d2330; }
+  header { background: #1d2330; color: #fff; padding: 14px 24px; display: flex; align-items: baseline; gap: 24px; }
+  header h1 { font-size: 20px; margin: 0; }
+  #versions { font-size: 13px; opacity: .85; }
+  main { max-width: 1000px; margin: 0 auto; padding: 20px 24px; }
+  form { display: flex; gap: 8px; margin-bottom: 16px; }
+  #q { flex: 1; font-size: 17px; padding: 9px 12px; border: 1px solid #b8bfcc; border-radius: 6px; }
+  button { font-size: 16px; padding: 9px 18px; border: 0; border-radius: 6px; background: #2f6fde; color: #fff; }
+  #status { font-size: 13px; color: #5b6475; margin-bottom: 12px; min-height: 1em; }
+  ol { list-style: none; padding: 0; margin: 0; display: grid; gap: 10px; }
+  li.hit { display: flex; gap: 14px; background: #fff; border-radius: 8px; padding: 10px; box-shadow: 0 1px 2px #0002; }
+  li.hit img { width: 96px; height: 96px; object-fit: contain; background: #fff; border: 1px solid #e3e6eb; }
+  .rank { font-weight: 600; color: #5b6475; width: 2em; }
+  .title { font-size: 16px; font-weight: 600; }
+  .meta { font-size: 12px; color: #5b6475; margin: 2px 0 6px; }
+  .word { display: inline-block; font-size: 12px; padding: 1px 7px; margin: 2px 3px 0 0; border-radius: 10px;
+          background: #e9ecf1; color: #39414f; }
+  .word.matched { background: #ffd85c; color: #1d2330; font-weight: 600; }
+  .error { color: #b3261e; }
+</style>
+</head>
+<body>
+<header><h1>alignsearch</h1><span id="versions">loading&hellip;</span></header>
+<main>
+  <form id="form"><input id="q" name="q" placeholder="Search ads, e.g. christmas tree" autofocus
+         autocomplete="off" maxlength="256"><button type="submit" id="go">Search</button></form>
+  <div id="status"></div>
+  <ol id="results"></ol>
+</main>
+<script>
+const $ = (id) => document.getElementById(id);
+function versions(model, catalogue, uri) {
+  $("versions").textContent = "model " + (model ? "v" + model : "?") + " \\u00b7 catalogue " + (catalogue || "?") +
+    (uri ? " \\u00b7 " + uri : "");
+}
+fetch("/health").then(r => r.json()).then(h => versions(h.version, h.catalogue_version, h.model_uri))
+  .catch(() => { $("versions").textContent = "service not ready"; });
+function el(tag, cls, text) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+async function search(q) {
+  $("status").textContent = "searching\\u2026";
+  $("status").className = "";
+  const r = await fetch("/search?k=10&q=" + encodeURIComponent(q));
+  const body = await r.json();
+  if (!r.ok) {
+    $("status").textContent = "error " + r.status + ": " + JSON.stringify(body.detail);
+    $("status").className = "error";
+    return;
+  }
+  versions(body.model_version, body.catalogue_version, body.model_uri);
+  $("status").textContent = body.results.length + " ads in " + body.took_ms + " ms";
+  const list = $("results");
+  list.replaceChildren();
+  for (const hit of body.results) {
+    const li = el("li", "hit");
+    li.dataset.adId = hit.ad_id;
+    li.append(el("span", "rank", hit.rank));
+    const img = el("img");
+    img.alt = hit.title || hit.ad_id;
+    img.src = "/image?ad_id=" + encodeURIComponent(hit.ad_id);
+    li.append(img);
+    const text = el("div");
+    text.append(el("div", "title", hit.title || "(no title)"));
+    text.append(el("div", "meta", hit.ad_id + " \\u00b7 score " + hit.score.toFixed(3)));
+    const words = el("div", "words");
+    const matched = new Set(hit.matched_words);
+    for (const w of hit.visual_words) words.append(el("span", matched.has(w) ? "word matched" : "word", w));
+    text.append(words);
+    li.append(text);
+    list.append(li);
+  }
+}
+$("form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const q = $("q").value.trim();
+  if (q) search(q).catch(err => { $("status").textContent = String(err); $("status").className = "error"; });
+});
+</script>
+</body>
+</html>
+"""

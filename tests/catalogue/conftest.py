@@ -1,0 +1,119 @@
+"""The live catalogue's tests: a model trained once per session by the real retraining flow on
+the tiny synthetic dataset (as tests/ops does), each test on its own copy of the store.
+Nothing is mocked: real MLflow store, real encoding, real HTTP servers and browser."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ops"))  # ops_helpers: one store helper set
+
+from ops_helpers import as_flow_params, ops_params, relocate_store  # noqa: E402
+
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+URI = "models:/alignsearch@challenger"
+
+
+@pytest.fixture(scope="session")
+def catalogue_template(synthetic_dataset_dir, tmp_path_factory):
+    """One retraining flow run (v1 registered as challenger): (root, result). Read only."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.retrain import retrain_flow
+
+    root = tmp_path_factory.mktemp("catalogue-template")
+    storage = tmp_path_factory.mktemp("catalogue-prefect")
+    with prefect_test_harness(server_startup_timeout=60), temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}):
+        result = retrain_flow(as_flow_params(ops_params(root, synthetic_dataset_dir)))
+    return root, result
+
+
+@pytest.fixture
+def store(catalogue_template, synthetic_dataset_dir, tmp_path):
+    """This test's own copy of the trained store: (root, params)."""
+    from mlflow.tracking._tracking_service import utils as mlflow_service_utils
+
+    from components.registry.tracking import configure_mlflow
+
+    template, _ = catalogue_template
+    root = tmp_path / "store"
+    shutil.copytree(template, root)
+    relocate_store(root, template)
+    cfg = ops_params(root, synthetic_dataset_dir)
+    configure_mlflow(cfg.registry)
+    mlflow_service_utils._artifact_repos_cache.clear()
+    yield root, cfg
+    mlflow_service_utils._artifact_repos_cache.clear()
+
+
+def new_ads_dir(dataset_dir: Path, out_dir: Path, picks: list[tuple[str, str, str]]) -> Path:
+    """A folder of new ads: (new ad id, title, id of the dataset ad whose image it reuses)."""
+    ads = pd.read_parquet(dataset_dir / "ads.parquet").set_index("ad_id")
+    (out_dir / "images").mkdir(parents=True)
+    rows = []
+    for new_id, title, source_id in picks:
+        source = dataset_dir / ads.loc[source_id, "image_path"]
+        name = f"images/{new_id}{source.suffix}"
+        shutil.copyfile(source, out_dir / name)
+        rows.append({"ad_id": new_id, "title": title, "image_path": name})
+    pd.DataFrame(rows).to_parquet(out_dir / "ads.parquet", index=False)
+    return out_dir
+
+
+class LiveServer:
+    """A real uvicorn server on 127.0.0.1 in a thread, over the champion-like stack `alignsearch
+    serve` builds: the pyfunc, its engine, a catalogue watcher."""
+
+    def __init__(self, cfg, model_uri: str = URI, poll_s: float = 0.2):
+        import threading
+
+        import uvicorn
+        from ops_helpers import free_port
+
+        from components.catalogue.live import CatalogueWatcher
+        from components.catalogue.versions import resolve_image
+        from components.registry.versions import describe, load_search_model
+        from components.search.service import create_app
+
+        self.model = load_search_model(model_uri)
+        self.engine = self.model.unwrap_python_model().engine
+        info = describe(model_uri)
+        self.watcher = CatalogueWatcher(self.engine, info["name"], info["version"], cache_dir=cfg.data.cache_dir,
+                                        interval_s=poll_s)
+        serve_cfg = cfg.serve.model_copy(update={"max_in_flight": 64, "max_k": 1000})
+        app = create_app(self.model, serve_cfg, model_uri=model_uri, info=info, engine=self.engine,
+                         watcher=self.watcher, image_file=lambda ref: resolve_image(ref, cfg.data.cache_dir))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        import time
+
+        import httpx
+
+        self.watcher.start()
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("the test server did not answer /health in 30 s")
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.watcher.stop()
