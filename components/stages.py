@@ -75,20 +75,31 @@ def _closure(modules: tuple[str, ...], root: Path) -> tuple[str, ...]:
     return tuple(sorted(p.relative_to(root).as_posix() for p in seen))
 
 
+def module_code(modules: tuple[str, ...], root: Path = REPO_ROOT) -> list[str]:
+    """The repo-relative source files of `modules` (any package, e.g. a flow helper) and of
+    everything they import inside `components/`, sorted."""
+    return list(_closure(tuple(modules), Path(root)))
+
+
 def stage_code(stage: str, root: Path = REPO_ROOT) -> list[str]:
     """The repo-relative source files `stage` runs (sorted): its `dvc.yaml` code deps."""
     if stage not in STAGE_MODULES:
         raise KeyError(f"unknown stage {stage!r}; stages: {', '.join(STAGE_MODULES)}")
-    return list(_closure(STAGE_MODULES[stage], Path(root)))
+    return module_code(STAGE_MODULES[stage], root)
+
+
+def files_version(names: list[str], root: Path = REPO_ROOT) -> str:
+    """A hash of the names and contents of the repo-relative files `names`."""
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(name.encode() + b"\0")
+        digest.update((Path(root) / name).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def stage_code_version(stage: str, root: Path = REPO_ROOT) -> str:
     """A hash of the names and contents of `stage_code(stage)`: part of the stage's cache key."""
-    digest = hashlib.sha256()
-    for name in stage_code(stage, root):
-        digest.update(name.encode() + b"\0")
-        digest.update((Path(root) / name).read_bytes())
-    return digest.hexdigest()[:16]
+    return files_version(stage_code(stage, root), root)
 
 
 def dvc_code_deps(dvc_yaml: dict) -> dict[str, list[str]]:

@@ -22,6 +22,7 @@ A run that fails anywhere is marked FAILED in MLflow and registers nothing.
 
 from __future__ import annotations
 
+import ast
 import fcntl
 import hashlib
 import inspect
@@ -31,6 +32,7 @@ import os
 import shutil
 import socket
 import tempfile
+import textwrap
 import time
 import uuid
 from contextlib import contextmanager
@@ -52,7 +54,7 @@ from components.registry.tracking import (
     numeric_metrics,
     source_tags,
 )
-from components.stages import stage_code_version
+from components.stages import files_version, module_code, stage_code_version
 from flows.runtime import setup_runtime
 
 log = logging.getLogger(__name__)
@@ -91,9 +93,13 @@ def _key_from_stage(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 
 def code_key(stage: str, task_fn) -> str:
     """The code version of `stage`: the components it runs (`components.stages`, the list
-    dvc.yaml declares) and the task wrapper's own source in this file."""
+    dvc.yaml declares), the task wrapper's own source in this file, and any `flows.*` helper
+    the wrapper imports (with the components that helper imports)."""
     wrapper = inspect.getsource(getattr(task_fn, "fn", task_fn))
-    return stage_key(stage_code_version(stage), hashlib.sha256(wrapper.encode()).hexdigest()[:16])
+    helpers = sorted({node.module for node in ast.walk(ast.parse(textwrap.dedent(wrapper)))
+                      if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("flows.")})
+    return stage_key(stage_code_version(stage), hashlib.sha256(wrapper.encode()).hexdigest()[:16],
+                     files_version(module_code(tuple(helpers))) if helpers else None)
 
 
 def _stage_dir(root: Path, stage: str, key: str) -> Path:
