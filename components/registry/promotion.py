@@ -12,8 +12,10 @@ Safe to retry and to run twice at once:
   never happened (a crash in between) is completed by the next run: one champion, one record;
 - a registry error is never read as "no champion" (`versions.by_alias`): it stops the
   promotion before anything changed;
-- promotions against one store take a lock (a file lock beside a sqlite store), and the alias
-  moves only if `champion` is still the version the decision compared against.
+- promotions against one store take a lock (a file lock beside a sqlite store; against a
+  tracking server, a lock model `<name>.promotion-lock` in its registry, whose creation is
+  atomic in the server's database), and the alias moves only if `champion` is still the
+  version the decision compared against.
 """
 
 from __future__ import annotations
@@ -140,6 +142,60 @@ def _move_champion(client, name: str, version: str, expected: str | None) -> Non
                              "promote again completes it)", exc) from exc
 
 
+LOCK_SUFFIX = ".promotion-lock"
+LOCK_LEASE_S = 3600.0  # a lock model older than this is a dead holder's: taken over
+
+
+@contextlib.contextmanager
+def _registry_lock(name: str, timeout_s: float, lease_s: float = LOCK_LEASE_S):
+    """Mutual exclusion through any registry server: creating a registered model is atomic
+    (a unique name in the server's database), so whoever creates `<name>.promotion-lock`
+    holds the lock, and deleting it releases it. Works across processes and machines."""
+    import os
+    import socket
+
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from components.registry.versions import is_absent
+
+    client = MlflowClient()
+    lock = f"{name}{LOCK_SUFFIX}"
+    holder = f"{socket.gethostname()}:{os.getpid()}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.create_registered_model(lock, tags={"holder": holder, "expires": f"{time.time() + lease_s:.0f}"},
+                                           description=f"held while a promotion of {name} runs; deleted after")
+            break
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise registry_error(f"taking the promotion lock {lock}", exc) from exc
+        try:
+            held = client.get_registered_model(lock)
+            if time.time() > float(held.tags.get("expires", "0")):
+                log.warning("taking over the stale promotion lock %s (held by %s)", lock, held.tags.get("holder"))
+                client.delete_registered_model(lock)
+                continue
+        except MlflowException as exc:
+            if not is_absent(exc):  # released meanwhile: try again at once
+                raise registry_error(f"reading the promotion lock {lock}", exc) from exc
+            continue
+        if time.monotonic() > deadline:
+            raise RegistryError(f"another promotion ({held.tags.get('holder')}) holds {lock} for more than "
+                                f"{timeout_s:.0f} s")
+        log.info("another promotion is running (%s holds %s); waiting", held.tags.get("holder"), lock)
+        time.sleep(0.5)
+    try:
+        yield
+    finally:
+        try:
+            client.delete_registered_model(lock)
+        except MlflowException as exc:
+            if not is_absent(exc):
+                raise registry_error(f"releasing the promotion lock {lock}", exc) from exc
+
+
 def _carry_catalogue(registry: RegistryConfig, champion: str | None, challenger: str, cache_dir: Path) -> None:
     """Before `champion` moves: the champion's live catalogue (ads added or removed since it was
     registered) re-encoded by the challenger's model, so the new champion never serves ads
@@ -151,15 +207,20 @@ def _carry_catalogue(registry: RegistryConfig, champion: str | None, challenger:
 
 
 @contextlib.contextmanager
-def promotion_lock(timeout_s: float = 3600.0):
+def promotion_lock(timeout_s: float = 3600.0, name: str | None = None):
     """One promotion at a time per store. A local sqlite store: an exclusive file lock beside
-    the database (works across processes). A server: no lock here (the compare-and-set on the
-    alias still refuses a decision made against a champion that has since moved)."""
+    the database (works across processes). A registry server (or any other store) and a model
+    `name`: the lock model in its registry (`_registry_lock`). The compare-and-set on the alias
+    stays as the second line of defence."""
     import mlflow
 
     uri = mlflow.get_registry_uri() or ""
     if not uri.startswith("sqlite:///"):
-        yield
+        if name is None:
+            yield
+            return
+        with _registry_lock(name, timeout_s):
+            yield
         return
     import fcntl
 
@@ -188,7 +249,7 @@ def promote(registry: RegistryConfig, rule: PromoteConfig, *, dataset_dir: Path 
 
     `dataset_dir` None: the dataset the challenger was trained on (its run records it).
     """
-    with promotion_lock():
+    with promotion_lock(name=registry.model_name):
         return _promote(registry, rule, dataset_dir=dataset_dir, cache_dir=cache_dir)
 
 

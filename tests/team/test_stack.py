@@ -17,6 +17,9 @@ import httpx
 import mlflow
 import pytest
 
+# Bound at import: loading a models-from-code pyfunc in this process (the deployment test) puts
+# the model's own copy of `components` first on sys.path.
+from components.registry.promotion import LOCK_SUFFIX, TAG, logged_model_id
 from flows import team
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -181,6 +184,152 @@ def test_prefect_yaml_deployment_runs_on_a_worker_and_registers(team_stack, team
     model = mlflow.pyfunc.load_model("models:/alignsearch@champion")
     hits = model.predict(pd.DataFrame({"query": ["red"], "k": [3]}))
     assert 0 < len(hits) <= 3 and {"ad_id", "score"} <= set(hits.columns)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _git(*args: str, cwd: Path) -> None:
+    subprocess.run(["git", "-c", "user.name=alignsearch-test", "-c", "user.email=test@localhost", *args], cwd=cwd,
+                   check=True, capture_output=True, text=True, timeout=60)
+
+
+def _dvc(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, f"dvc {' '.join(args)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+    return done
+
+
+@pytest.mark.timeout(300)
+def test_dvc_push_to_the_s3_remote_and_pull_into_a_fresh_clone(team_env, synthetic_dataset_dir, tmp_path):
+    """The README's team remote (`ALIGNSEARCH_DVC_REMOTE_URL`, endpoint from `.team/env`, dvc-s3):
+    a dataset pushed from one clone is pulled into another with the same DVC hash."""
+    import shutil
+
+    import yaml
+
+    from components.data.format import dataset_hash
+
+    env = {**os.environ, **team_env, "DVC_NO_ANALYTICS": "1"}
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    _git("init", "-q", cwd=origin)
+    _dvc("init", "-q", cwd=origin, env=env)
+    shutil.copytree(synthetic_dataset_dir, origin / "data" / "synthetic")
+    _dvc("add", "-q", "data/synthetic", cwd=origin, env=env)
+    _git("add", "-A", cwd=origin)
+    _git("commit", "-q", "-m", "dataset", cwd=origin)
+
+    def use_team_remote(repo: Path) -> None:  # the README's two commands (--local: not committed)
+        _dvc("remote", "add", "-d", "--local", "team", team_env["ALIGNSEARCH_DVC_REMOTE_URL"], cwd=repo, env=env)
+        _dvc("remote", "modify", "--local", "team", "endpointurl", team_env["MLFLOW_S3_ENDPOINT_URL"], cwd=repo,
+             env=env)
+
+    use_team_remote(origin)
+    _dvc("push", "-q", cwd=origin, env=env)
+    assert any(k.startswith("dvc/files/md5/") for k in _keys(team_env, "dvc/")), "nothing pushed to the bucket"
+
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(origin), str(clone)], check=True, timeout=60)
+    assert not (clone / "data" / "synthetic").exists()
+    use_team_remote(clone)
+    _dvc("pull", "-q", cwd=clone, env=env)
+    pinned = yaml.safe_load((clone / "data" / "synthetic.dvc").read_text())["outs"][0]["md5"]
+    assert dataset_hash(clone / "data" / "synthetic") == dataset_hash(synthetic_dataset_dir) == pinned
+
+
+def _decision_files(client, version) -> list[str]:
+    model_id = logged_model_id(version)
+    listed = client.list_logged_model_artifacts(model_id, "promotion") if model_id else []
+    return sorted(item.path for item in listed if item.path.rsplit("/", 1)[-1].startswith("decision-"))
+
+
+@pytest.mark.timeout(300)
+def test_two_concurrent_promotions_on_the_server_leave_one_champion_and_one_record(team_env, synthetic_dataset_dir,
+                                                                                  tmp_path):
+    """Two `alignsearch promote` processes at once against the MLflow server (Postgres store):
+    the registry lock lets one decide; the other waits and finds the work done. One champion,
+    one decision record for the challenger, and the lock model is gone afterwards."""
+    from mlflow import MlflowClient
+
+    uri = team_env["MLFLOW_TRACKING_URI"]
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    v1 = client.get_model_version_by_alias("alignsearch", "champion")  # from the deployment run
+    tags = {k: v for k, v in (v1.tags or {}).items() if not k.startswith(TAG)}
+    v2 = client.create_model_version("alignsearch", v1.source, run_id=v1.run_id, tags=tags,
+                                     model_id=logged_model_id(v1))
+    # No champion yet and v2 the challenger: whichever promotion decides promotes v2.
+    client.delete_registered_model_alias("alignsearch", "champion")
+    client.set_registered_model_alias("alignsearch", "challenger", v2.version)
+    before = _decision_files(client, v2)
+    env = {**os.environ, **team_env}
+    # The dataset the deployment trained on (TINY: the same generator, size and seed), by absolute path.
+    command = [sys.executable, "-m", "flows.cli", "promote", "--data", str(synthetic_dataset_dir),
+               "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    procs = [subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    outputs = [proc.communicate(timeout=240)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], "\n----\n".join(o[-3000:] for o in outputs)
+    import re
+
+    said = sorted(match.group(1) for o in outputs if (match := re.search(r"Promotion: (\w+)", o)))
+    assert said == ["promoted", "unchanged"], outputs  # the second waited, then found v2 champion
+
+    assert client.get_model_version_by_alias("alignsearch", "champion").version == v2.version
+    v2 = client.get_model_version("alignsearch", v2.version)
+    assert v2.tags[f"{TAG}.outcome"] == "promoted"
+    new = [f for f in _decision_files(client, v2) if f not in before]
+    assert new == [f"promotion/decision-{v2.tags[f'{TAG}.key']}.json"], new
+    names = [m.name for m in client.search_registered_models()]
+    assert f"alignsearch{LOCK_SUFFIX}" not in names
+
+
+@pytest.mark.timeout(240)
+def test_alignsearch_serve_answers_from_the_team_registry(team_env, tmp_path):
+    """`alignsearch serve` with `.team/env`: models:/alignsearch@champion from the server and the
+    bucket, over HTTP."""
+    port = _free_port()
+    env = {**os.environ, **team_env}
+    log_path = tmp_path / "serve.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(port),
+                                 "--model-uri", "models:/alignsearch@champion"], cwd=REPO_ROOT, env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        health = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                health = httpx.get(f"{base}/health", timeout=5)
+                if health.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        assert health is not None and health.status_code == 200, \
+            f"alignsearch serve did not become healthy (exit {proc.poll()}):\n{log_path.read_text()[-3000:]}"
+        from mlflow import MlflowClient
+
+        champion = MlflowClient(tracking_uri=team_env["MLFLOW_TRACKING_URI"],
+                                registry_uri=team_env["MLFLOW_TRACKING_URI"]).get_model_version_by_alias(
+            "alignsearch", "champion")
+        assert str(health.json()["version"]) == str(champion.version)
+        found = httpx.get(f"{base}/search", params={"q": "red", "k": 3}, timeout=30)
+        assert found.status_code == 200, found.text
+        hits = found.json()["results"]
+        assert 0 < len(hits) <= 3 and all("ad_id" in h for h in hits)
+    finally:
+        import signal
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
 
 
 @pytest.mark.timeout(180)
