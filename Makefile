@@ -35,6 +35,7 @@ run: setup openclipart
 	$(VENV)/bin/alignsearch run
 
 test: setup
+	@bash infra/ensure_chromium.sh
 	$(VENV)/bin/pytest -q
 
 lint: setup

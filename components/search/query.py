@@ -74,6 +74,8 @@ class QueryTower:
             state = load_file(str(scorer_dir / "weights.safetensors"))
             wanted = set(net.trainable_state_dict())
             missing = wanted - set(state)
+            if channel is not None:  # a scorer saved before calibration existed: uncalibrated (as load_scorer)
+                missing -= {f"word_channel.{b}" for b in getattr(channel, "CALIBRATION_BUFFERS", ())}
             if missing:
                 raise ValueError(f"weights lack {sorted(missing)[:3]}")
             net.load_state_dict({k: v for k, v in state.items() if k in wanted}, strict=False)

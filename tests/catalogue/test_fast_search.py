@@ -1,0 +1,69 @@
+"""A one-off search loads only what a query needs: the query tower alone gives the scorer's
+query vectors; after the first search of a version, `alignsearch search` answers without
+importing MLflow or PyTorch Lightning; `--url` asks a running service."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from conftest import URI, LiveServer
+from typer.testing import CliRunner
+
+from components.catalogue import live
+from flows.cli import app
+
+pytestmark = pytest.mark.slow
+
+QUERIES = ["heart", "Star  BOX", "bell and leaf", "zenko", "árbol 🎄", "?!"]
+
+CHILD = """
+import sys
+from flows.cli import app
+sys.argv = ["alignsearch", *sys.argv[1:]]
+try:
+    app()
+except SystemExit as exc:
+    code = exc.code
+print("IMPORTED", "mlflow" in sys.modules, "pytorch_lightning" in sys.modules, "great_expectations" in sys.modules)
+"""
+
+
+def test_the_query_tower_alone_equals_the_scorer(store):
+    from components.match.data import QuerySide
+    from components.match.systems import load_scorer
+    from components.search.query import QueryTower
+
+    root, cfg = store
+    ref = live.resolve_model(URI, cfg.data.cache_dir)
+    light = QueryTower.load(ref.bundle_dir / "scorer")
+    assert light.source == "light"
+    full = load_scorer(ref.bundle_dir / "scorer").encode_queries(QuerySide([str(i) for i in range(len(QUERIES))],
+                                                                           QUERIES))
+    np.testing.assert_allclose(light.encode(QUERIES), full, atol=1e-5)
+
+
+def test_second_search_imports_no_mlflow_and_url_asks_the_service(store, tmp_path):
+    root, cfg = store
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True)))
+    args = ["search", "heart", "-k", "3", "--model-uri", URI, "--params", str(params)]
+    first = CliRunner().invoke(app, args)  # fills the local cache through MLflow
+    assert first.exit_code == 0 and "catalogue v0" in first.output, first.output
+
+    child = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True, timeout=300,
+                           env={**__import__("os").environ, "COLUMNS": "200"})
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert "catalogue v0" in child.stdout and "syn:" in child.stdout, child.stdout
+    assert "IMPORTED False False False" in child.stdout, child.stdout
+
+    with LiveServer(cfg) as server:
+        asked = CliRunner().invoke(app, ["search", "heart", "-k", "3", "--url", server.url, "--params", str(params)],
+                                   env={"COLUMNS": "200"})
+        assert asked.exit_code == 0, asked.output
+        assert "model v1, catalogue v0" in asked.output and "syn:" in asked.output
+    down = CliRunner().invoke(app, ["search", "heart", "--url", server.url, "--params", str(params)])
+    assert down.exit_code == 1 and "Cannot reach" in down.output
