@@ -1,6 +1,11 @@
 """`alignsearch schedule` against a real Prefect server (the temporary one cannot schedule):
-the cron deployment must actually fire, retrain and promote (it waits for the next minute);
-and `prefect deploy` of prefect.yaml registers the team deployment with its schedule."""
+the cron deployment must actually fire, retrain and promote; and `prefect deploy` of
+prefect.yaml registers the team deployment with its schedule.
+
+The clock is the only thing a cron run must wait for (the next minute): the server creates the
+runs of a new deployment within a second, the served process polls every second, and the
+prefect.yaml check runs while the cron run is pending, so the test takes about
+(time to the next minute) + (one tiny retrain) + start-up."""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -33,7 +39,7 @@ def _wait(predicate, seconds: float, what: str, *processes: subprocess.Popen):
         for process in processes:
             assert process.poll() is None, f"{process.args[:4]} exited while waiting for {what}"
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(2)
+        time.sleep(0.5)
 
 
 def _completed_runs(api: str, deployment: str) -> list[dict]:
@@ -57,7 +63,11 @@ def test_cron_schedule_retrains_and_promotes(synthetic_dataset_dir, tmp_path):
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_TRACKING_URI": tracking_uri(tmp_path)}
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_TRACKING_URI": tracking_uri(tmp_path),
+           # no waiting beyond the cron minute: the server schedules a new deployment's runs at
+           # once (default loop 5 s) and the served process looks for due runs every second (10 s)
+           "PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS": "1",
+           "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
     env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)
     prefect = os.path.join(os.path.dirname(sys.executable), "prefect")
     server = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
@@ -81,10 +91,10 @@ def test_cron_schedule_retrains_and_promotes(synthetic_dataset_dir, tmp_path):
         served = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                   start_new_session=True)
         deployment = _wait(lambda: _deployment_id(api, "test-cron"), 120, "the deployment", server, served)
-        runs = _wait(lambda: _completed_runs(api, deployment), 300, "a completed scheduled run", server, served)
-        assert runs[0]["auto_scheduled"] is True
+        registered = time.time()
 
-        # prefect.yaml: the team deployment registers with its cron schedule
+        # meanwhile (the cron run waits for the next minute): prefect.yaml's team deployment
+        # registers with its cron schedule
         subprocess.run([prefect, "work-pool", "create", "alignsearch", "--type", "process"], env=env, check=True,
                        capture_output=True, timeout=120)
         subprocess.run([prefect, "--no-prompt", "deploy", "--all"], env={**env, "ALIGNSEARCH_REPO": str(REPO_ROOT)},
@@ -93,6 +103,12 @@ def test_cron_schedule_retrains_and_promotes(synthetic_dataset_dir, tmp_path):
                             timeout=10).json()
         assert team["entrypoint"] == "flows/promote.py:retrain_and_promote_flow"
         assert team["schedules"][0]["schedule"]["cron"] == "0 3 * * 1"
+
+        runs = _wait(lambda: _completed_runs(api, deployment), 300, "a completed scheduled run", server, served)
+        assert runs[0]["auto_scheduled"] is True
+        # it fired at the first minute after the deployment registered, not a later one
+        started = datetime.fromisoformat(runs[0]["expected_start_time"]).timestamp()
+        assert started - registered <= 61, f"the first cron run was due {started - registered:.0f} s after registering"
 
         configure_mlflow(RegistryConfig(tracking_uri=tracking_uri(tmp_path)))
         client = MlflowClient()
