@@ -232,6 +232,14 @@ def run_benchmark(cfg: BenchmarkConfig, *, dataset_dir: Path, out_dir: Path, cac
         info = getattr(scorer, "info", {}) or {}
         if "word_channel_weight" in info:
             records.append({"subset": "all", "metric": "word_channel_weight", "value": info["word_channel_weight"]})
+        calibration = info.get("word_channel_calibration")
+        if calibration:  # the fusion weight ours serves with (0 when the learned weight was kept)
+            records.append({"subset": "all", "metric": "word_channel_calibrated_weight",
+                            "value": float(calibration["weight"]) if calibration["used"] == "calibrated" else 0.0})
+        valid_ndcg = (calibration or {}).get("val_ndcg@10") if (calibration or {}).get("used") == "calibrated" \
+            else info.get("val_ndcg@10")
+        if valid_ndcg is not None:  # model selection's own number, beside the test numbers
+            records.append({"subset": "valid", "metric": "ndcg@10", "value": float(valid_ndcg)})
         # Untrained systems use no training data: their numbers stand for every fraction.
         for row_fraction in (cfg.fractions if system in UNTRAINED_SYSTEMS else [fraction]):
             add(_rows(records, system=system, fraction=row_fraction, seed=seed))
@@ -366,7 +374,7 @@ def _cell(summary: pd.DataFrame, system: str, fraction: float, subset: str, metr
 def render_markdown(summary: pd.DataFrame, checks: list[dict], payload: dict) -> str:
     columns = [("all", "ndcg@10"), ("all", "recall@10"), ("all", "mrr@10"), ("all", "auc"),
                ("image_only", "ndcg@10"), ("image_only", "recall@10"), ("image_only", "auc"),
-               ("title_overlap", "ndcg@10"), ("title_overlap", "auc")]
+               ("title_overlap", "ndcg@10"), ("title_overlap", "auc"), ("valid", "ndcg@10")]
     lines = [f"# Benchmark on `{payload['dataset']}`", "",
              f"Mean ± std over seeds {payload['config']['seeds']}, evaluation split "
              f"`{payload['config']['eval_split']}`{' (quick configuration)' if payload['quick'] else ''}. "

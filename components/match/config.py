@@ -50,6 +50,9 @@ class MatchConfig(BaseModel):
                                "evidence too, with a learned weight (components/match/words.py)")
     word_channel_init: float = Field(0.05, gt=0, description="initial weight of the word channel")
     word_channel_lr: float = Field(0.01, gt=0, description="learning rate of the channel's weight (one scalar)")
+    word_channel_joint: bool = Field(True, description="train the channel's weight with the matcher; False = the "
+                                     "matcher trains on the ad text alone and the channel joins after "
+                                     "training, calibrated (needs word_channel_calibration)")
     word_channel_calibration: bool = Field(True, description="after training, fuse the text and channel "
                                            "scores as per-query z-scores with a weight picked on valid "
                                            "(still one inner product; components/match/words.py)")

@@ -266,7 +266,7 @@ def _train_matcher(name: str, cfg: MatchConfig, lr: float, train: MatchData, val
     use_words, use_images = name in WORD_SYSTEMS, name in IMAGE_SYSTEMS
     if use_words and train.ads.words is None:
         log.warning("%s without aligned words: the ad text is the title alone", name)
-    use_channel = name == "ours" and cfg.word_channel and train.ads.evidence is not None
+    use_channel = name == "ours" and cfg.word_channel and cfg.word_channel_joint and train.ads.evidence is not None
     if name == "ours" and cfg.word_channel and not use_channel:
         log.warning("ours without word evidence: no word channel")
     pairs = training_pairs(train, cfg.train_fraction, cfg.seed)
@@ -399,17 +399,23 @@ def calibrate_word_channel(scorer: TwoTowerScorer, cfg: MatchConfig, train: Matc
     qrels = qrels_from_frame(valid.qrels)
     channel_cpu = WordChannel(channel.vocabulary, text_dim=text_dim)
     channel_cpu.set_calibration(text_cov, evidence_cov, 1.0)
+    learned = _ndcg_at_10(valid.queries.query_ids, valid.ads.ad_ids, scorer.score(valid.queries, valid.ads), qrels)
     grid: dict[float, float] = {}
     for w in sorted(cfg.word_channel_weights):
         with torch.no_grad():
             queries = channel_cpu.calibrated_query(text_query, terms, weight=w).numpy()
         grid[w] = _ndcg_at_10(valid.queries.query_ids, valid.ads.ad_ids, queries @ valid_ads.T, qrels)
     best = max(grid, key=lambda w: (np.nan_to_num(grid[w], nan=-1.0), -w))
-    channel.set_calibration(text_cov, evidence_cov, best)
-    scorer.info["word_channel_calibration"] = {"weight": best, "val_ndcg@10": grid[best],
-                                               "grid": {f"{w:g}": v for w, v in grid.items()}}
-    log.info("ours word channel calibrated: weight %g, val/ndcg@10 %.4f (uncalibrated %.4f)", best, grid[best],
-             scorer.info.get("val_ndcg@10", float("nan")))
+    record = {"weight": best, "val_ndcg@10": grid[best], "learned_val_ndcg@10": learned,
+              "grid": {f"{w:g}": v for w, v in grid.items()}}
+    if np.nan_to_num(grid[best], nan=-1.0) > np.nan_to_num(learned, nan=-1.0):
+        channel.set_calibration(text_cov, evidence_cov, best)
+        record["used"] = "calibrated"
+    else:  # the weight learned in training ranks valid at least as well: keep it
+        record["used"] = "learned"
+    scorer.info["word_channel_calibration"] = record
+    log.info("ours word channel: calibrated weight %g val/ndcg@10 %.4f, learned weight %.4f -> %s",
+             best, grid[best], learned, record["used"])
     return scorer
 
 
@@ -438,6 +444,10 @@ def train_system(name: str, cfg: MatchConfig, train: MatchData, valid: MatchData
         scorer.info["lr_search"] = {f"{lr:g}": v for lr, v in values.items()}
     else:
         scorer = _train_matcher(name, cfg, cfg.lr, train, valid, out_dir / "run", logger)
+    if (name == "ours" and cfg.word_channel and not cfg.word_channel_joint and train.ads.evidence is not None
+            and isinstance(scorer, TwoTowerScorer) and scorer.net.word_channel is None):
+        # the channel joins the trained matcher: only its calibration decides its weight
+        scorer.net.word_channel = WordChannel(train.ads.evidence_words).to(scorer.device)
     if isinstance(scorer, TwoTowerScorer) and scorer.net.word_channel is not None and cfg.word_channel_calibration:
         scorer = calibrate_word_channel(scorer, cfg, train, valid)
     scorer.save(out_dir / "scorer")
