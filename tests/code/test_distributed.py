@@ -169,20 +169,26 @@ def test_features_on_dask_equal_the_sequential_features(prefect_harness, synthet
     (as a team's): the same arrays as one process (fresh caches each), bit for bit but the
     softmax scores, which agree to float rounding."""
     from distributed import LocalCluster
+    from prefect import flow
 
     from components.vision.parts import PartsConfig, PartsFeatures
-    from flows.compute import DASK_ADDRESS_ENV, extract_features
+    from flows.compute import DASK_ADDRESS_ENV
+    from flows.retrain import features
 
     monkeypatch.delenv(DASK_ADDRESS_ENV, raising=False)
     vision = PartsConfig(input_size=64, num_parts=4, logits_topk=3).model_dump(mode="json")
     seconds = {}
 
+    @flow
+    def retrain_features(name: str, compute: dict) -> dict:  # the retrain flow's own features task
+        return features(f"test-{name}", vision, str(synthetic_dataset_dir), str(tmp_path / name),
+                        str(tmp_path / f"cache-{name}"), compute=compute)
+
     def run(name: str, compute: dict) -> PartsFeatures:
         started = time.perf_counter()
-        out = extract_features(vision, str(synthetic_dataset_dir), str(tmp_path / name), str(tmp_path / f"cache-{name}"),
-                               compute)
+        out = retrain_features(name, compute)
         seconds[name] = time.perf_counter() - started
-        assert not (tmp_path / name / ".shards").exists()  # shard files merged and removed
+        assert not list(tmp_path.rglob(".shards")) and not list(tmp_path.glob(".tmp-*"))  # merged, renamed
         return PartsFeatures.load(Path(out["features_path"]))
 
     sequential = run("sequential", {"workers": 0})
