@@ -23,7 +23,10 @@ RegisteredSystem = Literal["text_only", "implicit_fusion", "implicit_fusion_word
 # - titles_only: the alignment sees titles (captions) only, no click text (strictly label-free);
 # - in_sample: training ads get in-sample words (no cross-fitting);
 # - no_channel: words in the text only, no word channel;
+# - channel_only: no words in the ad text; the matcher trains on titles and the channel
+#   joins after training, calibrated (text_only + the alignment's evidence, one inner product);
 # - random_words: words and evidence with no link to the image (a control).
-AblationName = Literal["ours_titles_only", "ours_in_sample", "ours_no_channel", "ours_random_words"]
+AblationName = Literal["ours_titles_only", "ours_in_sample", "ours_no_channel", "ours_channel_only",
+                       "ours_random_words"]
 ABLATIONS: tuple[str, ...] = get_args(AblationName)
 SplitName = Literal["train", "valid", "test"]

@@ -22,14 +22,14 @@ class AlignConfig(BaseModel):
     click_text: bool = Field(True, description="the ad-level text of a training ad includes the training "
                              "queries with a positive qrel for it (at the run's training fraction); False = "
                              "titles (and captions of title-less sources) only, the strictly label-free variant")
-    title_words: bool = Field(True, description="with click_text, the title's words count as ad-level "
+    title_words: bool = Field(False, description="with click_text, the title's words count as ad-level "
                               "text too (False = the click queries alone say what an ad shows; titles "
                               "still do for ads of a title-only or caption source)")
     folds: int = Field(5, ge=0, description="k of the cross-fitting: training ads get words from a model "
                        "that did not see them; 0 or 1 = in-sample words (measured worse)")
 
     # --- instances and concepts
-    pca_dim: int = Field(256, ge=2, description="PCA dimension of the standardised instance vectors")
+    pca_dim: int = Field(1280, ge=2, description="PCA dimension of the standardised instance vectors")
     num_concepts: int = Field(256, ge=2, description="K of k-means over parts; clamped to num_parts / 8")
     kmeans_iters: int = Field(25, ge=1)
 

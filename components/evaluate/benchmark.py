@@ -215,6 +215,8 @@ def run_benchmark(cfg: BenchmarkConfig, *, dataset_dir: Path, out_dir: Path, cac
         update = {"seed": seed, "train_fraction": fraction, "lr": learning_rates.get(base, learning_rates.get("ours"))}
         if system == "ours_no_channel":
             update["word_channel"] = False
+        if system == "ours_channel_only":
+            update.update(words_per_ad=0, word_channel_joint=False)
         run_cfg = match_cfg.model_copy(update=update)
         run_started = time.perf_counter()
         if (system, fraction, seed) in reuse:
