@@ -80,6 +80,9 @@ def features_flow(vision: dict, dataset_dir: str, out_dir: str, cache_dir: str, 
 
     started = time.perf_counter()
     cfg = ComputeConfig(**compute)
+    # Absolute paths: a worker's working directory is not the flow's (params.yaml's paths are
+    # relative to the repository); on other machines they must be on shared storage.
+    dataset_dir, out_dir, cache_dir = (str(Path(p).resolve()) for p in (dataset_dir, out_dir, cache_dir))
     shards = plan_feature_shards(Path(dataset_dir), cfg.feature_shard_size)
     shard_dir = Path(out_dir) / SHARDS_SUBDIR
     futures = [features_shard.submit(vision, paths, str(shard_dir / f"shard-{i:05d}.npz"), cache_dir,

@@ -181,8 +181,8 @@ def test_features_on_dask_equal_the_sequential_features(prefect_harness, synthet
 
     @flow
     def retrain_features(name: str, compute: dict) -> dict:  # the retrain flow's own features task
-        return features(f"test-{name}", vision, str(synthetic_dataset_dir), str(tmp_path / name),
-                        str(tmp_path / f"cache-{name}"), compute=compute)
+        # Relative stage and cache paths, as params.yaml gives them: the workers' cwd is not ours.
+        return features(f"test-{name}", vision, str(synthetic_dataset_dir), name, f"cache-{name}", compute=compute)
 
     def run(name: str, compute: dict) -> PartsFeatures:
         started = time.perf_counter()
@@ -191,12 +191,15 @@ def test_features_on_dask_equal_the_sequential_features(prefect_harness, synthet
         assert not list(tmp_path.rglob(".shards")) and not list(tmp_path.glob(".tmp-*"))  # merged, renamed
         return PartsFeatures.load(Path(out["features_path"]))
 
+    monkeypatch.chdir(tmp_path)
     sequential = run("sequential", {"workers": 0})
+    monkeypatch.chdir(REPO_ROOT)
     # `compute.workers: 2` builds the same LocalCluster through prefect-dask (the runner is checked
     # above); starting it here too would add ~20 s for the same shard tasks.
     with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", scheduler_port=0,
                       dashboard_address=":0") as cluster:
         monkeypatch.setenv(DASK_ADDRESS_ENV, cluster.scheduler_address)
+        monkeypatch.chdir(tmp_path)  # after the workers started elsewhere
         team = run("team", {"workers": 0, "feature_shard_size": 64})
         ran_on_cluster = sorted(cluster.scheduler.task_prefixes)
     print("features seconds:", {k: round(v, 1) for k, v in seconds.items()}, "cluster tasks:", ran_on_cluster)
