@@ -85,18 +85,16 @@ def test_lock_hash_equals_dataset_hash(dvc_repro_result):
     assert lock_md5(repo, "data/synthetic") == dataset_hash(repo / "data/synthetic")
 
 
-def test_forced_repro_leaves_dvc_lock_unchanged(dvc_repro_result):
-    """validation.json holds no timings: running validation again on the same data records the
-    same hash, so dvc.lock does not change on every repro."""
+def test_forced_repro_leaves_dvc_lock_unchanged_and_a_validation_edit_reruns_validation(dvc_repro_result):
+    """validation.json holds no timings: validating the same data again records the same hash,
+    so dvc.lock does not change on every repro. And the stage depends on its own code
+    (components/stages.py): an edit to validate.py reruns validation, not the build."""
     repo, _, _ = dvc_repro_result
     before = (repo / "dvc.lock").read_text()
     run_dvc(["repro", "--force", "--single-item", "validate"], repo)
     assert "seconds" not in (repo / "reports/validation/validation.json").read_text()
     assert (repo / "dvc.lock").read_text() == before
 
-
-def test_a_change_in_validation_code_reruns_validation(dvc_repro_result):
-    repo, _, _ = dvc_repro_result
     with (repo / "components/data/validate.py").open("a") as fh:
         fh.write("\n# an edit\n")
     out = run_dvc(["repro", "validate"], repo)
