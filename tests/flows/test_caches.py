@@ -13,7 +13,13 @@ import pytest
 import torch
 import yaml
 
-from components.stages import STAGE_MODULES, dvc_code_deps, stage_code, stage_code_version, write_dvc_deps
+from components.stages import (
+    STAGE_MODULES,
+    dvc_code_deps,
+    stage_code,
+    stage_code_version,
+    write_dvc_deps,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -118,3 +124,19 @@ def test_text_cache_is_keyed_by_the_encoder(tmp_path):
     fresh = second.encode(texts)
     assert np.array_equal(fresh, TextEncoder(model=changed, tokenizer=tokenizer).encode(texts))
     assert not np.allclose(fresh, cached)
+
+
+def test_feature_cache_is_keyed_by_the_backend(synthetic_dataset_dir, tmp_path):
+    """Features a torch run cached are not served to an ONNX Runtime run (they differ by ~1e-5,
+    enough to move the metrics): each run's numbers depend on its own backend only."""
+    from components.vision.cache import extract_parts_cached
+    from components.vision.parts import PartsConfig, extract_parts, onnxruntime_available
+
+    if not onnxruntime_available():
+        pytest.skip("onnxruntime not installed")
+    images = sorted((synthetic_dataset_dir / "images").iterdir())[:2]
+    cfg = PartsConfig(input_size=96)
+    extract_parts_cached(images, cfg, tmp_path, device="cpu", progress=False, backend="torch")
+    served = extract_parts_cached(images, cfg, tmp_path, device="cpu", progress=False, backend="onnxruntime")
+    direct = extract_parts(images, cfg, "cpu", progress=False, backend="onnxruntime")
+    np.testing.assert_array_equal(served.parts, direct.parts)
