@@ -379,6 +379,18 @@ def _refreshed_if_missing(task_fn, out_dir: Path):
     return task_fn.with_options(refresh_cache=not (out_dir / DONE_FILE).is_file())
 
 
+def _close_interrupted_runs(client, experiment_id: str, flow_dir: str) -> None:
+    """Mark FAILED the runs of this flow dir still RUNNING: we hold its lock, so their process
+    is gone (killed, or its machine went down) and nothing else will ever end them."""
+    stale = client.search_runs([experiment_id], f"attributes.status = 'RUNNING' and "
+                               f"tags.`alignsearch.flow_dir` = '{flow_dir}'")
+    for run in stale:
+        holder = run.data.tags.get("alignsearch.holder", "its process")
+        client.set_tag(run.info.run_id, "alignsearch.failure", f"interrupted: {holder} ended without finishing")
+        client.set_terminated(run.info.run_id, "FAILED")
+        log.warning("marked interrupted run %s FAILED (%s no longer running)", run.info.run_id, holder)
+
+
 def _log_dir(client, run_id: str, local_dir: Path, artifact_path: str) -> None:
     if local_dir.is_dir():
         client.log_artifacts(run_id, str(local_dir), artifact_path)
@@ -407,9 +419,13 @@ def _retrain(cfg: Params, params: dict[str, Any]) -> dict:
     uri = mlflow.get_tracking_uri()
     # The whole code base, for the run page; each stage's key uses only the code it runs.
     code = code_version([REPO_ROOT / "components", Path(__file__)])
+    flow_dir_tag = str(Path(cfg.paths.flow_dir).resolve())
+    _close_interrupted_runs(client, experiment_id, flow_dir_tag)
     run = client.create_run(experiment_id, run_name=f"retrain-{time.strftime('%Y%m%d-%H%M%S')}",
                             tags={"alignsearch.code_version": code, **git_state(REPO_ROOT),
-                                  **source_tags(SOURCE_NAME, REPO_ROOT), "alignsearch.system": cfg.registry.system})
+                                  **source_tags(SOURCE_NAME, REPO_ROOT), "alignsearch.system": cfg.registry.system,
+                                  "alignsearch.flow_dir": flow_dir_tag,
+                                  "alignsearch.holder": f"pid {os.getpid()} on {socket.gethostname()}"})
     run_id = run.info.run_id
     log_params(client, run_id, params)
     client.log_dict(run_id, params, "params.json")

@@ -1,7 +1,7 @@
 """Interrupted work is safe, with real processes: a second retrain on the same repo and store
 refuses while one runs; a retrain killed with SIGKILL in the middle of the matcher leaves no
-stage directory that looks finished, and the rerun completes, reuses the finished stages and
-registers exactly one version."""
+stage directory that looks finished, and the rerun completes, reuses the finished stages,
+registers exactly one version and marks the killed run's MLflow run FAILED."""
 
 from __future__ import annotations
 
@@ -109,6 +109,11 @@ def test_concurrent_retrain_refuses_and_killed_retrain_resumes(prefect_harness, 
     assert str(client.get_model_version_by_alias("alignsearch", "challenger").version) == "1"
     experiment = client.get_experiment_by_name("alignsearch")
     [done_run] = client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'")
+    # the killed run does not stay RUNNING forever: the rerun, holding the lock, closed it
+    [killed] = client.search_runs([experiment.experiment_id], "attributes.status = 'FAILED'")
+    assert f"pid {first.pid} " in killed.data.tags["alignsearch.failure"]
+    assert "interrupted" in killed.data.tags["alignsearch.failure"]
+    assert not client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
     assert done_run.data.tags["alignsearch.cached_stages"].split(",")[:3] == ["validate", "features", "align"]
     assert "train_matcher" not in done_run.data.tags["alignsearch.cached_stages"]
     metrics = json.loads(_stage_dirs(flow_dir, "evaluate")[0][0].joinpath("metrics.json").read_text())
