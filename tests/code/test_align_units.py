@@ -221,3 +221,33 @@ def test_word_precision_report_by_hand():
     # constant list of round(mean words = 4/3) = 1 word: "car" hits only ad c
     assert report["constant_precision"] == pytest.approx(1 / 3)
     assert report["coverage"] == pytest.approx(2 / 3)
+
+
+def test_pooled_parts_scores_the_pooled_vector_beside_the_max_over_parts():
+    head = WordHead(2, np.zeros((2, 3), np.float32), "pooled_parts")
+    with torch.no_grad():  # word 0 reads the pooled half's dim 0, word 1 the parts half's dim 1
+        head.residual.zero_()
+        head.residual[0, 0] = 1.0
+        head.residual[1, 3] = 1.0
+        head.bias.zero_()
+    z = torch.tensor([[[5.0, 0.0], [2.0, -1.0], [-3.0, 4.0]]])  # pooled, part 1, part 2
+    assert head(z, torch.tensor([[True, True, True]])).tolist() == [[5.0, 4.0]]
+    assert head(z, torch.tensor([[True, True, False]])).tolist() == [[5.0, -1.0]]
+    # no valid part: the pooled vector stands in for the parts half
+    assert head(z, torch.tensor([[True, False, False]])).tolist() == [[5.0, 0.0]]
+    # word 0 comes from the whole image, word 1 from the part holding the max (part 2)
+    assert head.source_instances(z, torch.tensor([[True, True, True]])).tolist() == [[0, 2]]
+
+
+def test_ad_level_texts_without_title_words_are_the_click_queries(tmp_path):
+    from components.align.stage import ad_level_texts
+    from components.config import DataConfig, SyntheticConfig
+    from components.data.synthetic import build_synthetic
+
+    dataset, _ = build_synthetic(DataConfig(source="synthetic", synthetic=SyntheticConfig(num_ads=60)), tmp_path)
+    titles = dataset.split("train").ads["title"].astype(str).tolist()
+    with_titles = ad_level_texts(dataset, click_text=True, title_words=True)
+    clicks_only = ad_level_texts(dataset, click_text=True, title_words=False)
+    assert all(text.startswith(title) for text, title in zip(with_titles, titles, strict=True))
+    assert [w.removeprefix(t).strip() for w, t in zip(with_titles, titles, strict=True)] == clicks_only
+    assert ad_level_texts(dataset, click_text=False, title_words=False) == titles  # label-free variant
