@@ -1,6 +1,7 @@
 """The ad index: faiss over L2-normalised ad embeddings, searched by inner product (cosine).
 
-`kind="auto"` is exact (a flat index) up to `exact_max` ads and HNSW past it; IVF is there
+`kind="auto"` is exact (a flat index) up to `exact_max` ads and HNSW past it, as measured by
+`alignsearch bench-index` (components/retrieve/bench.py; see `IndexConfig`); IVF is there
 for corpora where HNSW's memory is a concern. An index is saved as the faiss file plus a
 JSON of ad ids and config (no pickle), so it can ship as an MLflow artifact.
 """

@@ -67,3 +67,24 @@ def test_second_search_imports_no_mlflow_and_url_asks_the_service(store, tmp_pat
         assert "model v1, catalogue v0" in asked.output and "syn:" in asked.output
     down = CliRunner().invoke(app, ["search", "heart", "--url", server.url, "--params", str(params)])
     assert down.exit_code == 1 and "Cannot reach" in down.output
+
+
+def test_index_kinds_agree_with_exact_search_on_real_embeddings(store, synthetic_dataset_dir):
+    """HNSW and IVF (default settings) against flat, on the trained model's own ad embeddings and
+    query vectors (at 120 ads IVF visits every list it can have; the scale is bench-index's job)."""
+    import pandas as pd
+
+    from components.retrieve.config import IndexConfig
+    from components.retrieve.index import AdIndex
+
+    root, cfg = store
+    ref = live.resolve_model(URI, cfg.data.cache_dir)
+    engine = live._engine(ref, live.current_catalogue(ref, cfg.data.cache_dir))
+    ids = engine.catalogue.ads["ad_id"].tolist()
+    texts = pd.read_parquet(synthetic_dataset_dir / "queries.parquet")["text"].astype(str).unique().tolist()
+    queries = engine.query_tower.encode(texts + [f"{a} {b}" for a, b in zip(texts, texts[1:], strict=False)])
+    _, exact = AdIndex.build(ids, engine.catalogue.embeddings, IndexConfig(kind="flat")).search(queries, 10)
+    for kind in ("hnsw", "ivf"):
+        _, found = AdIndex.build(ids, engine.catalogue.embeddings, IndexConfig(kind=kind)).search(queries, 10)
+        recall = np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact, strict=True)])
+        assert recall >= 0.95, (kind, recall)

@@ -132,3 +132,50 @@ def test_user_errors_are_named():
 def test_load_from_a_missing_directory_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="index.faiss"):
         AdIndex.load(tmp_path / "nowhere")
+
+
+def test_generated_embeddings_follow_the_fitted_distribution():
+    """bench-index's corpus past the real base set: PCA + mixture + residual noise, normalised."""
+    from components.retrieve.bench import EmbeddingModel, corpus
+
+    base = _normalised(_clustered(1500, 6, 32, seed=3))
+    model = EmbeddingModel.fit(base, pca_dim=8, components=6, seed=0)
+    x = corpus(base, model, 6000, seed=1)
+    assert x.shape == (6000, 32) and x.dtype == np.float32
+    np.testing.assert_allclose(x[:1500], base, atol=1e-6)  # the real set is included as it is
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+    drawn = x[1500:]
+    np.testing.assert_allclose(drawn.mean(axis=0), base.mean(axis=0), atol=0.05)
+    # Structure kept: a drawn point's nearest real point is about as close as real points are to each other.
+    real_nn = np.sort(base @ base.T, axis=1)[:, -2].mean()
+    drawn_nn = (drawn[:500] @ base.T).max(axis=1).mean()
+    assert drawn_nn > 0.8 * real_nn
+
+
+def test_bench_rows_and_the_auto_choice():
+    import faiss
+
+    from components.retrieve.bench import choose, measure_size
+
+    x = _normalised(_clustered(2000, 20, 32, seed=4))
+    queries = _normalised(_clustered(64, 20, 32, seed=5))
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)  # as bench-index measures; tiny searches on a busy box stall in OpenMP barriers
+    try:
+        rows = measure_size(x, queries, repeats_b1=20, repeats_b32=4,  # small PQ: its training is the slow part
+                            configs=[("hnsw32", "HNSW32,Flat", {"efSearch": [64, 512]}),
+                                     ("ivfpq", "IVF{nlist},PQ8x4", {"nprobe": [16, 64]})])
+    finally:
+        faiss.omp_set_num_threads(threads)
+    by = {(r.index, r.params): r for r in rows}
+    assert by[("flat", "-")].recall_at_10 == 1.0 and by[("flat", "-")].bytes_per_ad == 32 * 4
+    assert by[("hnsw32", "efSearch=512")].recall_at_10 >= 0.95
+    assert all(0 <= r.recall_at_10 <= 1 and r.p50_ms_b1 <= r.p99_ms_b1 for r in rows)
+    assert by[("ivfpq", "nprobe=16")].bytes_per_ad < by[("flat", "-")].bytes_per_ad
+    assert choose(rows)["2000"]["kind"] == "flat"  # exact is within the latency target at this size
+    slow = [r for r in rows if r.index != "flat"] + [by[("flat", "-")].__class__(**{**by[("flat", "-")].__dict__,
+                                                                                   "p99_ms_b1": 50.0})]
+    chosen = choose(slow)["2000"]
+    meeting = [r for r in slow if r.recall_at_10 >= 0.95 and r.p99_ms_b1 < 20]
+    assert (chosen["kind"], chosen["params"]) == min(((r.bytes_per_ad, r.p99_ms_b1), (r.index, r.params))
+                                                     for r in meeting)[1]

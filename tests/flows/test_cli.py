@@ -15,7 +15,7 @@ from flows.cli import app
 runner = CliRunner()
 
 
-COMMANDS = {"ads", "align", "bench-serve", "benchmark", "data", "evaluate", "features", "promote", "retrain", "run",
+COMMANDS = {"ads", "align", "bench-index", "bench-serve", "benchmark", "data", "evaluate", "features", "promote", "retrain", "run",
             "schedule", "search", "serve", "team", "train-matcher"}
 SUBCOMMANDS = {"ads": {"add", "remove", "status"}, "data": {"build", "hash", "validate"}, "align": {"show", "train"}, "team": {"down", "status", "up"}}
 
