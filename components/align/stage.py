@@ -8,7 +8,6 @@ the words of the model trained on all training ads, as a new ad would at serving
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from components.align.train import AlignResult, train_alignment
 from components.data.format import Dataset, read_dataset
 from components.data.splits import training_query_subset
 from components.data.truth import TRUTH_FILE, load_synthetic_truth
+from components.outputs import write_stable_json
 from components.text.encoder import TextEncoder
 from components.vision.parts import PartsFeatures
 
@@ -236,5 +236,5 @@ def run_align(cfg: AlignConfig, *, dataset_dir: Path, features: PartsFeatures, o
         items = gallery_items(dataset, "test", by_id, features, gallery_size)
         gallery_path = plot_alignment_gallery(items, out_dir / GALLERY_FILE)
     metrics["align_stage_seconds"] = round(time.perf_counter() - started, 2)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_stable_json(metrics, out_dir / "metrics.json")
     return AlignStageResult(result.model_dir, words_path, logits_path, gallery_path, metrics)

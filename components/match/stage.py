@@ -3,7 +3,6 @@ with its learning rate picked on the valid split when the config leaves it open.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ from components.data.format import Dataset, read_dataset
 from components.match.config import MatchConfig
 from components.match.data import MatchData, match_data
 from components.match.systems import train_system
+from components.outputs import write_stable_json
 from components.vision.parts import PartsFeatures
 
 log = logging.getLogger(__name__)
@@ -53,5 +53,5 @@ def run_train_matcher(cfg: MatchConfig, *, dataset_dir: Path, out_dir: Path, sys
     metrics = {key: float(value) for key, value in info.items()
                if isinstance(value, int | float) and not isinstance(value, bool)}
     metrics["train_matcher_seconds"] = round(time.perf_counter() - started, 2)
-    (out_dir / "metrics.json").write_text(json.dumps({"system": system, **metrics}, indent=2) + "\n")
+    write_stable_json({"system": system, **metrics}, out_dir / "metrics.json")
     return MatcherStageResult(out_dir / SCORER_SUBDIR, metrics)

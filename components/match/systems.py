@@ -43,6 +43,7 @@ from components.match.module import MatchBatches, MatcherModule, fit_matcher
 from components.match.probe import TermProbe, fit_logistic, term_labels, zscore_rows
 from components.match.words import WordChannel, covariance
 from components.metrics import ScoreMatrix, qrels_from_frame, ranking_metrics
+from components.outputs import write_stable_json
 from components.systems import (
     IMAGE_SYSTEMS,
     SYSTEMS,
@@ -91,7 +92,7 @@ class Scorer(ABC):
         out_dir.mkdir(parents=True, exist_ok=True)
         meta = {"format_version": FORMAT_VERSION, "system": self.system, **self._save(out_dir),
                 "info": self.info}
-        (out_dir / SCORER_FILE).write_text(json.dumps(meta, indent=2, default=float))
+        write_stable_json(meta, out_dir / SCORER_FILE)
         return out_dir
 
 
