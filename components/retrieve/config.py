@@ -12,14 +12,16 @@ class IndexConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    # `auto` by measurement (`alignsearch bench-index`, README "The index at scale"): exact search's
-    # p99 grows linearly with the catalogue and crossed 20 ms near 20k ads (9.7 ms at 10k, one
-    # faiss thread); past it HNSW is the only kind that reached recall@10 >= 0.95 on embeddings of
-    # the real model (IVF-PQ stayed <= 0.59: the ads' word-evidence dimensions leave query-ad
-    # scores too close together for 8-bit product codes).
+    # `auto` by measurement (`alignsearch bench-index`, README "The index at scale"): exact search
+    # grows linearly with the catalogue (p50 1.5-6.6 ms at 10k, 75-118 ms at 100k, one faiss
+    # thread on the shared 2-core box), so its p99 stays near the 20 ms target only up to about
+    # 10-20k ads; past it HNSW has the best recall at low latency (0.95 at 10k with efSearch 512,
+    # but only 0.71 at 100k); IVF-PQ stayed <= 0.59 (the ads' word-evidence dimensions leave
+    # query-ad scores too close together for 8-bit product codes). No ANN config met recall@10
+    # >= 0.95 past 10k on these embeddings: the targets are not reached (see the report).
     kind: Literal["auto", "flat", "hnsw", "ivf"] = "auto"
     exact_max: int = Field(20000, ge=0, description="auto: exact flat index up to this many ads (measured: flat "
-                           "p99 < 20 ms), HNSW past it")
+                           "p99 near 20 ms), HNSW past it")
     hnsw_m: int = Field(32, ge=2, description="HNSW graph degree")
     hnsw_ef_construction: int = Field(80, ge=1)
     hnsw_ef_search: int = Field(128, ge=1, description="HNSW search breadth (raised to k when k is larger)")
