@@ -85,12 +85,6 @@ class PathsConfig(_Section):
     flow_dir: Path = Path("data/flow")
 
 
-class DvcConfig(_Section):
-    remote_name: str = "local"
-    # Relative to the repository root; outside the repo so `git clean` never touches it.
-    remote_dir: Path = Path("../alignsearch-dvc-remote")
-
-
 class ComputeConfig(_Section):
     """Where the flows' fan-out work runs (Prefect tasks on a Dask cluster, prefect-dask).
 
@@ -120,7 +114,6 @@ class Params(BaseModel):
     retrieve: IndexConfig = IndexConfig()
     benchmark: BenchmarkConfig = BenchmarkConfig()
     paths: PathsConfig = PathsConfig()
-    dvc: DvcConfig = DvcConfig()
     registry: RegistryConfig = RegistryConfig()
     promote: PromoteConfig = PromoteConfig()
     serve: ServeConfig = ServeConfig()

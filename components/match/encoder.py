@@ -126,11 +126,6 @@ def packed_layer(layer: nn.Module, x: torch.Tensor, packing: Packing) -> torch.T
 _SHARED_PREFIX: dict[tuple[str, int, int, str], torch.Tensor] = {}
 
 
-def clear_prefix_cache() -> None:
-    """Forget the process-wide frozen-prefix states (they are rebuilt on demand)."""
-    _SHARED_PREFIX.clear()
-
-
 class TextTower(nn.Module):
     """MiniLM sentence embeddings: frozen prefix (embeddings + bottom layers) then the
     trainable top layers.
