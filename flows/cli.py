@@ -573,6 +573,41 @@ def align_show(data: DataOption = None,
     console.print(table)
 
 
+@align_app.command("compare")
+def align_compare(data: DataOption = None,
+                  variant: Annotated[list[str], typer.Option("--variant", help="NAME:key=value,key=value of the align section (repeatable); '' = params as they are.")] = ["params:"],  # noqa: B006
+                  out: Annotated[Path, typer.Option(help="Where align_compare.csv and the runs go.")] = Path("reports/align-compare"),
+                  params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
+    """Alignment variants side by side: visual-word precision on valid, and the ranking of a
+    shared trained text_only whose word channel is each variant's alignment (calibrated on
+    valid, as ours does), on the test split."""
+    from components.data.format import read_dataset
+    from components.evaluate.align_compare import compare_alignments, parse_variant
+    from components.vision.cache import extract_parts_cached
+
+    cfg = _load(params, set_)
+    try:
+        variants = [parse_variant(v) for v in variant]
+    except ValueError as exc:
+        err_console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
+    dataset_dir = data or cfg.data.out_dir
+    dataset = read_dataset(dataset_dir)
+    paths = [dataset.image_file(p) for p in dataset.ads["image_path"].astype(str)]
+    feats = extract_parts_cached(paths, cfg.vision, cache_dir=Path(cfg.data.cache_dir) / "features")
+    table = compare_alignments(variants, align_cfg=cfg.align, match_cfg=cfg.match, dataset_dir=dataset_dir,
+                               features=feats, out_dir=out, cache_dir=cfg.data.cache_dir)
+    shown = Table(title=f"Alignment variants ({out / 'align_compare.csv'})")
+    columns = ["variant", "visual_word_precision", "visual_word_lift", "channel_weight", "valid/ndcg@10",
+               "test/all/ndcg@10", "test/image_only/ndcg@10", "test/title_overlap/ndcg@10"]
+    columns = [c for c in columns if c in table.columns]
+    for column in columns:
+        shown.add_column(column.removeprefix("visual_word_"))
+    for _, row in table.iterrows():
+        shown.add_row(*[f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in columns])
+    console.print(shown)
+
+
 @app.command("train-matcher")
 def train_matcher(data: DataOption = None,
                   system: Annotated[str, typer.Option(help="ours | text_only | implicit_fusion | late_fusion | ...")] = "ours",

@@ -17,7 +17,7 @@ runner = CliRunner()
 
 COMMANDS = {"ads", "align", "bench-index", "bench-serve", "benchmark", "data", "evaluate", "features", "promote", "retrain", "run",
             "schedule", "search", "serve", "team", "train-matcher"}
-SUBCOMMANDS = {"ads": {"add", "remove", "status"}, "data": {"build", "hash", "validate"}, "align": {"show", "train"}, "team": {"down", "status", "up"}}
+SUBCOMMANDS = {"ads": {"add", "remove", "status"}, "data": {"build", "hash", "validate"}, "align": {"compare", "show", "train"}, "team": {"down", "status", "up"}}
 
 
 def _listed(help_text: str) -> set[str]:
@@ -77,6 +77,7 @@ DATASET_COMMANDS = [
     ["features", "--data", "{f}"],
     ["align", "train", "--data", "{f}", "--features", "{d}"],
     ["align", "show", "--data", "{f}"],
+    ["align", "compare", "--data", "{f}"],
     ["train-matcher", "--data", "{f}", "--features", "{d}"],
     ["evaluate", "--data", "{f}", "--features", "{d}"],
     ["benchmark", "--data", "{f}"],

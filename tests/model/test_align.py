@@ -136,3 +136,26 @@ def test_training_is_deterministic_by_seed(synthetic, trained):
     rows = synthetic.held_out[:30]
     assert again.translate(synthetic.features.take(rows)) == model.translate(synthetic.features.take(rows))
     np.testing.assert_array_equal(again_result.out_of_fold_logits, result.out_of_fold_logits)
+
+
+def test_align_compare_scores_each_variant_through_a_shared_text_matcher(synthetic, tmp_path):
+    from components.evaluate.align_compare import TABLE_FILE, compare_alignments, parse_variant
+    from components.match.config import MatchConfig
+
+    variants = [parse_variant("clicks:"), parse_variant("titles:click_text=false,c=0.3")]
+    assert variants[1].overrides == {"click_text": False, "c": 0.3}
+    match_cfg = MatchConfig(lr=1e-4, max_steps=4, eval_every=2, batch_size=16, word_channel_weights=[0.0, 1.0])
+    table = compare_alignments(variants, align_cfg=AlignConfig(max_iter=20), match_cfg=match_cfg,
+                               dataset_dir=synthetic.root, features=synthetic.features, out_dir=tmp_path,
+                               cache_dir=synthetic.tmp)
+    assert list(table["variant"]) == ["clicks", "titles"]
+    assert (tmp_path / TABLE_FILE).exists()
+    for column in ("visual_word_precision", "valid/ndcg@10", "test/all/ndcg@10", "test/image_only/ndcg@10"):
+        assert table[column].between(0, 1).all(), column
+    assert set(table["channel_weight"]) <= {0.0, 1.0}
+    with pytest.raises(ValueError, match="pooling"):
+        compare_alignments([parse_variant("bad:pooling=nope")], align_cfg=AlignConfig(max_iter=20),
+                           match_cfg=match_cfg, dataset_dir=synthetic.root, features=synthetic.features,
+                           out_dir=tmp_path / "bad", cache_dir=synthetic.tmp)
+    with pytest.raises(ValueError, match="key=value"):
+        parse_variant("broken:pca_dim")
