@@ -61,10 +61,12 @@ def encode_ads(engine, ads: pd.DataFrame, root: Path, *, cache_dir: Path, progre
     from components.match.data import QuerySide, match_data
     from components.search.engine import ad_features
 
+    loading = time.perf_counter()
+    needs_images = engine.scorer.net.image_head is not None  # the models load here, not in the rate
+    engine.alignment  # noqa: B018
     started = time.perf_counter()
-    steps = {"parts": 0.0, "words": 0.0, "ad_tower": 0.0}
+    steps = {"load": round(started - loading, 3), "parts": 0.0, "words": 0.0, "ad_tower": 0.0}
     ads = ads.reset_index(drop=True)
-    needs_images = engine.scorer.net.image_head is not None
     ad_ids: list[str] = []
     titles: list[str] = []
     words: list[list[tuple[str, float]]] = []
