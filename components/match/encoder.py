@@ -154,6 +154,9 @@ class TextTower(nn.Module):
         for layer in self.top_layers:
             for p in layer.parameters():
                 p.requires_grad_(True)
+        # The bundled copy comes in eval mode: start in training mode like any new module
+        # (top layers with dropout), whatever the shared prefix cache already holds.
+        self.train()
         self._private_prefix: dict[tuple[str, int, int, str], torch.Tensor] = {}
 
     # -- structure --------------------------------------------------------------------------
