@@ -10,8 +10,8 @@ import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cache
 
-from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
 TOKEN_PATTERN = re.compile(r"[a-z][a-z'\-]*[a-z]|[a-z]")
 
@@ -22,6 +22,15 @@ EXTRA_STOP_WORDS = frozenset({
 })
 
 
+@cache
+def stop_words() -> frozenset[str]:
+    """scikit-learn's English stop words and ours. Imported on first use: importing
+    scikit-learn costs a one-off search about a second of start-up, for a list it never reads."""
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    return frozenset(ENGLISH_STOP_WORDS) | EXTRA_STOP_WORDS
+
+
 def tokenize(text: str) -> list[str]:
     """Lowercase alphabetic tokens (hyphenated words kept whole)."""
     return TOKEN_PATTERN.findall(str(text).lower().replace("_", " "))
@@ -30,7 +39,7 @@ def tokenize(text: str) -> list[str]:
 def content_words(text: str, min_length: int = 3) -> list[str]:
     """The content words of one text, in order, duplicates kept."""
     return [t for t in tokenize(text)
-            if len(t) >= min_length and t not in ENGLISH_STOP_WORDS and t not in EXTRA_STOP_WORDS]
+            if len(t) >= min_length and t not in stop_words()]
 
 
 @dataclass(frozen=True)
