@@ -100,7 +100,12 @@ def run_benchmark(cfg: BenchmarkConfig, *, dataset_dir: Path, out_dir: Path, cac
     from components.evaluate.significance import run_detail
     from components.evaluate.subsets import evaluate_scores
     from components.match.data import match_data
-    from components.match.systems import load_scorer, select_learning_rate, train_system
+    from components.match.systems import (
+        finish_matcher,
+        load_scorer,
+        select_learning_rate,
+        train_system,
+    )
     from components.metrics import ScoreMatrix
     from components.vision.cache import extract_parts_cached
 
@@ -219,8 +224,9 @@ def run_benchmark(cfg: BenchmarkConfig, *, dataset_dir: Path, out_dir: Path, cac
             update.update(words_per_ad=0, word_channel_joint=False)
         run_cfg = match_cfg.model_copy(update=update)
         run_started = time.perf_counter()
-        if (system, fraction, seed) in reuse:
-            scorer = load_scorer(reuse[(system, fraction, seed)], match_cfg.device)
+        if (system, fraction, seed) in reuse:  # the search's winner, finished as train_system finishes a run
+            scorer = finish_matcher(base, load_scorer(reuse[(system, fraction, seed)], match_cfg.device), run_cfg,
+                                    data["train"], data["valid"])
         else:
             scorer = train_system(base, run_cfg, data["train"], data["valid"],
                                   work_dir / "runs" / f"{system}-f{fraction:g}-seed{seed}",

@@ -445,11 +445,21 @@ def train_system(name: str, cfg: MatchConfig, train: MatchData, valid: MatchData
         scorer.info["lr_search"] = {f"{lr:g}": v for lr, v in values.items()}
     else:
         scorer = _train_matcher(name, cfg, cfg.lr, train, valid, out_dir / "run", logger)
+    scorer = finish_matcher(name, scorer, cfg, train, valid)
+    scorer.save(out_dir / "scorer")
+    return scorer
+
+
+def finish_matcher(name: str, scorer: Scorer, cfg: MatchConfig, train: MatchData, valid: MatchData) -> Scorer:
+    """What follows the training of a matcher, wherever it was trained (`train_system`, or a
+    learning-rate search whose winner is reused): ours' word channel joins it when it was not
+    trained jointly, and is calibrated on valid."""
+    if not isinstance(scorer, TwoTowerScorer):
+        return scorer
     if (name == "ours" and cfg.word_channel and not cfg.word_channel_joint and train.ads.evidence is not None
-            and isinstance(scorer, TwoTowerScorer) and scorer.net.word_channel is None):
+            and scorer.net.word_channel is None):
         # the channel joins the trained matcher: only its calibration decides its weight
         scorer.net.word_channel = WordChannel(train.ads.evidence_words).to(scorer.device)
-    if isinstance(scorer, TwoTowerScorer) and scorer.net.word_channel is not None and cfg.word_channel_calibration:
+    if scorer.net.word_channel is not None and cfg.word_channel_calibration:
         scorer = calibrate_word_channel(scorer, cfg, train, valid)
-    scorer.save(out_dir / "scorer")
     return scorer

@@ -12,7 +12,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 
-
 TOKEN_PATTERN = re.compile(r"[a-z][a-z'\-]*[a-z]|[a-z]")
 
 # Words that say nothing about what a picture shows.

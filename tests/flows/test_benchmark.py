@@ -20,7 +20,7 @@ def test_quick_benchmark_writes_rows_table_and_plots(synthetic_dataset_dir, tmp_
     out = tmp_path / "bench"
     result = CliRunner().invoke(app, [
         "benchmark", "--data", str(synthetic_dataset_dir), "--out", str(out), "--quick",
-        "--ablations", "ours_random_words",
+        "--ablations", "ours_random_words,ours_channel_only",
         "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "match.max_steps=6",
         "--set", "benchmark.quick_max_steps=6",
         "--set", "benchmark.gallery_size=4",
@@ -30,10 +30,17 @@ def test_quick_benchmark_writes_rows_table_and_plots(synthetic_dataset_dir, tmp_
     rows = pd.DataFrame(payload["rows"])
     assert set(rows.columns) >= {"system", "fraction", "seed", "subset", "metric", "value"}
     expected = {"lexical", "text_zero_shot", "text_only", "implicit_fusion", "late_fusion", "ours",
-                "ours_random_words"}
+                "ours_random_words", "ours_channel_only"}
     assert expected <= set(rows.system)
     assert {"all", "image_only", "title_overlap"} <= set(rows.subset)
     assert {"auc", "ndcg@10", "recall@10", "mrr@10"} <= set(rows.metric)
+    # every run of ours serves a calibrated (or kept learned) channel, the learning-rate
+    # search's reused winner too, and reports the valid number model selection saw
+    for system in ("ours", "ours_channel_only"):
+        runs = rows[rows.system == system][["fraction", "seed"]].drop_duplicates()
+        calibrated = rows[(rows.system == system) & (rows.metric == "word_channel_calibrated_weight")]
+        assert len(calibrated) == len(runs), system
+        assert len(rows[(rows.system == system) & (rows.subset == "valid")]) == len(runs), system
     planted = rows[(rows.system == "ours") & (rows.metric == "alignment_precision@1") & (rows.fraction == 1.0)]
     assert len(planted) == 1 and 0.0 <= planted.value.iloc[0] <= 1.0
     ranking = rows[rows.metric.isin(["auc", "ndcg@10"])]
