@@ -268,7 +268,7 @@ def _train_matcher(name: str, cfg: MatchConfig, lr: float, train: MatchData, val
     if use_words and train.ads.words is None:
         log.warning("%s without aligned words: the ad text is the title alone", name)
     use_channel = name == "ours" and cfg.word_channel and cfg.word_channel_joint and train.ads.evidence is not None
-    if name == "ours" and cfg.word_channel and not use_channel:
+    if name == "ours" and cfg.word_channel and train.ads.evidence is None:
         log.warning("ours without word evidence: no word channel")
     pairs = training_pairs(train, cfg.train_fraction, cfg.seed)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the head's initialisation too
