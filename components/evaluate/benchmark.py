@@ -111,6 +111,7 @@ def run_benchmark(cfg: BenchmarkConfig, *, dataset_dir: Path, out_dir: Path, cac
 
     started = time.perf_counter()
     out_dir, cache_dir = Path(out_dir), Path(cache_dir)
+    dataset = read_dataset(dataset_dir)  # a bad dataset fails before anything of out_dir is touched
     work_dir = out_dir / "work"
     if work_dir.exists():
         shutil.rmtree(work_dir)
@@ -131,7 +132,6 @@ def run_benchmark(cfg: BenchmarkConfig, *, dataset_dir: Path, out_dir: Path, cac
             if on_row is not None:
                 on_row(row)
 
-    dataset = read_dataset(dataset_dir)
     splits = {name: dataset.split(name) for name in ("train", "valid", cfg.eval_split)}
     full = max(cfg.fractions)
 

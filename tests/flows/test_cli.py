@@ -77,10 +77,10 @@ DATASET_COMMANDS = [
     ["features", "--data", "{f}"],
     ["align", "train", "--data", "{f}", "--features", "{d}"],
     ["align", "show", "--data", "{f}"],
-    ["align", "compare", "--data", "{f}"],
+    ["align", "compare", "--data", "{f}", "--out", "{o}"],
     ["train-matcher", "--data", "{f}", "--features", "{d}"],
     ["evaluate", "--data", "{f}", "--features", "{d}"],
-    ["benchmark", "--data", "{f}"],
+    ["benchmark", "--data", "{f}", "--out", "{o}"],
 ]
 
 
@@ -89,13 +89,14 @@ def test_a_file_given_as_dataset_is_a_one_line_error(tmp_path, command):
     """A dataset path that is a file (or a missing input) is exit 2 with one line, not a traceback."""
     not_a_dir = tmp_path / "dataset.txt"
     not_a_dir.write_text("not a dataset\n")
-    args = [a.format(f=not_a_dir, d=tmp_path / "missing") for a in command]
+    args = [a.format(f=not_a_dir, d=tmp_path / "missing", o=tmp_path / "out") for a in command]
     result = runner.invoke(app, [*args, "--set", f"paths.reports_dir={tmp_path / 'reports'}"]
                            if command[0] == "evaluate" else args)
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     error = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(error) == 1 and (str(not_a_dir) in error[0] or str(tmp_path / "missing") in error[0]), result.output
+    assert not (tmp_path / "out").exists()  # nothing of an output directory is touched for bad input
 
 
 def test_serve_refuses_a_non_loopback_host_unless_allowed(tmp_path, monkeypatch):
