@@ -21,10 +21,10 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 from components.catalogue.store import IMAGES_DIR, Catalogue
+from components.locks import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -69,24 +69,10 @@ def catalogue_lock(timeout_s: float = 600.0):
     if not uri.startswith("sqlite:///"):
         yield
         return
-    import fcntl
-
     path = Path(uri.removeprefix("sqlite:///") + ".catalogue.lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + timeout_s
-    with path.open("a") as handle:
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise CatalogueConflict(f"another catalogue change holds {path} for over {timeout_s:.0f} s") from None
-                time.sleep(0.2)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with file_lock(path, timeout_s, lambda p: CatalogueConflict(
+            f"another catalogue change holds {p} for over {timeout_s:.0f} s")):
+        yield
 
 
 def _experiment_id(main_experiment: str) -> str:

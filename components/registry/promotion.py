@@ -29,6 +29,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from components.locks import file_lock
 from components.registry.config import PromoteConfig, RegistryConfig
 from components.registry.versions import (
     CHALLENGER,
@@ -222,25 +223,11 @@ def promotion_lock(timeout_s: float = 3600.0, name: str | None = None):
         with _registry_lock(name, timeout_s):
             yield
         return
-    import fcntl
-
     path = Path(uri.removeprefix("sqlite:///") + ".promote.lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + timeout_s
-    with path.open("a") as handle:
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise RegistryError(f"another promotion holds {path} for more than {timeout_s:.0f} s") from None
-                log.info("another promotion is running (%s); waiting", path)
-                time.sleep(0.5)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with file_lock(path, timeout_s, lambda p: RegistryError(
+            f"another promotion holds {p} for more than {timeout_s:.0f} s"), poll_s=0.5,
+            on_wait=lambda p: log.info("another promotion is running (%s); waiting", p)):
+        yield
 
 
 def promote(registry: RegistryConfig, rule: PromoteConfig, *, dataset_dir: Path | None, cache_dir: Path) -> Decision:
