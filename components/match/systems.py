@@ -394,13 +394,14 @@ def calibrate_word_channel(scorer: TwoTowerScorer, cfg: MatchConfig, train: Matc
     channel.set_calibration(np.zeros((dims[0], dims[0])), np.zeros((dims[1], dims[1])), 0.0)  # uncalibrated
     train_ads = scorer.encode_ads(train.ads)
     valid_ads = scorer.encode_ads(valid.ads)
-    text_query = torch.from_numpy(scorer.encode_queries(valid.queries)[:, :text_dim])
+    uncalibrated = scorer.encode_queries(valid.queries)  # [text, learned weight * terms]
+    text_query = torch.from_numpy(uncalibrated[:, :text_dim])
     terms = channel.query_terms(valid.queries.texts).cpu()
     text_cov, evidence_cov = covariance(train_ads[:, :text_dim]), covariance(train_ads[:, text_dim:])
     qrels = qrels_from_frame(valid.qrels)
     channel_cpu = WordChannel(channel.vocabulary, text_dim=text_dim)
     channel_cpu.set_calibration(text_cov, evidence_cov, 1.0)
-    learned = _ndcg_at_10(valid.queries.query_ids, valid.ads.ad_ids, scorer.score(valid.queries, valid.ads), qrels)
+    learned = _ndcg_at_10(valid.queries.query_ids, valid.ads.ad_ids, uncalibrated @ valid_ads.T, qrels)
     grid: dict[float, float] = {}
     for w in sorted(cfg.word_channel_weights):
         with torch.no_grad():
