@@ -54,6 +54,14 @@ class AlignConfig(BaseModel):
     structure_temperature: float = Field(1.0, gt=0)
     attention_temperature: float = Field(1.0, gt=0)
 
+    # --- visual neighbours' text voting (neighbours.py)
+    neighbours: int = Field(0, ge=0, description="k of the visual-neighbour vote blended with the head "
+                            "(0 = the head alone)")
+    neighbour_weight: float = Field(0.5, ge=0, le=1, description="share of the vote in the blended "
+                                    "word probability")
+    neighbour_temperature: float = Field(0.05, gt=0, description="softmax temperature over the "
+                                         "neighbours' cosines")
+
     # --- translation (model.py)
     words_per_image: int = Field(8, ge=1, description="m: words kept per image")
     min_word_score: float = Field(0.0, ge=0, le=1, description="probability threshold of a kept word")

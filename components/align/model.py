@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from components.align.concepts import assign, instance_vectors
 from components.align.head import Projection, WordHead, predict_logits
+from components.align.neighbours import NeighbourMemory, blend_logits
 from components.text.stems import word_stem
 from components.vision.parts import PartsFeatures
 
@@ -25,6 +26,7 @@ MODEL_FILE = "alignment.json"
 HEAD_FILE = "head.safetensors"
 ARRAY_FILES = ("projection_mean", "projection_scale", "projection_components", "centroids",
                "concept_means", "word_vectors", "word_logit_means")
+NEIGHBOUR_FILES = ("neighbour_vectors", "neighbour_labels")  # present when the model votes by neighbours
 FORMAT_VERSION = 2
 WHOLE_IMAGE = 0  # instance index of the pooled vector
 
@@ -84,6 +86,7 @@ class AlignmentModel:
     min_word_score: float = 0.0
     pooled_as_part: bool = True
     config: dict = field(default_factory=dict)
+    neighbours: NeighbourMemory | None = None  # the training images' vote (neighbours.py), if used
 
     # ------------------------------------------------------------------ instances
 
@@ -98,7 +101,17 @@ class AlignmentModel:
 
     def word_logits(self, parts: PartsFeatures) -> np.ndarray:
         """(N, V) per-image logit of every word."""
-        return predict_logits(self.head, *self.instances(parts))
+        z, mask = self.instances(parts)
+        return self._evidence(z, mask)
+
+    def _evidence(self, z: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """The head's logits, blended with the neighbours' vote when the model has one."""
+        logits = predict_logits(self.head, z, mask)
+        if self.neighbours is None:
+            return logits
+        k, temperature = int(self.config["neighbours"]), float(self.config["neighbour_temperature"])
+        votes = self.neighbours.votes(z[:, 0], k, temperature)
+        return blend_logits(logits, votes, float(self.config["neighbour_weight"]))
 
     def word_sources(self, parts: PartsFeatures) -> np.ndarray:
         """(N, V) the instance each word responds to most (0 = the whole image)."""
@@ -107,7 +120,7 @@ class AlignmentModel:
     def logits_and_sources(self, parts: PartsFeatures) -> tuple[np.ndarray, np.ndarray]:
         """`word_logits` and `word_sources` from one projection of the instances."""
         z, mask = self.instances(parts)
-        return predict_logits(self.head, z, mask), self._sources(z, mask)
+        return self._evidence(z, mask), self._sources(z, mask)
 
     @torch.inference_mode()
     def _sources(self, z: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -161,6 +174,10 @@ class AlignmentModel:
                   "word_logit_means": self.word_logit_means}
         for name, value in arrays.items():
             np.save(out_dir / f"{name}.npy", np.asarray(value, dtype=np.float32))
+        if self.neighbours is not None:
+            vectors_file, labels_file = NEIGHBOUR_FILES
+            np.save(out_dir / f"{vectors_file}.npy", self.neighbours.vectors.astype(np.float32))
+            np.save(out_dir / f"{labels_file}.npy", self.neighbours.labels.astype(np.uint8))
         state = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
         save_file(state, str(out_dir / HEAD_FILE))
         meta = {
@@ -189,8 +206,12 @@ class AlignmentModel:
         head.to(device).eval()
         projection = Projection(arrays["projection_mean"], arrays["projection_scale"],
                                 arrays["projection_components"])
+        neighbours = None
+        if (model_dir / f"{NEIGHBOUR_FILES[0]}.npy").exists():
+            vectors, labels = (np.load(model_dir / f"{name}.npy", allow_pickle=False) for name in NEIGHBOUR_FILES)
+            neighbours = NeighbourMemory(vectors, labels)
         return cls(projection=projection, words=list(meta["words"]), word_counts=list(meta["word_counts"]),
                    word_vectors=arrays["word_vectors"], head=head, centroids=arrays["centroids"],
                    concept_means=arrays["concept_means"], word_logit_means=arrays["word_logit_means"],
                    words_per_image=int(meta["words_per_image"]), min_word_score=float(meta["min_word_score"]),
-                   config=meta.get("config", {}))
+                   config=meta.get("config", {}), neighbours=neighbours)

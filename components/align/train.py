@@ -31,9 +31,11 @@ from components.align.head import (
     cross_fit,
     fit_head,
     fit_projection,
+    fold_of,
     predict_logits,
 )
 from components.align.model import AlignmentModel
+from components.align.neighbours import NeighbourMemory, blend_logits, out_of_fold_votes
 from components.device import resolve_device
 from components.text.encoder import TextEncoder
 from components.text.vocabulary import build_vocabulary, content_words
@@ -131,9 +133,21 @@ def _train_alignment(cfg: AlignConfig, *, texts: list[str], parts: PartsFeatures
         out_of_fold = predict_logits(head, z, mask)
     timings["seconds_cross_fit"] = time.perf_counter() - t
 
+    memory = None
+    if cfg.neighbours:
+        t = time.perf_counter()
+        memory = NeighbourMemory.of(z[:, 0], labels)
+        if cfg.folds >= 2:  # the head's folds: an ad's neighbours never include its own fold
+            votes = out_of_fold_votes(memory, fold_of(len(z), cfg.folds, cfg.seed), cfg.neighbours,
+                                      cfg.neighbour_temperature)
+        else:  # in-sample, as the head's logits are: every ad votes for itself too
+            votes = memory.votes(memory.vectors, cfg.neighbours, cfg.neighbour_temperature)
+        out_of_fold = blend_logits(out_of_fold, votes, cfg.neighbour_weight)
+        timings["seconds_neighbours"] = time.perf_counter() - t
+
     model = AlignmentModel(
         projection=projection, words=words, word_counts=list(vocab.counts), word_vectors=word_vectors,
-        head=head, centroids=centroids, concept_means=concept_means,
+        head=head, centroids=centroids, concept_means=concept_means, neighbours=memory,
         word_logit_means=out_of_fold.mean(axis=0).astype(np.float32),
         words_per_image=cfg.words_per_image, min_word_score=cfg.min_word_score, config=cfg.model_dump())
     model_dir = model.save(out_dir / MODEL_SUBDIR)

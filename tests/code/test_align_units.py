@@ -251,3 +251,26 @@ def test_ad_level_texts_without_title_words_are_the_click_queries(tmp_path):
     assert all(text.startswith(title) for text, title in zip(with_titles, titles, strict=True))
     assert [w.removeprefix(t).strip() for w, t in zip(with_titles, titles, strict=True)] == clicks_only
     assert ad_level_texts(dataset, click_text=False, title_words=False) == titles  # label-free variant
+
+
+def test_neighbour_votes_weight_the_nearest_images_labels_and_skip_excluded_rows():
+    from components.align.neighbours import NeighbourMemory, blend_logits, out_of_fold_votes
+
+    # two tight clusters of memory images; cluster 0 shows word 0, cluster 1 word 1
+    vectors = np.array([[1.0, 0.0], [0.99, 0.1], [0.0, 1.0], [0.1, 0.99]], np.float32)
+    labels = np.array([[1, 0], [1, 0], [0, 1], [0, 1]], np.float32)
+    memory = NeighbourMemory.of(vectors, labels)
+    votes = memory.votes(np.array([[1.0, 0.05]], np.float32), k=2, temperature=0.05)
+    np.testing.assert_allclose(votes, [[1.0, 0.0]], atol=1e-6)
+    # with k = all and a flat temperature the vote is the plain label mean
+    np.testing.assert_allclose(memory.votes(np.array([[1.0, 0.0]], np.float32), k=4, temperature=1e6),
+                               [[0.5, 0.5]], atol=1e-4)
+    # out of fold: rows 0 and 1 share a fold, so row 0 cannot hear row 1 and is outvoted
+    fold = np.array([0, 0, 1, 1])
+    oof = out_of_fold_votes(memory, fold, k=1, temperature=0.05)
+    np.testing.assert_allclose(oof[0], [0.0, 1.0], atol=1e-6)
+    np.testing.assert_allclose(oof[2], [1.0, 0.0], atol=1e-6)
+    # blending: weight 0 is the head, weight 1 the (clipped) vote
+    head = np.array([[2.0, -2.0]], np.float32)
+    np.testing.assert_allclose(blend_logits(head, votes, 0.0), head, atol=1e-5)
+    assert blend_logits(head, np.array([[0.0, 1.0]], np.float32), 1.0)[0, 1] > 9.0
