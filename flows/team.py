@@ -3,8 +3,9 @@ without Docker, from local binaries bound to 127.0.0.1.
 
 PostgreSQL (the image's /usr/lib/postgresql/15/bin, through `runuser -u postgres` when
 root), an S3 endpoint (`minio` when on PATH, else `moto_server`, in memory), the MLflow
-tracking server (Postgres backend, proxied S3 artifacts), the Prefect server (on Postgres)
-and a process worker on pool `alignsearch`. State, logs and `env` live in `.team/`;
+tracking server (Postgres backend, proxied S3 artifacts), the Prefect server (on Postgres),
+a Dask scheduler with one worker (the fan-out compute of flows/compute.py; its address is
+`ALIGNSEARCH_DASK_ADDRESS` in `env`) and a process worker on pool `alignsearch`. State, logs and `env` live in `.team/`;
 every process runs in its own session so `down` can stop its whole group (MLflow's job
 runners survive a SIGTERM to the main process otherwise).
 """
@@ -30,7 +31,9 @@ STATE_FILE = "state.json"
 ENV_FILE = "env"
 BUCKET = "alignsearch"
 POOL = "alignsearch"
-SERVICES = ("postgres", "s3", "mlflow", "prefect", "worker")  # start order; `down` reverses it
+# start order; `down` reverses it
+SERVICES = ("postgres", "s3", "mlflow", "prefect", "dask-scheduler", "dask-worker", "worker")
+DASK_SERVICES = ("dask-scheduler", "dask-worker")
 PG_BIN = Path(os.environ.get("ALIGNSEARCH_PG_BIN", "/usr/lib/postgresql/15/bin"))
 HOST = "127.0.0.1"
 
@@ -314,14 +317,59 @@ def _start_s3(state: TeamState, root: Path, base_env: dict[str, str], timeout: f
         client.create_bucket(Bucket=BUCKET)
 
 
+def dask_address(state: TeamState) -> str | None:
+    scheduler = state.services.get("dask-scheduler")
+    return f"tcp://{HOST}:{scheduler.port}" if scheduler else None
+
+
+def _dask_workers(state: TeamState) -> int:
+    """Workers the scheduler knows (its /json/counts.json; 0 when it does not answer)."""
+    import httpx
+
+    health = state.services["dask-scheduler"].health
+    try:
+        return int(httpx.get(health.replace("/health", "/json/counts.json"), timeout=3).json().get("workers", 0))
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return 0
+
+
+def _start_dask(state: TeamState, root: Path, base_env: dict[str, str], timeout: float) -> None:
+    """`dask scheduler` and one `dask worker` (threads = cores), both on 127.0.0.1, each with
+    its HTTP /health on a port of its own (the dashboards need bokeh, the health routes do not)."""
+    scheduler, worker = state.services["dask-scheduler"], state.services["dask-worker"]
+    try:
+        dask = _bin("dask")
+    except FileNotFoundError as exc:
+        raise TeamError("dask-scheduler", "`dask` (pip install distributed) not found") from exc
+    scheduler_http, worker_http = free_port(), free_port()
+    scheduler.health = f"http://{HOST}:{scheduler_http}/health"
+    worker.health = f"http://{HOST}:{worker_http}/health"
+    process = _spawn(scheduler, [dask, "scheduler", "--host", HOST, "--port", str(scheduler.port),
+                                 "--dashboard-address", f"{HOST}:{scheduler_http}"], base_env, root)
+    _wait_healthy([(scheduler, process)], timeout)
+    process = _spawn(worker, [dask, "worker", dask_address(state), "--host", HOST, "--worker-port", str(worker.port),
+                              "--dashboard-address", f"{HOST}:{worker_http}", "--nworkers", "1",
+                              "--nthreads", str(os.cpu_count() or 1), "--no-nanny"], base_env, root)
+    _wait_healthy([(worker, process)], timeout)
+    deadline = time.monotonic() + timeout
+    while not _dask_workers(state):
+        if time.monotonic() > deadline:
+            raise TeamError("dask-worker", f"not registered with the scheduler after {timeout:.0f} s:\n"
+                            f"{_log_tail(worker)}")
+        time.sleep(0.5)
+
+
 def team_env(state: TeamState) -> dict[str, str]:
     """What a shell (or the worker) needs to use the stack: `.team/env` holds exactly this."""
-    return {
+    env = {
         "MLFLOW_TRACKING_URI": f"http://{HOST}:{state.services['mlflow'].port}",
         "PREFECT_API_URL": f"http://{HOST}:{state.services['prefect'].port}/api",
         **s3_env(state),
         "ALIGNSEARCH_DVC_REMOTE_URL": f"s3://{BUCKET}/dvc",
     }
+    if dask_address(state):
+        env["ALIGNSEARCH_DASK_ADDRESS"] = dask_address(state)
+    return env
 
 
 def _worker_python(root: Path) -> Path:
@@ -404,7 +452,7 @@ def worker_env(state: TeamState, root: Path, base_env: dict[str, str] | None = N
 
 
 def up(root: Path = Path(".team"), ports: dict[str, int] | None = None, timeout: float = 240.0,
-       worker: bool = True) -> TeamState:
+       worker: bool = True, dask: bool = True) -> TeamState:
     """Start every service, wait until each is healthy, write `state.json` and `env`.
 
     On any failure the services already started are stopped and `TeamError` names the one
@@ -420,7 +468,7 @@ def up(root: Path = Path(".team"), ports: dict[str, int] | None = None, timeout:
         "postgres_password": kept.get("postgres_password") or secrets.token_urlsafe(18),
         "s3_access_key": kept.get("s3_access_key") or "alignsearch",
         "s3_secret_key": kept.get("s3_secret_key") or secrets.token_urlsafe(24)})
-    names = [n for n in SERVICES if worker or n != "worker"]
+    names = [n for n in SERVICES if (worker or n != "worker") and (dask or n not in DASK_SERVICES)]
     ports = dict(ports or {})
     for name in names:
         port = ports.get(name) or (free_port() if name != "worker" else 0)
@@ -439,6 +487,9 @@ def up(root: Path = Path(".team"), ports: dict[str, int] | None = None, timeout:
         state.save()
         _start_servers(state, root, base_env, timeout)
         state.save()
+        if dask:
+            _start_dask(state, root, base_env, timeout)
+            state.save()
         if worker:
             _start_worker(state, root, base_env, timeout)
     except BaseException:
@@ -505,6 +556,9 @@ def status(root: Path = Path(".team")) -> list[ServiceStatus]:
         if name == "worker":
             healthy = running and _worker_online(api)
             url = f"pool {POOL}"
+        elif name == "dask-worker":
+            healthy = running and _healthy(service) and _dask_workers(state) > 0
+            url = f"{dask_address(state)} ({service.health})"
         else:
             healthy = running and _healthy(service)
             url = service.health or f"{HOST}:{service.port}"
@@ -514,7 +568,7 @@ def status(root: Path = Path(".team")) -> list[ServiceStatus]:
 
 # --------------------------------------------------------------------------- CLI
 
-team_app = typer.Typer(help="The team stack (Postgres, S3, MLflow, Prefect, a worker) on 127.0.0.1, no Docker.",
+team_app = typer.Typer(help="The team stack (Postgres, S3, MLflow, Prefect, Dask, a worker) on 127.0.0.1, no Docker.",
                        no_args_is_help=True)
 DirOption = Annotated[Path, typer.Option("--dir", help="State directory (git-ignored).")]
 
@@ -566,7 +620,7 @@ def _print_status(root: Path) -> bool:
         return False
     for row in rows:
         health = "healthy" if row.healthy else ("running, not healthy" if row.running else "stopped")
-        typer.echo(f"{row.name:<9} {health:<21} pid {row.pid or '-':<8} {row.url}")
+        typer.echo(f"{row.name:<14} {health:<21} pid {row.pid or '-':<8} {row.url}")
     return all(row.healthy for row in rows)
 
 

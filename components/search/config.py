@@ -17,5 +17,9 @@ class ServeConfig(BaseModel):
     max_query_chars: int = Field(256, ge=1)
     max_body_bytes: int = Field(4096, ge=64, description="larger request bodies get 413")
     max_in_flight: int = Field(16, ge=1, description="searches answered at once; more get 429 at once")
+    batch_max: int = Field(16, ge=1, description="concurrent searches answered by one model call "
+                           "(micro-batching; 1 = a call per request)")
+    batch_wait_ms: float = Field(2.0, ge=0, description="how long the first waiting search waits for "
+                                 "others to join its batch")
     catalogue_poll_s: float = Field(5.0, ge=0, description="how often the service checks for a new catalogue "
                                     "version of its model (0: never)")

@@ -19,11 +19,13 @@ one and swapped in, so no request is dropped or answered from a half-loaded cata
 Behaving like a service: every response carries an `X-Request-ID`; an internal error is a
 generic 500 naming that id (the traceback goes to the log, not to the client); bodies over
 `max_body_bytes` get 413, searches beyond `max_in_flight` at once get 429; with an API key
-set, /search needs `X-API-Key: <key>` (or `Authorization: Bearer <key>`), else 401.
+set, /search needs `X-API-Key: <key>` (or `Authorization: Bearer <key>`), else 401. Concurrent
+searches are micro-batched into one model call (`batching.py`, `batch_max`, `batch_wait_ms`).
 """
 
 # No `from __future__ import annotations`: FastAPI must see the request model built inside
 # `create_app` (its limits come from the config) as a class, not as a string.
+import contextlib
 import json
 import logging
 import secrets
@@ -37,6 +39,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from components.search.batching import MicroBatcher
 from components.search.config import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -182,8 +185,18 @@ def create_app(model: Any, cfg: ServeConfig, *, model_uri: str, info: dict | Non
             return value
 
     version = (info or {}).get("version")
+    # Concurrent searches share one model call (batching.py); batch_max 1 = one call each.
+    batcher = (MicroBatcher(model.predict, cfg.batch_max, cfg.batch_wait_ms)
+               if model is not None and cfg.batch_max > 1 else None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        if batcher is not None:
+            batcher.close()
+
     app = FastAPI(title="alignsearch", description=f"Search ads by text (Align before Search); model {model_uri}.",
-                  version=f"model v{version}" if version else "model")
+                  version=f"model v{version}" if version else "model", lifespan=lifespan)
 
     def run(request: SearchRequest, request_id: str) -> SearchResponse:
         if model is None:
@@ -192,7 +205,8 @@ def create_app(model: Any, cfg: ServeConfig, *, model_uri: str, info: dict | Non
         # An exception here (the model failed on a valid request) reaches `_Guard`: logged with
         # its traceback, a generic 500 with the request id for the client.
         log.debug("request %s: query %r, k=%d", request_id, request.query[:100], request.k)
-        frame = model.predict(pd.DataFrame({"query": [request.query], "k": [request.k]}))
+        frame = (batcher.search(request.query, request.k) if batcher is not None
+                 else model.predict(pd.DataFrame({"query": [request.query], "k": [request.k]})))
         catalogue_version = (str(frame["catalogue_version"].iloc[0]) if "catalogue_version" in frame.columns
                              and len(frame) else (engine.catalogue_version if engine is not None else None))
         return SearchResponse(query=request.query, k=request.k, model_uri=model_uri, model_version=version,
@@ -209,6 +223,8 @@ def create_app(model: Any, cfg: ServeConfig, *, model_uri: str, info: dict | Non
         out = {"status": "ok", "model_uri": model_uri, "version": version, **(info or {})}
         if engine is not None:
             out.update(engine.catalogue.describe())
+        if batcher is not None:
+            out["batches"], out["batched_queries"] = batcher.batches, batcher.queries
         if watcher is not None:
             out["catalogue_reloads"] = watcher.reloads
             out["catalogue_reload_error"] = watcher.last_error

@@ -27,13 +27,15 @@ class ToyModel:
         self.release = threading.Event()
 
     def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
-        query, k = frame["query"].iloc[0], int(frame["k"].iloc[0])
-        if query == "boom":
-            raise RuntimeError("secret internal detail /srv/model/path")
-        if query == "slow":
-            self.release.wait(10)
-        rows = [{"rank": i + 1, "ad_id": f"ad{i}", "title": f"title {i}", "score": 1.0 - i / 10,
-                 "visual_words": ["tree"], "matched_words": []} for i in range(min(k, 3))]
+        rows = []
+        for query, k in zip(frame["query"], frame["k"], strict=True):  # the pyfunc's contract: any batch
+            if query == "boom":
+                raise RuntimeError("secret internal detail /srv/model/path")
+            if query == "slow":
+                self.release.wait(10)
+            rows += [{"query": query, "rank": i + 1, "ad_id": f"ad{i}", "title": f"title {i}",
+                      "score": 1.0 - i / 10, "visual_words": ["tree"], "matched_words": []}
+                     for i in range(min(int(k), 3))]
         return pd.DataFrame(rows)
 
 
@@ -132,3 +134,51 @@ def test_unicode_query_is_answered():
 def test_odd_query_strings_are_never_a_server_error(url):
     """Invalid UTF-8 in a URL is decoded with replacement characters (a query like any other)."""
     assert _client().get(url).status_code < 500
+
+
+def test_concurrent_searches_share_model_calls_and_each_gets_its_own_answer():
+    calls: list[list[str]] = []
+    release = threading.Event()
+
+    class CountingModel(ToyModel):
+        def predict(self, frame):
+            calls.append(list(frame["query"]))
+            release.wait(10)  # the first call holds the batcher: the others queue up behind it
+            return super().predict(frame)
+
+    app = create_app(CountingModel(), ServeConfig(batch_max=16, batch_wait_ms=5), model_uri=URI)
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            first = asyncio.create_task(client.post("/search", json={"query": "q0", "k": 1}))
+            await asyncio.sleep(0.3)
+            rest = [asyncio.create_task(client.post("/search", json={"query": f"q{i % 3 + 1}", "k": 1 + i % 3}))
+                    for i in range(6)]
+            await asyncio.sleep(0.3)
+            release.set()
+            return await first, await asyncio.gather(*rest), (await client.get("/health")).json()
+
+    first, rest, health = asyncio.run(go())
+    assert first.status_code == 200 and [r.status_code for r in rest] == [200] * 6
+    for i, response in enumerate(rest):
+        body = response.json()
+        assert body["query"] == f"q{i % 3 + 1}" and len(body["results"]) == 1 + i % 3
+    # q0 alone, then the six waiting requests in one call with their three distinct queries
+    assert calls == [["q0"], ["q1", "q2", "q3"]]
+    assert health["batches"] == 2 and health["batched_queries"] == 7
+
+
+def test_a_failing_batch_fails_its_requests_and_the_next_batch_is_answered():
+    from components.search.batching import MicroBatcher
+
+    batcher = MicroBatcher(ToyModel().predict, max_batch=4, max_wait_ms=1)
+    try:
+        with pytest.raises(RuntimeError, match="secret internal detail"):
+            batcher.search("boom", 3, timeout=10)
+        frame = batcher.search("tree", 2, timeout=10)
+        assert list(frame["rank"]) == [1, 2] and set(frame["query"]) == {"tree"}
+    finally:
+        batcher.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.submit("tree", 1)

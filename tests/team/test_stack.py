@@ -61,7 +61,7 @@ def test_team_up_every_service_healthy(team_stack, team_root):
 @pytest.mark.timeout(120)
 def test_env_file_exports_every_url(team_stack, team_root):
     names = ["MLFLOW_TRACKING_URI", "PREFECT_API_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-             "AWS_SECRET_ACCESS_KEY", "ALIGNSEARCH_DVC_REMOTE_URL"]
+             "AWS_SECRET_ACCESS_KEY", "ALIGNSEARCH_DVC_REMOTE_URL", "ALIGNSEARCH_DASK_ADDRESS"]
     script = f"source {team_root / team.ENV_FILE} && " + " && ".join(f'echo "{n}=${n}"' for n in names)
     shell = subprocess.run(["bash", "-c", script], env={"PATH": os.environ["PATH"]}, capture_output=True,
                            text=True, check=True, timeout=30)
@@ -74,6 +74,28 @@ def test_env_file_exports_every_url(team_stack, team_root):
     assert exported["ALIGNSEARCH_DVC_REMOTE_URL"].startswith(f"s3://{team.BUCKET}/")
     for url in (exported["MLFLOW_TRACKING_URI"], exported["PREFECT_API_URL"], exported["MLFLOW_S3_ENDPOINT_URL"]):
         assert url.startswith("http://127.0.0.1:")
+
+
+def _parts_config_name() -> str:  # runs on the Dask worker: the project must import there
+    from components.vision.parts import PartsConfig
+
+    return PartsConfig.__name__
+
+
+@pytest.mark.timeout(120)
+def test_the_team_dask_scheduler_runs_project_code(team_env):
+    """flows/compute.py sends feature shards to ALIGNSEARCH_DASK_ADDRESS (the shard results are
+    compared with the sequential ones in tests/code/test_distributed.py); here: the team's
+    scheduler is that address and its worker runs the project's code."""
+    import cloudpickle
+    from distributed import Client
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the worker cannot import this test module
+    address = team_env["ALIGNSEARCH_DASK_ADDRESS"]
+    assert address.startswith("tcp://127.0.0.1:")
+    with Client(address, timeout=30) as client:
+        assert len(client.scheduler_info()["workers"]) == 1
+        assert client.submit(_parts_config_name, pure=False).result(timeout=60) == "PartsConfig"
 
 
 class _Echo(mlflow.pyfunc.PythonModel):  # a minimal pyfunc model: nothing of the project needed
