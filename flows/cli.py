@@ -670,8 +670,11 @@ def benchmark(
     params: ParamsOption = Path("params.yaml"),
     set_: SetOption = None,
 ) -> None:
-    """Train and evaluate every system on one dataset; write benchmark.json/.md and plots."""
+    """Train and evaluate every system on one dataset; write benchmark.json/.md and plots.
+    With `compute.workers` or a Dask address (params `compute`, ALIGNSEARCH_DASK_ADDRESS) the
+    trainings run as tasks on Dask."""
     from components.evaluate.benchmark import run_benchmark
+    from flows.compute import cell_mapper
 
     cfg = _load(params, set_)
     update: dict = {}
@@ -685,7 +688,8 @@ def benchmark(
         update["seeds"] = [int(x) for x in seeds.split(",") if x.strip()]
     bench_cfg = cfg.benchmark.model_validate({**cfg.benchmark.model_dump(), **update})
     result = run_benchmark(bench_cfg, dataset_dir=data, out_dir=out, cache_dir=cfg.data.cache_dir,
-                           parts_cfg=cfg.vision, align_cfg=cfg.align, match_cfg=cfg.match, quick=quick)
+                           parts_cfg=cfg.vision, align_cfg=cfg.align, match_cfg=cfg.match, quick=quick,
+                           map_cells=cell_mapper(cfg.compute))
     console.print(result.paths["markdown"].read_text(), markup=False, soft_wrap=True)
     console.print(f"Reports: {out}  ({result.seconds / 60:.1f} min)")
 

@@ -9,20 +9,27 @@
   running scheduler (infra/compose.yaml's `dask-scheduler`); its workers must have the
   project installed and see the same dataset and cache paths.
 
-Feature extraction is the first user: the images are cut into shards, each shard is one
-task, and the shard files are merged in plan order, so the features are the same array,
-byte for byte, whatever ran them.
+Two users:
+- feature extraction: the images are cut into shards, each shard is one task, and the
+  shard files are merged in plan order, so the features are the same array, byte for
+  byte, whatever ran them;
+- the benchmark's independent trainings (`cell_mapper`): the learning-rate searches, then
+  every system x fraction x seed run, one task per cell
+  (`components.evaluate.benchmark.train_cell`); the rows are the sequential run's.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 
 from components.config import ComputeConfig
 
@@ -109,6 +116,41 @@ def extract_features(vision: dict, dataset_dir: str, out_dir: str, cache_dir: st
     log.info("features on Dask: %s", dask_address(cfg) or f"LocalCluster of {cfg.workers} workers")
     return features_flow.with_options(task_runner=runner)(vision, dataset_dir, out_dir, cache_dir,
                                                           cfg.model_dump(mode="json"))
+
+
+# --------------------------------------------------------------------------- benchmark cells
+
+
+@task(name="benchmark-cell", cache_policy=NO_CACHE)
+def benchmark_cell(function: str, cell: dict, context: dict) -> Any:
+    """One training cell of the benchmark; `function` is "module:name" (a path travels, and
+    the worker imports the project's own code)."""
+    module, _, name = function.partition(":")
+    return getattr(importlib.import_module(module), name)(cell, context)
+
+
+@flow(name="alignsearch-benchmark-cells", log_prints=True)
+def benchmark_cells_flow(function: str, cells: list[dict], context: dict) -> list:
+    futures = [benchmark_cell.submit(function, cell, context) for cell in cells]
+    return [future.result() for future in futures]  # the cells' order, not completion order
+
+
+def cell_mapper(compute: ComputeConfig | dict) -> Callable[[Callable, list[dict], dict], list] | None:
+    """`map_cells` for `run_benchmark` on the configured Dask cluster, or None (in-process)
+    when `compute` asks for none."""
+    cfg = compute if isinstance(compute, ComputeConfig) else ComputeConfig(**compute)
+    if not uses_dask(cfg):
+        return None
+
+    def map_cells(function: Callable, cells: list[dict], context: dict) -> list:
+        if not cells:
+            return []
+        log.info("%d benchmark cells on Dask: %s", len(cells), dask_address(cfg) or f"LocalCluster of {cfg.workers}")
+        runner = dask_task_runner(cfg)
+        return benchmark_cells_flow.with_options(task_runner=runner)(
+            f"{function.__module__}:{function.__qualname__}", cells, context)
+
+    return map_cells
 
 
 if __name__ == "__main__":  # features of the configured dataset with the configured compute

@@ -212,3 +212,33 @@ def test_features_on_dask_equal_the_sequential_features(prefect_harness, synthet
                 np.testing.assert_allclose(getattr(other, name), sequential.topk_scores, rtol=1e-5, atol=1e-6)
             else:  # backbone maps, regions, boxes, top-k classes: bit for bit
                 np.testing.assert_array_equal(getattr(other, name), getattr(sequential, name), err_msg=name)
+
+
+@pytest.mark.timeout(600)
+def test_benchmark_cells_on_dask_give_the_sequential_rows(prefect_harness, synthetic_dataset_dir, tmp_path):
+    """The benchmark's learning-rate searches and runs as Prefect tasks on a running 2-worker
+    scheduler (`compute.scheduler_address`, as a team's) write the rows of the in-process run."""
+    from distributed import LocalCluster
+
+    from components.evaluate.benchmark import run_benchmark
+    from flows.compute import cell_mapper
+
+    params = load_params(overrides=[f"data.cache_dir={tmp_path / 'cache'}", "benchmark.quick_max_steps=6",
+                                    "benchmark.gallery_size=0", "match.lr_grid=[0.0001,0.001]"])
+    bench = params.benchmark.model_copy(update={"systems": ["text_only", "late_fusion", "ours"], "ablations": [],
+                                                "fractions": [1.0], "seeds": [0]})
+
+    def rows(name: str, map_cells=None) -> list[tuple]:
+        result = run_benchmark(bench, dataset_dir=synthetic_dataset_dir, out_dir=tmp_path / name,
+                               cache_dir=tmp_path / "cache", parts_cfg=params.vision, align_cfg=params.align,
+                               match_cfg=params.match, quick=True, map_cells=map_cells)
+        return sorted((r["system"], r["fraction"], r["seed"], r["subset"], r["metric"], r["value"]) for r in result.rows)
+
+    sequential = rows("sequential")
+    with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", scheduler_port=0,
+                      dashboard_address=":0") as cluster:
+        on_dask = rows("dask", cell_mapper({"scheduler_address": cluster.scheduler_address}))
+        ran = sorted(cluster.scheduler.task_prefixes)
+    assert any("benchmark-cell" in prefix or "benchmark_cell" in prefix for prefix in ran), ran
+    assert {r[0] for r in sequential} >= {"text_only", "late_fusion", "ours"}
+    assert on_dask == sequential
