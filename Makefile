@@ -36,7 +36,7 @@ run: setup openclipart
 
 test: setup
 	@bash infra/ensure_chromium.sh
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n 2 --dist loadgroup --durations=15
 
 lint: setup
 	$(VENV)/bin/ruff check components flows tests

@@ -20,11 +20,24 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SLOW_TIMEOUT_S = 1200  # flows end to end and training on a shared 2-core box; the default is 600 s
 
 
+# Test directories whose files share an expensive session fixture (a trained store, a running
+# team stack): under pytest-xdist each of them runs on one worker, so it is built once.
+SHARED_FIXTURE_DIRS = ("ops", "catalogue", "team")
+
+
 def pytest_collection_modifyitems(config, items):
-    """A `slow` test without its own `timeout` mark gets SLOW_TIMEOUT_S (pyproject: 600 s for the rest)."""
+    """A `slow` test without its own `timeout` mark gets SLOW_TIMEOUT_S (pyproject: 600 s for the rest).
+
+    With pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): the tests of one file stay on
+    one worker (module fixtures are built once), and a SHARED_FIXTURE_DIRS directory is one group.
+    """
+    parallel = config.pluginmanager.hasplugin("xdist")
     for item in items:
         if item.get_closest_marker("slow") is not None and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
+        if parallel:
+            parts = Path(str(item.fspath)).resolve().relative_to(REPO_ROOT / "tests").parts
+            item.add_marker(pytest.mark.xdist_group(parts[0] if parts[0] in SHARED_FIXTURE_DIRS else "/".join(parts)))
 
 
 @pytest.fixture(scope="session")
