@@ -165,7 +165,7 @@ def test_concurrent_searches_share_model_calls_and_each_gets_its_own_answer():
         body = response.json()
         assert body["query"] == f"q{i % 3 + 1}" and len(body["results"]) == 1 + i % 3
     # q0 alone, then the six waiting requests in one call with their three distinct queries
-    assert calls == [["q0"], ["q1", "q2", "q3"]]
+    assert len(calls) == 2 and calls[0] == ["q0"] and sorted(calls[1]) == ["q1", "q2", "q3"]  # any arrival order
     assert health["batches"] == 2 and health["batched_queries"] == 7
 
 

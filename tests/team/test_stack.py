@@ -76,26 +76,20 @@ def test_env_file_exports_every_url(team_stack, team_root):
         assert url.startswith("http://127.0.0.1:")
 
 
-def _parts_config_name() -> str:  # runs on the Dask worker: the project must import there
-    from components.vision.parts import PartsConfig
-
-    return PartsConfig.__name__
-
-
 @pytest.mark.timeout(120)
 def test_the_team_dask_scheduler_runs_project_code(team_env):
     """flows/compute.py sends feature shards to ALIGNSEARCH_DASK_ADDRESS (the shard results are
     compared with the sequential ones in tests/code/test_distributed.py); here: the team's
     scheduler is that address and its worker runs the project's code."""
-    import cloudpickle
     from distributed import Client
 
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the worker cannot import this test module
     address = team_env["ALIGNSEARCH_DASK_ADDRESS"]
     assert address.startswith("tcp://127.0.0.1:")
     with Client(address, timeout=30) as client:
         assert len(client.scheduler_info()["workers"]) == 1
-        assert client.submit(_parts_config_name, pure=False).result(timeout=60) == "PartsConfig"
+        # a builtin and a string travel (the worker cannot import this test module): the project imports there
+        probe = "__import__('components.vision.parts', fromlist=['PartsConfig']).PartsConfig.__name__"
+        assert client.submit(eval, probe, pure=False).result(timeout=60) == "PartsConfig"
 
 
 class _Echo(mlflow.pyfunc.PythonModel):  # a minimal pyfunc model: nothing of the project needed
