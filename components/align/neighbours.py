@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import expit, logit
 
 from components.align.concepts import l2_normalize
 
@@ -59,9 +60,8 @@ class NeighbourMemory:
 
 def blend_logits(head_logits: np.ndarray, votes: np.ndarray, weight: float) -> np.ndarray:
     """logit((1 - weight) * sigmoid(head_logits) + weight * votes), float32."""
-    head = 1.0 / (1.0 + np.exp(-np.clip(head_logits, -30.0, 30.0)))
-    p = np.clip((1.0 - weight) * head + weight * votes, PROBABILITY_FLOOR, 1.0 - PROBABILITY_FLOOR)
-    return np.log(p / (1.0 - p)).astype(np.float32)
+    p = np.clip((1.0 - weight) * expit(head_logits) + weight * votes, PROBABILITY_FLOOR, 1.0 - PROBABILITY_FLOOR)
+    return logit(p).astype(np.float32)
 
 
 def out_of_fold_votes(memory: NeighbourMemory, fold: np.ndarray, k: int, temperature: float) -> np.ndarray:

@@ -139,7 +139,6 @@ class CellResult:
     records: list[dict]
     detail: object  # components.evaluate.significance.RunDetail
     scorer_dir: str
-    seconds: float
 
 
 def _alignment_key(variant: str, fraction: float, seed: int) -> str:
@@ -167,7 +166,7 @@ def _load_ad_words(align_dir: str, model_dir: str) -> AdWords:
 
 
 @functools.lru_cache(maxsize=2)
-def _read_benchmark_inputs(dataset_dir: str, features_path: str, eval_split: str, _stamp: tuple):
+def _read_benchmark_inputs(dataset_dir: str, features_path: str, eval_split: str, stamp: tuple):
     """The dataset's splits and each split's parts (read once per process)."""
     from components.vision.parts import PartsFeatures
 
@@ -178,7 +177,7 @@ def _read_benchmark_inputs(dataset_dir: str, features_path: str, eval_split: str
 
 
 @functools.lru_cache(maxsize=8)
-def _read_ad_words(align_dir: str, model_dir: str, _stamp: tuple) -> AdWords:
+def _read_ad_words(align_dir: str, model_dir: str, stamp: tuple) -> AdWords:
     from components.align.model import AlignmentModel
     from components.align.stage import LOGITS_FILE, WORDS_FILE, load_word_logits, load_words
 
@@ -266,7 +265,7 @@ def train_cell(cell: dict, context: dict) -> CellResult:
         records.append({"subset": "valid", "metric": "ndcg@10", "value": float(valid_ndcg)})
     seconds = time.perf_counter() - started
     log.info("%s fraction=%g seed=%d: %.1f s", run.system, run.fraction, run.seed, seconds)
-    return CellResult(run.position, run.system, run.fraction, run.seed, records, detail, scorer_dir, seconds)
+    return CellResult(run.position, run.system, run.fraction, run.seed, records, detail, scorer_dir)
 
 
 def run_benchmark(cfg: BenchmarkConfig, *, dataset_dir: Path, out_dir: Path, cache_dir: Path,
