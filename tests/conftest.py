@@ -25,6 +25,9 @@ SLOW_TIMEOUT_S = 1200  # flows end to end and training on a shared 2-core box; t
 SHARED_FIXTURE_DIRS = ("ops", "catalogue", "team")
 
 
+# tryfirst: xdist's worker reads the `xdist_group` marks in its own collection hook, and it is
+# registered after this conftest, so it would otherwise run first and never see them.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """A `slow` test without its own `timeout` mark gets SLOW_TIMEOUT_S (pyproject: 600 s for the rest).
 

@@ -1,8 +1,9 @@
 """The no-Docker team stack (`alignsearch team up`): every service healthy, `.team/env`
 usable by a shell, MLflow on Postgres with artifacts in the S3 bucket and the registry,
 the Kubernetes template accepted by the Prefect server, prefect.yaml deployed and run by a
-worker, and `down` leaving no listening port. Tests run in file order; the last stops the
-stack (the session fixture stops it again if that test is skipped)."""
+worker, and `down` leaving no listening port. The tests that need a registered champion ask
+for the module's `deployment_run`; the last test stops the stack (the session fixture stops
+it again if that test is skipped)."""
 
 from __future__ import annotations
 
@@ -147,11 +148,13 @@ def _flow_runs(api: str, deployment_id: str) -> list[dict]:
                       timeout=10).json()
 
 
-@pytest.mark.timeout(1200)
-def test_prefect_yaml_deployment_runs_on_a_worker_and_registers(team_stack, team_root, team_env, tmp_path):
-    """prefect.yaml cloned from a file:// repository of the current commit: deploy, run,
-    and a `--run-once` process worker (its own venv over the project's packages) retrains
-    on a tiny synthetic dataset against the team's MLflow: challenger, then champion."""
+@pytest.fixture(scope="module")
+def deployment_run(team_stack, team_root, tmp_path_factory) -> dict:
+    """prefect.yaml cloned from a file:// repository of the current commit: deploy, run, and
+    a `--run-once` process worker retrains against the team's MLflow. Done once per module;
+    the tests that need the registered champion ask for it, so none depends on test order."""
+    team_env = team.team_env(team_stack)
+    tmp_path = tmp_path_factory.mktemp("deployment")
     # The team's worker would take the run itself: stop it so `--run-once` gets it.
     team._stop_group(team_stack.services["worker"])
     repo = tmp_path / "alignsearch.git"
@@ -181,7 +184,14 @@ def test_prefect_yaml_deployment_runs_on_a_worker_and_registers(team_stack, team
                               json={"deployments": {"name": {"any_": ["weekly-retrain"]}}}, timeout=10).json()
     states = [run["state"]["type"] for run in _flow_runs(api, deployment["id"]) if run["state"]["type"] != "SCHEDULED"]
     assert states == ["COMPLETED"], f"{states}\n{worker.stdout[-4000:]}\n{worker.stderr[-4000:]}"
+    return {"seconds": seconds}
 
+
+@pytest.mark.timeout(1200)  # includes the module's deployment run
+def test_prefect_yaml_deployment_runs_on_a_worker_and_registers(deployment_run, team_env):
+    """The worker's venv over the project's packages retrained on a tiny synthetic dataset:
+    the run is COMPLETED, version 1 is challenger then champion, its artifacts are in the bucket,
+    and the promoted model answers from the server's registry."""
     from mlflow import MlflowClient
 
     mlflow.set_tracking_uri(team_env["MLFLOW_TRACKING_URI"])
@@ -266,9 +276,9 @@ def _decision_files(client, version) -> list[str]:
     return sorted(item.path for item in listed if item.path.rsplit("/", 1)[-1].startswith("decision-"))
 
 
-@pytest.mark.timeout(300)
-def test_two_concurrent_promotions_on_the_server_leave_one_champion_and_one_record(team_env, synthetic_dataset_dir,
-                                                                                  tmp_path):
+@pytest.mark.timeout(1200)  # includes the deployment run when it is the first to ask for it
+def test_two_concurrent_promotions_on_the_server_leave_one_champion_and_one_record(deployment_run, team_env,
+                                                                                  synthetic_dataset_dir, tmp_path):
     """Two `alignsearch promote` processes at once against the MLflow server (Postgres store):
     the registry lock lets one decide; the other waits and finds the work done. One champion,
     one decision record for the challenger, and the lock model is gone afterwards."""
@@ -306,8 +316,8 @@ def test_two_concurrent_promotions_on_the_server_leave_one_champion_and_one_reco
     assert f"alignsearch{LOCK_SUFFIX}" not in names
 
 
-@pytest.mark.timeout(240)
-def test_alignsearch_serve_answers_from_the_team_registry(team_env, tmp_path):
+@pytest.mark.timeout(1200)  # likewise
+def test_alignsearch_serve_answers_from_the_team_registry(deployment_run, team_env, tmp_path):
     """`alignsearch serve` with `.team/env`: models:/alignsearch@champion from the server and the
     bucket, over HTTP."""
     port = _free_port()
@@ -342,9 +352,11 @@ def test_alignsearch_serve_answers_from_the_team_registry(team_env, tmp_path):
         hits = found.json()["results"]
         assert 0 < len(hits) <= 3 and all("ad_id" in h for h in hits)
     finally:
+        import contextlib
         import signal
 
-        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):  # it may have exited on its own (the assert says why)
+            os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
 
 
