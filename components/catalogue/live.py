@@ -86,12 +86,27 @@ def resolve_model(model_uri: str, cache_dir: Path) -> ModelRef:
         scratch = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
         try:
             got = download_bundle(f"models:/{name}/{version}", scratch)
+            _export_query_tower(got)
             if target.exists():
                 shutil.rmtree(target)
             os.replace(got, target)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+    elif run_id:  # cached before query towers were exported
+        _export_query_tower(target)
     return ModelRef(name, version, target, dataset_dir, run_id)
+
+
+def _export_query_tower(bundle_dir: Path) -> None:
+    """The ONNX query tower next to the cached scorer, so later one-off searches of this version
+    need neither torch nor transformers; a failed export costs only that speed."""
+    from components.search import onnx_query
+
+    try:
+        onnx_query.export(bundle_dir / "scorer")
+    except Exception as exc:  # noqa: BLE001 - an optimisation: the torch tower still answers
+        log.warning("%s: no ONNX query tower (%s: %s); searches use the torch tower", bundle_dir, type(exc).__name__,
+                    exc)
 
 
 def current_catalogue(ref: ModelRef, cache_dir: Path) -> Catalogue:

@@ -214,8 +214,10 @@ def _cell_data(context: BenchmarkContext, system: str, fraction: float, seed: in
 def search_learning_rate(cell: dict, context: dict) -> SearchResult:
     """A `SearchCell`: every rate of the grid, the best on valid (`select_learning_rate`)."""
     from components.match.config import MatchConfig
+    from components.match.encoder import reset_shared_prefix
     from components.match.systems import select_learning_rate
 
+    reset_shared_prefix()  # the same numbers whichever cells this process ran before
     search, ctx = SearchCell(**cell), BenchmarkContext(**context)
     data = _cell_data(ctx, search.system, search.fraction, search.seed)
     cfg = MatchConfig(**ctx.match_cfg).model_copy(update={"seed": search.seed, "train_fraction": search.fraction})
@@ -229,9 +231,11 @@ def train_cell(cell: dict, context: dict) -> CellResult:
     from components.evaluate.significance import run_detail
     from components.evaluate.subsets import evaluate_scores
     from components.match.config import MatchConfig
+    from components.match.encoder import reset_shared_prefix
     from components.match.systems import finish_matcher, load_scorer, train_system
     from components.metrics import ScoreMatrix
 
+    reset_shared_prefix()  # the same numbers whichever cells this process ran before
     run, ctx = TrainCell(**cell), BenchmarkContext(**context)
     started = time.perf_counter()
     match_cfg = MatchConfig(**ctx.match_cfg)

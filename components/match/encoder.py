@@ -120,10 +120,41 @@ def packed_layer(layer: nn.Module, x: torch.Tensor, packing: Packing) -> torch.T
     return layer.output(layer.intermediate(attended), attended)  # (N,D)
 
 
+class PaddedTextTower(nn.Module):
+    """MiniLM on a padded (B,T) batch, mean pooled and L2-normalised: the eager layers'
+    computation that `packed_layer` runs on packed tokens, with padding masked instead of
+    removed. Plain tensor ops end to end, so it traces to ONNX (`components.search.onnx_query`)."""
+
+    def __init__(self, bert: nn.Module) -> None:
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        x = self.bert.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))  # (B,T,D)
+        mask = additive_mask(attention_mask, x.dtype)
+        for layer in self.bert.encoder.layer:
+            attn = layer.attention.self
+            shape = (x.shape[0], -1, attn.num_attention_heads, attn.attention_head_size)
+            q, k, v = (proj(x).view(shape).transpose(1, 2) for proj in (attn.query, attn.key, attn.value))  # (B,h,T,d)
+            weights = torch.matmul(q, k.transpose(2, 3)) * attn.scaling + mask
+            context = torch.matmul(weights.softmax(dim=-1), v).transpose(1, 2).reshape(x.shape[0], -1, x.shape[-1])
+            attended = layer.attention.output(context, x)  # dense, dropout, residual, LN
+            x = layer.output(layer.intermediate(attended), attended)
+        keep = attention_mask.unsqueeze(-1).to(x.dtype)
+        return F.normalize((x * keep).sum(1) / keep.sum(1).clamp(min=1.0), dim=-1)
+
+
 # Frozen-prefix states shared by every tower built from the bundled weights in this process
 # (the frozen layers never change, so LR-grid runs, seeds and systems reuse them):
 # (device, num_frozen, max_length, text) -> (L,384).
 _SHARED_PREFIX: dict[tuple[str, int, int, str], torch.Tensor] = {}
+
+
+def reset_shared_prefix() -> None:
+    """Forget the process-wide frozen-prefix states. A state's last bits depend on which texts
+    shared its batch (GEMM blocking, up to ~2e-6 measured), so work that must give the same
+    numbers wherever it runs (a benchmark cell, in process or on a Dask worker) starts empty."""
+    _SHARED_PREFIX.clear()
 
 
 class TextTower(nn.Module):

@@ -30,24 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components.text.stems import word_stem
-from components.text.vocabulary import tokenize
+from components.match.terms import calibrated_query as calibrated_query_array
+from components.match.terms import query_term_weights
 
 EVIDENCE_CLIP = 8.0  # |centred logit| bound: one runaway word cannot decide a ranking
-
-
-def query_term_weights(texts: Sequence[str], vocabulary: Sequence[str]) -> np.ndarray:
-    """(Q, V) float32: per query, weight 1 spread evenly over its tokens that reach the
-    vocabulary, each token's share spread over the vocabulary words with its stem."""
-    by_stem: dict[str, list[int]] = {}
-    for j, word in enumerate(vocabulary):
-        by_stem.setdefault(word_stem(word), []).append(j)
-    out = np.zeros((len(texts), len(vocabulary)), np.float32)
-    for i, text in enumerate(texts):
-        hits = [by_stem[s] for s in dict.fromkeys(word_stem(t) for t in tokenize(text)) if s in by_stem]
-        for columns in hits:
-            out[i, columns] += 1.0 / (len(hits) * len(columns))
-    return out
 
 
 def centred_evidence(logits: np.ndarray, means: np.ndarray) -> np.ndarray:
@@ -83,13 +69,13 @@ class WordChannel(nn.Module):
 
     def calibrated_query(self, text: torch.Tensor, terms: torch.Tensor, weight: float | None = None) -> torch.Tensor:
         """(B, 384 + V): [text / sd_text(q), weight * terms / sd_channel(q)], the sds over the
-        training ads; a query with no vocabulary word gets no channel part."""
+        training ads (`components.match.terms.calibrated_query`, which a torch-free query tower
+        shares); a query with no vocabulary word gets no channel part. Evaluation only (no grad)."""
         weight = float(self.calibrated_weight) if weight is None else weight
-        text_sd = torch.einsum("bi,ij,bj->b", text, self.text_covariance, text).clamp(min=1e-12).sqrt()
-        term_var = torch.einsum("bi,ij,bj->b", terms, self.evidence_covariance, terms)
-        term_scale = torch.where(term_var > 1e-12, weight / term_var.clamp(min=1e-12).sqrt(),
-                                 torch.zeros_like(term_var))
-        return torch.cat([text / text_sd[:, None], terms * term_scale[:, None]], dim=1)
+        fused = calibrated_query_array(text.detach().cpu().numpy(), terms.detach().cpu().numpy(),
+                                       self.text_covariance.cpu().numpy(), self.evidence_covariance.cpu().numpy(),
+                                       weight)
+        return torch.from_numpy(fused).to(text.device)
 
     @property
     def dim(self) -> int:

@@ -5,7 +5,9 @@
 from the public pieces the scorer is made of (`TextTower`, `WordChannel`), without the image
 head (queries never use it), from the scorer's own `scorer.json` and weights. When the saved
 scorer has anything this does not know, it falls back to `load_scorer`, and a test
-(tests/catalogue/test_fast_search.py) asserts both give the same query vectors.
+(tests/catalogue/test_fast_search.py) asserts both give the same query vectors. Where the
+scorer directory holds an ONNX export of this tower (`components.search.onnx_query`), that
+runs instead, without importing torch or transformers.
 """
 
 from __future__ import annotations
@@ -42,11 +44,19 @@ class QueryTower:
         return cls(encode, scorer.net.dim, "scorer")
 
     @classmethod
-    def load(cls, scorer_dir: Path, device: str = "auto") -> QueryTower:
+    def load(cls, scorer_dir: Path, device: str = "auto", onnx: bool = True) -> QueryTower:
+        """The fastest tower that gives the scorer's vectors: its ONNX export when present (and
+        `onnx`; CPU, which is also right on a GPU machine for a handful of queries), else the light
+        torch tower, else the full scorer's."""
         scorer_dir = Path(scorer_dir)
-        meta = json.loads((scorer_dir / "scorer.json").read_text())
-        light = set(meta) <= _KNOWN_META and meta.get("format_version") == 1 and isinstance(meta.get("tower"), dict)
-        if light:
+        meta = light_meta(scorer_dir)
+        if meta is not None:
+            if onnx and device in ("auto", "cpu"):
+                from components.search import onnx_query
+
+                session = onnx_query.load(scorer_dir)
+                if session is not None:
+                    return cls(session.encode, session.dim, "onnx")
             try:
                 return cls._light(scorer_dir, meta, device)
             except (KeyError, TypeError, ValueError) as exc:
@@ -58,29 +68,10 @@ class QueryTower:
     @classmethod
     def _light(cls, scorer_dir: Path, meta: dict, device: str) -> QueryTower:
         import torch
-        from safetensors.torch import load_file
 
-        from components.device import resolve_device
         from components.match.data import normalize_text
-        from components.match.encoder import TextTower, TowerConfig, TwoTowerMatcher
 
-        channel = None
-        if meta.get("word_channel"):
-            from components.match.words import WordChannel
-
-            channel = WordChannel(meta["word_channel"]["vocabulary"])
-        net = TwoTowerMatcher(TextTower(TowerConfig(**meta["tower"])), None, channel)
-        if meta["trained"]:
-            state = load_file(str(scorer_dir / "weights.safetensors"))
-            wanted = set(net.trainable_state_dict())
-            missing = wanted - set(state)
-            if channel is not None:  # a scorer saved before calibration existed: uncalibrated (as load_scorer)
-                missing -= {f"word_channel.{b}" for b in getattr(channel, "CALIBRATION_BUFFERS", ())}
-            if missing:
-                raise ValueError(f"weights lack {sorted(missing)[:3]}")
-            net.load_state_dict({k: v for k, v in state.items() if k in wanted}, strict=False)
-        dev = resolve_device(device)
-        net.to(dev).eval()
+        net = light_net(scorer_dir, meta, device)
 
         @torch.no_grad()
         def encode(texts: list[str]) -> np.ndarray:
@@ -93,3 +84,35 @@ class QueryTower:
             return out
 
         return cls(encode, net.dim, "light")
+
+
+def light_net(scorer_dir: Path, meta: dict, device: str = "cpu"):
+    """The scorer's `TwoTowerMatcher` without its image head, in eval mode on `device`."""
+    from safetensors.torch import load_file
+
+    from components.device import resolve_device
+    from components.match.encoder import TextTower, TowerConfig, TwoTowerMatcher
+
+    channel = None
+    if meta.get("word_channel"):
+        from components.match.words import WordChannel
+
+        channel = WordChannel(meta["word_channel"]["vocabulary"])
+    net = TwoTowerMatcher(TextTower(TowerConfig(**meta["tower"])), None, channel)
+    if meta["trained"]:
+        state = load_file(str(Path(scorer_dir) / "weights.safetensors"))
+        wanted = set(net.trainable_state_dict())
+        missing = wanted - set(state)
+        if channel is not None:  # a scorer saved before calibration existed: uncalibrated (as load_scorer)
+            missing -= {f"word_channel.{b}" for b in getattr(channel, "CALIBRATION_BUFFERS", ())}
+        if missing:
+            raise ValueError(f"weights lack {sorted(missing)[:3]}")
+        net.load_state_dict({k: v for k, v in state.items() if k in wanted}, strict=False)
+    return net.to(resolve_device(device)).eval()
+
+
+def light_meta(scorer_dir: Path) -> dict | None:
+    """The scorer's `scorer.json` when the light tower (and its ONNX export) can rebuild it, else None."""
+    meta = json.loads((Path(scorer_dir) / "scorer.json").read_text())
+    light = set(meta) <= _KNOWN_META and meta.get("format_version") == 1 and isinstance(meta.get("tower"), dict)
+    return meta if light else None

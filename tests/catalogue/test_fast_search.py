@@ -1,6 +1,7 @@
-"""A one-off search loads only what a query needs: the query tower alone gives the scorer's
-query vectors; after the first search of a version, `alignsearch search` answers without
-importing MLflow or PyTorch Lightning; `--url` asks a running service."""
+"""A one-off search loads only what a query needs: the query tower alone (torch, or its ONNX
+export) gives the scorer's query vectors; after the first search of a version, `alignsearch
+search` answers without importing MLflow, PyTorch Lightning, torch or transformers; `--url`
+asks a running service."""
 
 from __future__ import annotations
 
@@ -28,22 +29,29 @@ try:
     app()
 except SystemExit as exc:
     code = exc.code
-print("IMPORTED", "mlflow" in sys.modules, "pytorch_lightning" in sys.modules, "great_expectations" in sys.modules)
+print("IMPORTED", *(name in sys.modules for name in ("mlflow", "pytorch_lightning", "great_expectations", "torch",
+                                                     "transformers")))
 """
 
 
 def test_the_query_tower_alone_equals_the_scorer(store):
+    """The cached bundle carries the ONNX export (made when the cache was filled); it and the
+    light torch tower both give the full scorer's query vectors, word channel included."""
     from components.match.data import QuerySide
     from components.match.systems import load_scorer
     from components.search.query import QueryTower
 
     root, cfg = store
     ref = live.resolve_model(URI, cfg.data.cache_dir)
-    light = QueryTower.load(ref.bundle_dir / "scorer")
-    assert light.source == "light"
-    full = load_scorer(ref.bundle_dir / "scorer").encode_queries(QuerySide([str(i) for i in range(len(QUERIES))],
-                                                                           QUERIES))
+    onnx = QueryTower.load(ref.bundle_dir / "scorer")
+    light = QueryTower.load(ref.bundle_dir / "scorer", onnx=False)
+    assert (onnx.source, light.source) == ("onnx", "light")
+    scorer = load_scorer(ref.bundle_dir / "scorer")
+    assert scorer.net.word_channel is not None  # ours: the word channel's query side too
+    full = scorer.encode_queries(QuerySide([str(i) for i in range(len(QUERIES))], QUERIES))
     np.testing.assert_allclose(light.encode(QUERIES), full, atol=1e-5)
+    np.testing.assert_allclose(onnx.encode(QUERIES), full, atol=1e-5)
+    assert onnx.encode([]).shape == (0, full.shape[1])
 
 
 def test_second_search_imports_no_mlflow_and_url_asks_the_service(store, tmp_path):
@@ -58,7 +66,7 @@ def test_second_search_imports_no_mlflow_and_url_asks_the_service(store, tmp_pat
                            env={**__import__("os").environ, "COLUMNS": "200"})
     assert child.returncode == 0, child.stderr[-3000:]
     assert "catalogue v0" in child.stdout and "syn:" in child.stdout, child.stdout
-    assert "IMPORTED False False False" in child.stdout, child.stdout
+    assert "IMPORTED False False False False False" in child.stdout, child.stdout  # nor torch, transformers
 
     with LiveServer(cfg) as server:
         asked = CliRunner().invoke(app, ["search", "heart", "-k", "3", "--url", server.url, "--params", str(params)],
