@@ -66,4 +66,7 @@ class AlignConfig(BaseModel):
     words_per_image: int = Field(8, ge=1, description="m: words kept per image")
     min_word_score: float = Field(0.0, ge=0, le=1, description="probability threshold of a kept word")
     device: str = Field("auto", description="auto | cpu | cuda[:n]")
-    num_threads: int = Field(0, ge=0, description="torch CPU threads while this stage runs (0 = leave as is)")
+    num_threads: int = Field(1, ge=0, description="CPU threads (torch, faiss, BLAS) while the alignment trains: "
+                             "a fixed count gives the same words on every machine (parallel sums are "
+                             "thread-order dependent); 0 = leave as is (faster on many cores, not reproducible "
+                             "across core counts)")
