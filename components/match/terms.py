@@ -4,6 +4,7 @@ the trained channel (`components.match.words.WordChannel`) uses."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -12,12 +13,19 @@ from components.text.stems import word_stem
 from components.text.vocabulary import tokenize
 
 
-def query_term_weights(texts: Sequence[str], vocabulary: Sequence[str]) -> np.ndarray:
-    """(Q, V) float32: per query, weight 1 spread evenly over its tokens that reach the
-    vocabulary, each token's share spread over the vocabulary words with its stem."""
+@functools.lru_cache(maxsize=8)
+def _columns_by_stem(vocabulary: tuple[str, ...]) -> dict[str, list[int]]:
+    """Stem -> the vocabulary columns with that stem (built once per vocabulary, not per query)."""
     by_stem: dict[str, list[int]] = {}
     for j, word in enumerate(vocabulary):
         by_stem.setdefault(word_stem(word), []).append(j)
+    return by_stem
+
+
+def query_term_weights(texts: Sequence[str], vocabulary: Sequence[str]) -> np.ndarray:
+    """(Q, V) float32: per query, weight 1 spread evenly over its tokens that reach the
+    vocabulary, each token's share spread over the vocabulary words with its stem."""
+    by_stem = _columns_by_stem(tuple(vocabulary))
     out = np.zeros((len(texts), len(vocabulary)), np.float32)
     for i, text in enumerate(texts):
         hits = [by_stem[s] for s in dict.fromkeys(word_stem(t) for t in tokenize(text)) if s in by_stem]

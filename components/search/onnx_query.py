@@ -108,6 +108,7 @@ class OnnxQueryTower:
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(export_dir / GRAPH_FILE), options, providers=["CPUExecutionProvider"])
         self.channel = dict(np.load(export_dir / CHANNEL_FILE)) if meta["word_channel"] else None
+        self.vocabulary = [str(w) for w in self.channel["vocabulary"]] if self.channel else []
 
     def encode(self, texts: list[str]) -> np.ndarray:
         from components.match.data import normalize_text
@@ -125,7 +126,7 @@ class OnnxQueryTower:
         text = self.session.run(None, {"input_ids": ids, "attention_mask": mask})[0].astype(np.float32)
         if self.channel is None:
             return text
-        terms = query_term_weights(texts, [str(w) for w in self.channel["vocabulary"]])
+        terms = query_term_weights(texts, self.vocabulary)
         if bool(self.channel["calibrated"]):
             return calibrated_query(text, terms, self.channel["text_covariance"], self.channel["evidence_covariance"],
                                     float(self.channel["weight"]))
