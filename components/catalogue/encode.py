@@ -32,7 +32,7 @@ class EncodedAds:
     ad_ids: list[str]
     titles: list[str]
     words: list[list[tuple[str, float]]]  # visual words per ad, best first
-    embeddings: np.ndarray  # (N, dim) float32, L2-normalised: what the index holds
+    embeddings: np.ndarray  # (N, dim) float32, the ad tower's vectors: what the index holds
     word_vectors: dict[str, np.ndarray]  # query-tower vector of every visual word used
     seconds: float = 0.0
     step_seconds: dict[str, float] | None = None
@@ -102,9 +102,6 @@ def encode_ads(engine, ads: pd.DataFrame, root: Path, *, cache_dir: Path, progre
         steps["ad_tower"] += time.perf_counter() - t0
     dim = engine.scorer.net.dim
     embeddings = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
-    # L2-normalised, as the index holds them (`AdIndex.build` normalises; the bundle's are too).
-    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
-    embeddings = embeddings / np.where(norms > 0, norms, 1.0)
     seconds = time.perf_counter() - started
     log.info("encoded %d ads in %.1f s (%.1f ads/s; parts %.1f s, words %.1f s, ad tower %.1f s)", len(ad_ids),
              seconds, len(ad_ids) / seconds if seconds else 0.0, steps["parts"], steps["words"], steps["ad_tower"])

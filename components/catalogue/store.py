@@ -3,7 +3,7 @@
     catalogue/
       catalogue.json     format, version number, model name/version, parent run, counts, index kind
       ads.parquet        ad_id, title, words, scores, image_ref (rows in embedding order)
-      embeddings.npy     (N, dim) float32, the ad tower's L2-normalised ad embeddings
+      embeddings.npy     (N, dim) float32, the ad tower's ad vectors (not normalised)
       word_vectors.npz   query-tower vectors of the catalogue's visual words ("matched words")
       index/             AdIndex.save over the embeddings (so loading never rebuilds a graph)
       images/            the images of the ads this version added (earlier ones stay in their runs)

@@ -1,4 +1,4 @@
-"""Retrieval: a faiss index over L2-normalised ad embeddings (inner product = cosine).
+"""Retrieval: a faiss index over the ad tower's vectors, ranked by inner product (the model's score).
 
 `index.AdIndex` builds, searches, saves and loads it; `config.IndexConfig` says how.
 """

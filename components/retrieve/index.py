@@ -1,4 +1,9 @@
-"""The ad index: faiss over L2-normalised ad embeddings, searched by inner product (cosine).
+"""The ad index: faiss over the model's ad vectors, searched by inner product.
+
+A hit's score is the model's own score, q . a, exactly what evaluation ranks by. The vectors are
+not normalised here: an ad vector that carries the word channel's evidence is not unit-norm, and
+dividing it by its norm re-weights every ad (format 1 did that: on openclipart the served
+ranking lost 0.041 test nDCG@10 against the evaluated model, 0.588 -> 0.547).
 
 `kind="auto"` is exact (a flat index) up to `exact_max` ads and HNSW past it, as measured by
 `alignsearch bench-index` (components/retrieve/bench.py; see `IndexConfig`); IVF is there
@@ -23,7 +28,8 @@ logger = logging.getLogger(__name__)
 
 INDEX_FILE = "index.faiss"
 META_FILE = "index.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_COSINE_FORMAT = 1  # held L2-normalised ad vectors (cosine ranking); still loads, with a warning
 
 # faiss warns below ~39 training points per IVF list; fewer lists than that is still correct.
 _IVF_MIN_POINTS_PER_LIST = 39
@@ -37,19 +43,17 @@ def resolve_kind(cfg: IndexConfig, num_ads: int) -> Literal["flat", "hnsw", "ivf
 
 
 def _as_matrix(embeddings: np.ndarray, what: str) -> np.ndarray:
-    """A C-contiguous float32 copy, L2-normalised row by row (zero rows stay zero)."""
+    """A C-contiguous float32 array of finite values (rows x dim), as faiss takes it."""
     x = np.asarray(embeddings, dtype=np.float32)
     if x.ndim != 2:
         raise ValueError(f"{what}: expected a 2-d array (rows x dim), got shape {x.shape}")
     if not np.isfinite(x).all():
         raise ValueError(f"{what}: contains NaN or infinite values")
-    x = np.array(x, dtype=np.float32, order="C", copy=True)
-    faiss.normalize_L2(x)
-    return x
+    return np.ascontiguousarray(x)
 
 
 class AdIndex:
-    """Ad ids and a faiss index over their normalised embeddings (row i of the index = ad_ids[i])."""
+    """Ad ids and a faiss index over their vectors (row i of the index = ad_ids[i])."""
 
     def __init__(self, index: faiss.Index, ad_ids: Sequence[str], cfg: IndexConfig, kind: str):
         if index.ntotal != len(ad_ids):
@@ -63,7 +67,7 @@ class AdIndex:
     # -- building -------------------------------------------------------------------------
     @classmethod
     def build(cls, ad_ids: Sequence[str], embeddings: np.ndarray, cfg: IndexConfig | None = None) -> AdIndex:
-        """Index `embeddings` (num_ads x dim, normalised here) under `ad_ids`."""
+        """Index `embeddings` (num_ads x dim, the ad tower's vectors as they are) under `ad_ids`."""
         cfg = cfg or IndexConfig()
         ad_ids = [str(a) for a in ad_ids]
         x = _as_matrix(embeddings, "ad embeddings")
@@ -117,7 +121,7 @@ class AdIndex:
         return int(self.index.d)
 
     def search(self, query_embeddings: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
-        """Top-`k` ads per query by cosine similarity.
+        """Top-`k` ads per query by the inner product of query and ad vectors (the model's score).
 
         Returns `scores` (num_queries x k, float32, best first) and, per query, the ad ids of
         the hits. When fewer than `k` ads can be returned (k > number of ads), the score row is
@@ -168,7 +172,11 @@ class AdIndex:
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: not found (an ad index directory holds {INDEX_FILE} and {META_FILE})")
         meta = json.loads(meta_path.read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
+        if meta.get("format_version") == _COSINE_FORMAT:
+            logger.warning("%s: an index of format 1 holds normalised ad vectors, so it ranks by cosine, not by "
+                           "the model's score; re-register the model (or re-index its catalogue) to serve what "
+                           "was evaluated", meta_path)
+        elif meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{meta_path}: unsupported index format version {meta.get('format_version')!r}")
         index = faiss.read_index(str(index_path))
         return cls(index, meta["ad_ids"], IndexConfig(**meta["config"]), meta["kind"])

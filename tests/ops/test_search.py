@@ -59,6 +59,31 @@ def test_pyfunc_in_a_fresh_process_ranks_as_in_process(trained_store, tmp_path):
     assert (answered.groupby("query")["rank"].apply(list) == [list(range(1, 11))] * 2).all()
 
 
+def test_served_scores_are_the_scores_the_model_was_evaluated_with(trained_template, synthetic_dataset_dir,
+                                                                   tmp_path):
+    """The index ranks by the model's own q . a: every hit's score equals the evaluation's
+    score of that (query, ad), word channel included (its ad vectors are not unit-norm)."""
+    from components.data.format import read_dataset
+
+    root, _ = trained_template
+    cfg = ops_params(root, synthetic_dataset_dir)
+    configure_mlflow(cfg.registry)
+    engine = SearchEngine(download_bundle(URI, tmp_path / "bundle"))
+    assert engine.scorer.net.word_channel is not None  # the case where normalising changed rankings
+    dataset = read_dataset(synthetic_dataset_dir)
+    evaluated = engine.score_split(dataset, "test", tmp_path / "cache")
+    texts = dataset.split("test").queries.set_index("query_id").loc[evaluated.query_ids, "text"].tolist()[:8]
+    column = {a: j for j, a in enumerate(evaluated.ad_ids)}
+
+    compared = 0
+    for i, hits in enumerate(engine.search(texts, k=len(engine))):
+        for hit in hits:
+            if hit.ad_id in column:
+                assert hit.score == pytest.approx(evaluated.scores[i, column[hit.ad_id]], rel=1e-4, abs=1e-5)
+                compared += 1
+    assert compared == len(texts) * len(column)  # every test ad of every query
+
+
 @pytest.fixture(scope="module")
 def client(trained_template, synthetic_dataset_dir):
     """The service over the template store's model: read only (nothing registered or moved)."""
