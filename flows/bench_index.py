@@ -1,4 +1,4 @@
-"""`alignsearch bench-index`: the ad index at 10k / 100k / 1M ads (flat, HNSW, IVF-PQ) on
+"""`alignsearch bench-index`: the ad index at 10k / 100k / 1M ads (flat, HNSW, IVF-PQ, pq) on
 embeddings with the distribution of a real model's, and bulk encoding throughput of new ads
 end to end. Writes reports/bench-index/bench_index.{json,md,png}. See components/retrieve/bench.py
 for how the corpus is made."""
@@ -17,20 +17,27 @@ log = logging.getLogger(__name__)
 
 
 def real_embeddings(model_uri: str, dataset_dir: Path, cache_dir: Path, num_queries: int = 500):
-    """(ad embeddings, query embeddings, engine, info): the version's live catalogue and the
-    dataset's queries through its query tower."""
+    """(ad vectors, query vectors, query moments, engine, info): the version's live catalogue,
+    up to `num_queries` of the dataset's non-training queries through its query tower (recall and
+    latency are measured on them), and the second moments of its training queries' vectors
+    (what a pq index whitens by, as `build_bundle` computes them)."""
     from components.catalogue.live import _engine, current_catalogue, resolve_model
+    from components.retrieve.compressed import second_moments
 
     ref = resolve_model(model_uri, cache_dir)
     catalogue = current_catalogue(ref, cache_dir)
     engine = _engine(ref, catalogue)
-    texts = pd.read_parquet(Path(dataset_dir) / "queries.parquet")["text"].astype(str).drop_duplicates()
+    if catalogue.index.query_moments is None:
+        raise ValueError(f"{ref.name} v{ref.version}: its index was built before the index kept query moments "
+                         "(or ranked by cosine); register a new version (alignsearch run) to measure pq")
+    queries = pd.read_parquet(Path(dataset_dir) / "queries.parquet")
+    texts = queries.loc[queries["split"] != "train", "text"].astype(str).drop_duplicates()
     texts = texts.sample(n=min(num_queries, len(texts)), random_state=0).tolist()
-    queries = engine.query_tower.encode(texts)
-    queries /= np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+    vectors = np.ascontiguousarray(engine.query_tower.encode(texts), dtype=np.float32)
     info = {"model": f"{ref.name} v{ref.version}", "catalogue": catalogue.label, "ads": len(catalogue),
-            "queries": len(texts), "dim": int(catalogue.embeddings.shape[1]), "dataset": str(dataset_dir)}
-    return catalogue.embeddings, np.ascontiguousarray(queries, dtype=np.float32), engine, info
+            "queries": len(texts), "dim": int(catalogue.embeddings.shape[1]), "dataset": str(dataset_dir),
+            "query_moments": "training queries of the model's dataset (build_bundle)"}
+    return catalogue.embeddings, vectors, catalogue.index.query_moments, engine, info
 
 
 def encoding_throughput(engine, dataset_dir: Path, num_ads: int) -> dict:
@@ -50,6 +57,11 @@ def encoding_throughput(engine, dataset_dir: Path, num_ads: int) -> dict:
             "estimated_100k_catalogue_minutes": round(100_000 / rate / 60, 1) if rate else None}
 
 
+def skipped_at(skip: set[str], size: int) -> set[str]:
+    """The configs `skip` leaves out at `size`: "name" everywhere, "name@size" at that size only."""
+    return {n for n in skip if "@" not in n} | {n.partition("@")[0] for n in skip if n.partition("@")[2] == str(size)}
+
+
 def bench_index(model_uri: str, dataset_dir: Path, cache_dir: Path, out_dir: Path, *, sizes: list[int],
                 encode_ads: int = 200, threads: int = 1, skip: set[str] = frozenset(), console=None) -> dict:
     import faiss
@@ -64,13 +76,14 @@ def bench_index(model_uri: str, dataset_dir: Path, cache_dir: Path, out_dir: Pat
     )
 
     faiss.omp_set_num_threads(threads)
-    base, queries, engine, info = real_embeddings(model_uri, dataset_dir, cache_dir)
+    base, queries, moments, engine, info = real_embeddings(model_uri, dataset_dir, cache_dir)
     started = time.perf_counter()
     model = EmbeddingModel.fit(base, pca_dim=64, components=16, seed=0)
-    generator = {"kind": "PCA + Gaussian mixture (full covariance) + per-dimension residual noise, L2-normalised",
-                 "pca_dim": int(model.components.shape[0]), "mixture_components": int(model.gmm.n_components),
-                 "fitted_on_ads": len(base), "fit_seconds": round(time.perf_counter() - started, 2),
-                 "explained_variance": None}
+    generator = {"kind": "PCA over all components; a Gaussian mixture (full covariance) over the leading ones, "
+                          "independent Gaussians with the fitted variances over the rest",
+                 "mixture_dim": model.mixture_dim, "pca_components": int(model.components.shape[0]),
+                 "mixture_components": int(model.gmm.n_components),
+                 "fitted_on_ads": len(base), "fit_seconds": round(time.perf_counter() - started, 2)}
 
     def show(row) -> None:
         if console is not None:
@@ -84,7 +97,7 @@ def bench_index(model_uri: str, dataset_dir: Path, cache_dir: Path, out_dir: Pat
         if console is not None:
             console.print(f"[bold]{size:,} ads[/bold]")
         x = corpus(base, model, size, seed=size)
-        rows += measure_size(x, queries, skip=skip, progress=show)
+        rows += measure_size(x, queries, query_moments=moments, skip=skipped_at(skip, size), progress=show)
         del x
         write_report(BenchReport(rows, info, generator, threads, {}, choose(rows)), out_dir)  # a long run keeps what it has
     encoding = encoding_throughput(engine, dataset_dir, encode_ads) if encode_ads else {}

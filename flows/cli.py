@@ -783,12 +783,12 @@ def bench_index(
     data: Annotated[Optional[Path], typer.Option("--data", help="Dataset whose queries (and ads, for encoding) are used (default: params data.out_dir).")] = None,  # noqa: UP045
     encode_ads: Annotated[int, typer.Option(help="Ads to encode end to end for the throughput (0: skip).")] = 200,
     threads: Annotated[int, typer.Option(min=1, help="faiss threads while measuring.")] = 1,
-    skip: Annotated[Optional[str], typer.Option(help="Index configs to leave out, comma-separated (e.g. hnsw32).")] = None,  # noqa: UP045
+    skip: Annotated[Optional[str], typer.Option(help="Index configs to leave out, comma-separated: name (every size) or name@size (e.g. hnsw32@1000000).")] = None,  # noqa: UP045
     out: Annotated[Path, typer.Option(help="Where bench_index.json/.md/.png go.")] = Path("reports/bench-index"),
     params: ParamsOption = Path("params.yaml"),
     set_: SetOption = None,
 ) -> None:
-    """The ad index at scale: flat, HNSW, IVF-PQ on embeddings shaped like the model's real ones
+    """The ad index at scale: flat, HNSW, IVF-PQ and pq on embeddings shaped like the model's real ones
     (build time, bytes/ad, p50/p99 latency at batch 1 and 32, recall@10 vs exact), plus bulk
     encoding throughput of new ads end to end."""
     from components.registry.tracking import configure_mlflow

@@ -222,7 +222,8 @@ def reindex(name: str, from_version: str | None, to_version: str, *, cache_dir: 
                                                    if w in {x for ws in rows["words"] for x in ws}},
                         base.index_cfg, base.version + 1, name, str(to_version), None, base.run_id,
                         {"added": [], "replaced": [], "removed": [],
-                         "reindexed_from": [f"{name} v{from_version} {source.label} ({source.run_id})"]})
+                         "reindexed_from": [f"{name} v{from_version} {source.label} ({source.run_id})"]},
+                        _previous_index=engine.catalogue.index)  # the target model's query moments
         metrics = {"encode_seconds": encoded.seconds, "encode_ads_per_second": encoded.ads_per_second}
         return _publish(new, None, experiment, base.run_id, metrics)
 

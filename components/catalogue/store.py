@@ -56,6 +56,8 @@ class Catalogue:
     parent_run_id: str | None = None
     change: dict = field(default_factory=dict)  # what made this version: added / replaced / removed ids
     _index: object = field(default=None, repr=False)
+    # The index this version's replaces: its query moments and trained state carry over (no retraining).
+    _previous_index: object = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.ads = self.ads[AD_COLUMNS].reset_index(drop=True)
@@ -77,7 +79,9 @@ class Catalogue:
         if self._index is None:
             from components.retrieve.index import AdIndex
 
-            self._index = AdIndex.build(self.ads["ad_id"].astype(str).tolist(), self.embeddings, self.index_cfg)
+            self._index = AdIndex.build(self.ads["ad_id"].astype(str).tolist(), self.embeddings, self.index_cfg,
+                                        like=self._previous_index)
+            self._previous_index = None
         return self._index
 
     def describe(self) -> dict:
@@ -109,7 +113,7 @@ class Catalogue:
         replaced = sorted(set(new_ids) & set(ids))
         change = {"added": sorted(set(new_ids) - set(ids)), "replaced": replaced, "removed": sorted(set(removed))}
         return Catalogue(ads, embeddings, vectors, self.index_cfg, self.version + 1, self.model_name,
-                         self.model_version, None, self.run_id, change)
+                         self.model_version, None, self.run_id, change, _previous_index=self.index)
 
     # -- persistence ----------------------------------------------------------------------
     def save(self, out_dir: Path, images: dict[str, Path] | None = None) -> Path:
@@ -166,16 +170,6 @@ class Catalogue:
         return catalogue
 
 
-def bundle_embeddings(index) -> np.ndarray:
-    """The (N, dim) vectors an `AdIndex` holds (exact for flat, HNSW-flat and IVF-flat)."""
-    import faiss
-
-    inner = index.index
-    if index.kind == "ivf":
-        faiss.extract_index_ivf(inner).make_direct_map()
-    return inner.reconstruct_n(0, inner.ntotal).astype(np.float32)
-
-
 def from_bundle(bundle_dir: Path, *, model_name: str, model_version: str, dataset_dir: Path | None,
                 index_cfg: IndexConfig | None = None) -> Catalogue:
     """Version 0 of a model version's catalogue: the ads its bundle was built over.
@@ -205,7 +199,7 @@ def from_bundle(bundle_dir: Path, *, model_name: str, model_version: str, datase
     ads["image_ref"] = ads["ad_id"].map(lambda a: images.get(a, ""))
     with np.load(bundle_dir / BUNDLE_WORD_VECTORS, allow_pickle=False) as data:
         vectors = {str(w): v for w, v in zip(data["words"], data["vectors"].astype(np.float32), strict=True)}
-    catalogue = Catalogue(ads, bundle_embeddings(index), vectors, index_cfg or index.cfg, 0, model_name,
+    catalogue = Catalogue(ads, index.vectors(), vectors, index_cfg or index.cfg, 0, model_name,
                           str(model_version))
     if index_cfg is None:
         catalogue._index = index

@@ -80,6 +80,18 @@ def ad_features(dataset: Dataset, vision: PartsConfig, cache_dir: Path) -> Parts
     return extract_parts_cached(paths, vision, cache_dir=Path(cache_dir) / "features", progress=False)
 
 
+def _query_moments(scorer, queries: pd.DataFrame) -> np.ndarray:
+    """E[q q^T] of the training queries' vectors (all queries when the set has no training ones):
+    what a compressed (pq) index of this model's catalogue whitens by, kept with every index."""
+    from components.match.data import QuerySide
+    from components.retrieve.compressed import second_moments
+
+    chosen = queries[queries["split"] == "train"] if (queries["split"] == "train").any() else queries
+    chosen = chosen.drop_duplicates("text")
+    ids, texts = chosen["query_id"].astype(str).tolist(), chosen["text"].astype(str).tolist()
+    return second_moments(scorer.encode_queries(QuerySide(ids, texts)))
+
+
 def build_bundle(out_dir: Path, *, align_dir: Path, scorer_dir: Path, dataset_dir: Path, words: dict[str, Words],
                  vision: PartsConfig, index_cfg: IndexConfig, dataset_hash: str,
                  features: PartsFeatures | None = None, word_logits=None) -> Path:
@@ -105,7 +117,8 @@ def build_bundle(out_dir: Path, *, align_dir: Path, scorer_dir: Path, dataset_di
     dataset = read_dataset(dataset_dir)
     data = match_data(dataset, words=words, features=features, word_logits=word_logits)
     ads = data.ads
-    index = AdIndex.build(ads.ad_ids, scorer.encode_ads(ads), index_cfg)
+    index = AdIndex.build(ads.ad_ids, scorer.encode_ads(ads), index_cfg,
+                          query_moments=_query_moments(scorer, dataset.queries))
     index.save(out_dir / "index")
     ad_words = ads.words or [[] for _ in ads.ad_ids]
     pd.DataFrame({"ad_id": ads.ad_ids, "title": ads.titles,

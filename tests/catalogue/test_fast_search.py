@@ -78,8 +78,10 @@ def test_second_search_imports_no_mlflow_and_url_asks_the_service(store, tmp_pat
 
 
 def test_index_kinds_agree_with_exact_search_on_real_embeddings(store, synthetic_dataset_dir):
-    """HNSW and IVF (default settings) against flat, on the trained model's own ad embeddings and
-    query vectors (at 120 ads IVF visits every list it can have; the scale is bench-index's job)."""
+    """HNSW, IVF (default settings) and pq against flat, on the trained model's own ad vectors and
+    query vectors (at 120 ads IVF visits every list it can have, and pq re-ranks a quarter of
+    the ads; the scale is bench-index's job). pq whitens by the moments the bundle's index keeps
+    (the model's training queries)."""
     import pandas as pd
 
     from components.retrieve.config import IndexConfig
@@ -92,7 +94,10 @@ def test_index_kinds_agree_with_exact_search_on_real_embeddings(store, synthetic
     texts = pd.read_parquet(synthetic_dataset_dir / "queries.parquet")["text"].astype(str).unique().tolist()
     queries = engine.query_tower.encode(texts + [f"{a} {b}" for a, b in zip(texts, texts[1:], strict=False)])
     _, exact = AdIndex.build(ids, engine.catalogue.embeddings, IndexConfig(kind="flat")).search(queries, 10)
-    for kind in ("hnsw", "ivf"):
-        _, found = AdIndex.build(ids, engine.catalogue.embeddings, IndexConfig(kind=kind)).search(queries, 10)
+    moments = engine.catalogue.index.query_moments
+    assert moments is not None and moments.shape == (queries.shape[1],) * 2
+    for cfg in (IndexConfig(kind="hnsw"), IndexConfig(kind="ivf"), IndexConfig(kind="pq", pq_rerank=30)):
+        kind = cfg.kind
+        _, found = AdIndex.build(ids, engine.catalogue.embeddings, cfg, query_moments=moments).search(queries, 10)
         recall = np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact, strict=True)])
         assert recall >= 0.95, (kind, recall)
