@@ -22,7 +22,6 @@ def real_embeddings(model_uri: str, dataset_dir: Path, cache_dir: Path, num_quer
     latency are measured on them), and the second moments of its training queries' vectors
     (what a pq index whitens by, as `build_bundle` computes them)."""
     from components.catalogue.live import _engine, current_catalogue, resolve_model
-    from components.retrieve.compressed import second_moments
 
     ref = resolve_model(model_uri, cache_dir)
     catalogue = current_catalogue(ref, cache_dir)

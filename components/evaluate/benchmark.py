@@ -542,7 +542,9 @@ def render_markdown(summary: pd.DataFrame, checks: list[dict], payload: dict) ->
             continue
         lines.append(f"| {system} | {fraction:g} | " + " | ".join(cells) + " |")
     word_metrics = ["visual_word_precision", "visual_word_precision_not_in_title", "visual_word_constant_precision",
-                    "visual_word_lift", "visual_word_coverage", "visual_word_mean_words", "alignment_precision@1"]
+                    "visual_word_lift", "visual_word_ceiling", "visual_word_precision@3",
+                    "visual_word_constant_precision@3", "visual_word_ceiling@3", "visual_word_coverage",
+                    "visual_word_mean_words", "alignment_precision@1"]
     align = summary[summary.metric.isin(word_metrics)]
     if not align.empty:
         present = [m for m in word_metrics if m in set(align.metric)]

@@ -35,6 +35,10 @@ class PartsConfig(BaseModel):
         1.0, gt=0.0, le=1.0,
         description="greedy suppression: drop a window whose IoU with a kept one exceeds this; 1.0 = off")
     logits_topk: int = Field(5, ge=0, le=1000, description="ImageNet top-k per part and pooled; 0 = none")
+    pooling: Literal["mean", "gem"] = Field(
+        "mean", description="the pooled vector: mean of the last map (the classifier's input) or generalised "
+                            "mean (GeM, power gem_power), which weighs strongly activated cells up")
+    gem_power: float = Field(3.0, gt=0.0, description="GeM exponent (1 = mean, large = max)")
 
     @field_validator("input_size")
     @classmethod
@@ -62,4 +66,6 @@ class PartsConfig(BaseModel):
 
     def cache_token(self) -> str:
         """Canonical text of everything that determines the features (config, weights, code)."""
-        return f"{EXTRACTOR_VERSION}|{WEIGHTS_NAME}|{self.model_dump_json()}"
+        # Mean pooling is what every cache held before `pooling` existed: its token stays the same.
+        exclude = {"pooling", "gem_power"} if self.pooling == "mean" else None
+        return f"{EXTRACTOR_VERSION}|{WEIGHTS_NAME}|{self.model_dump_json(exclude=exclude)}"

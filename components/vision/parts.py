@@ -49,7 +49,8 @@ class PartsFeatures:
     """Parts of N images, row i belongs to `paths[i]`.
 
     Arrays (P = cfg.num_parts, k = cfg.logits_topk):
-    - `pooled` (N,1280) float32: mean of the whole feature map (the classifier's input).
+    - `pooled` (N,1280) float32: the whole feature map pooled (`cfg.pooling`: mean, the
+      classifier's input, or GeM).
     - `parts` (N,P,1280) float32: region vectors, most salient first (descending L2 norm).
     - `boxes` (N,P,4) float32: x0, y0, x1, y1 of each region in pixels of the original image.
     - `windows` (N,P) int8: window side in cells (1 = one cell).
@@ -237,7 +238,9 @@ def _parts_from_maps(fmap: torch.Tensor, classifier: torch.nn.Linear, prepared: 
     """Feature maps (B,1280,g,g) of one batch -> the PartsFeatures arrays of that batch."""
     b, p, k = fmap.shape[0], cfg.num_parts, cfg.logits_topk
     grid = fmap.shape[-1]
-    pooled = fmap.mean(dim=(2, 3))  # (B,1280)
+    mean_pooled = fmap.mean(dim=(2, 3))  # (B,1280), the classifier's input
+    pooled = (mean_pooled if cfg.pooling == "mean"  # the map is post-ReLU6, so >= 0
+              else fmap.float().clamp(min=1e-6).pow(cfg.gem_power).mean(dim=(2, 3)).pow(1.0 / cfg.gem_power))
     cand = _window_vectors(fmap, cfg.window_sizes)  # (B,M,1280)
     norms = cand.norm(dim=2).float().cpu().numpy()  # (B,M)
 
@@ -278,7 +281,7 @@ def _parts_from_maps(fmap: torch.Tensor, classifier: torch.nn.Linear, prepared: 
 
     if k:
         # The classifier is linear after pooling, so a window's logits are _fc(window mean).
-        slots = torch.cat([pooled[:, None, :], parts_t], dim=1)  # (B,P+1,1280)
+        slots = torch.cat([mean_pooled[:, None, :], parts_t], dim=1)  # (B,P+1,1280)
         probs = classifier(slots.float()).softmax(dim=-1)  # (B,P+1,1000)
         top = probs.topk(k, dim=-1)
         topk_indices = top.indices.cpu().numpy().astype(np.int16)

@@ -221,6 +221,12 @@ def test_word_precision_report_by_hand():
     # constant list of round(mean words = 4/3) = 1 word: "car" hits only ad c
     assert report["constant_precision"] == pytest.approx(1 / 3)
     assert report["coverage"] == pytest.approx(2 / 3)
+    # An oracle with as many vocabulary words: a has 1 reachable word of 3 given, b none
+    # ("truck" is not in the vocabulary), c was given nothing.
+    assert report["ceiling"] == pytest.approx((1 / 3 + 0 + 0) / 3)
+    assert report["precision@3"] == pytest.approx((1 / 3 + 0 + 0) / 3)
+    assert report["constant_precision@3"] == pytest.approx((1 / 3 + 0 + 1 / 3) / 3)  # car, bird, sky
+    assert report["ceiling@3"] == pytest.approx((1 / 3 + 0 + 1 / 3) / 3)
 
 
 def test_pooled_parts_scores_the_pooled_vector_beside_the_max_over_parts():

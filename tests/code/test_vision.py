@@ -114,6 +114,26 @@ def test_extract_parts_shapes_and_ranges(images):
     assert ((scores > 0) & (scores <= 1)).all() and (np.diff(scores, axis=2) <= 0).all()
 
 
+def test_gem_pooling_changes_only_the_pooled_vector(images, model):
+    mean = extract_parts(images, SMALL, device="cpu", progress=False)
+    gem_cfg = SMALL.model_copy(update={"pooling": "gem"})
+    gem = extract_parts(images, gem_cfg, device="cpu", progress=False)
+
+    # The power-mean inequality: GeM (p = 3) of a non-negative map is at least its mean, and
+    # equals the map's own cube-mean root.
+    assert (gem.pooled >= mean.pooled - 1e-5).all() and (gem.pooled > mean.pooled + 1e-3).any()
+    pixels = torch.from_numpy(np.stack([prepare_image(i, SMALL).pixels for i in images])).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        fmap = model.features(bb.normalize(pixels))
+    expected = fmap.clamp(min=1e-6).pow(3).mean(dim=(2, 3)).pow(1 / 3).numpy()
+    np.testing.assert_allclose(gem.pooled, expected, rtol=1e-3, atol=1e-4)
+    # Parts, boxes and the ImageNet top-k (the classifier reads the mean) are untouched.
+    for name in ("parts", "boxes", "mask", "topk_indices"):
+        np.testing.assert_array_equal(getattr(gem, name), getattr(mean, name))
+    # Caches: mean keeps the token every earlier cache was written under; GeM gets its own.
+    assert "pooling" not in SMALL.cache_token() and gem_cfg.cache_token() != SMALL.cache_token()
+
+
 def test_parts_are_ranked_by_norm_and_the_first_is_the_most_salient_window(images, model):
     cfg = PartsConfig(input_size=96, num_parts=14, logits_topk=0, resize="stretch")
     feats = extract_parts(images[:1], cfg, device="cpu", progress=False)
