@@ -284,3 +284,25 @@ def test_bench_rows_and_the_auto_choice():
     meeting = [r for r in slow if r.recall_at_10 >= 0.95 and r.p99_ms_b1 < 20]
     assert (chosen["kind"], chosen["params"]) == min(((r.bytes_per_ad, r.p99_ms_b1), (r.index, r.params))
                                                      for r in meeting)[1]
+
+
+def test_a_catalogue_change_keeps_the_pq_index_trained_state():
+    """`ads remove` / `ads add` on a pq catalogue: no query moments needed again, no retraining."""
+    import pandas as pd
+
+    from components.catalogue.store import Catalogue
+    from components.retrieve.compressed import second_moments
+
+    ads, queries, training = _model_like(2000, seed=10)
+    ids = _ids(2000)
+    table = pd.DataFrame({"ad_id": ids, "title": ids, "words": [[]] * 2000, "scores": [[]] * 2000,
+                          "image_ref": [""] * 2000})
+    catalogue = Catalogue(table, ads, {}, PQ_SMALL)
+    catalogue._index = AdIndex.build(ids, ads, PQ_SMALL, query_moments=second_moments(training))
+
+    smaller = catalogue.changed(removed=ids[:10])
+
+    assert smaller.index.kind == "pq" and len(smaller.index) == 1990
+    np.testing.assert_array_equal(smaller.index.index.query_projection, catalogue.index.index.query_projection)
+    assert smaller.index.query_moments is catalogue.index.query_moments
+    assert not {a for row in smaller.index.search(queries, 10)[1] for a in row} & set(ids[:10])
