@@ -163,7 +163,10 @@ class Catalogue:
         ads["scores"] = ads["scores"].map(list)
         with np.load(directory / WORD_VECTORS_FILE, allow_pickle=False) as data:
             vectors = {str(w): v for w, v in zip(data["words"], data["vectors"].astype(np.float32), strict=True)}
-        catalogue = cls(ads, np.load(directory / EMBEDDINGS_FILE), vectors, IndexConfig(**meta["index_config"]),
+        # Memory-mapped: serving reads the index, not these (a change reads them once), so a
+        # large catalogue's float32 vectors stay on disk instead of in every server's memory.
+        embeddings = np.load(directory / EMBEDDINGS_FILE, mmap_mode="r")
+        catalogue = cls(ads, embeddings, vectors, IndexConfig(**meta["index_config"]),
                         int(meta["version"]), meta["model_name"], str(meta["model_version"]), run_id,
                         meta.get("parent_run_id"), meta.get("change") or {})
         catalogue._index = AdIndex.load(directory / INDEX_DIR)
