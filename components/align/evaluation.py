@@ -166,8 +166,8 @@ def word_precision_report(words_per_ad: Mapping[str, Sequence[str]], held_out_pe
     base = visual_word_precision(words_per_ad, held_out_per_ad, k)
     top3 = visual_word_precision(words_per_ad, held_out_per_ad, 3)
     vocabulary_stems = {word_stem(w) for w in vocabulary}
-    reachable = {a: len(held_out_words(list(held)) & vocabulary_stems) for a, held in held_out_per_ad.items()
-                 if held_out_words(list(held))}
+    held_stems = {a: held_out_words(list(held)) for a, held in held_out_per_ad.items()}
+    reachable = {a: len(stems & vocabulary_stems) for a, stems in held_stems.items() if stems}
     given_count = {a: len(words_per_ad.get(a, [])[:k]) for a in reachable}
     ceiling = [min(n, given_count[a]) / given_count[a] if given_count[a] else 0.0 for a, n in reachable.items()]
     ceiling_at_3 = [min(n, 3) / 3 for n in reachable.values()]

@@ -203,7 +203,9 @@ def from_bundle(bundle_dir: Path, *, model_name: str, model_version: str, datase
     with np.load(bundle_dir / BUNDLE_WORD_VECTORS, allow_pickle=False) as data:
         vectors = {str(w): v for w, v in zip(data["words"], data["vectors"].astype(np.float32), strict=True)}
     catalogue = Catalogue(ads, index.vectors(), vectors, index_cfg or index.cfg, 0, model_name,
-                          str(model_version), _previous_index=index)  # another config: rebuilt, moments kept
+                          str(model_version))
     if index_cfg is None:
         catalogue._index = index
+    else:  # another config: rebuilt on first use, with the bundle index's query moments
+        catalogue._previous_index = index
     return catalogue

@@ -64,6 +64,7 @@ class CompressedIndex:
         self.vectors = vectors  # (N, D) float16, memory-mapped once saved
         self.rerank = rerank
         self.nprobe = nprobe
+        self._ivf = faiss.try_extract_index_ivf(codes) is not None  # once, not per query
 
     @property
     def ntotal(self) -> int:
@@ -99,7 +100,7 @@ class CompressedIndex:
         """(scores, rows), each (Q, k): the exact inner products of the best re-ranked candidates
         (rows -1 and scores -inf where there are fewer)."""
         wanted = min(max(self.rerank, k), self.ntotal)
-        params = faiss.SearchParametersIVF(nprobe=self.nprobe) if faiss.try_extract_index_ivf(self.codes) else None
+        params = faiss.SearchParametersIVF(nprobe=self.nprobe) if self._ivf else None
         _, candidates = self.codes.search(np.ascontiguousarray(q @ self.query_projection), wanted, params=params)
         scores = np.full((len(q), k), -np.inf, np.float32)
         rows = np.full((len(q), k), -1, np.int64)
