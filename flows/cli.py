@@ -542,19 +542,24 @@ def align_show(data: DataOption = None,
                ad_id: Annotated[Optional[list[str]], typer.Option("--ad-id", help="Ads to show (repeatable).")] = None,  # noqa: UP045
                split: Annotated[str, typer.Option(help="Split to sample ads from when no --ad-id is given.")] = "test",
                limit: Annotated[int, typer.Option(help="How many ads.")] = 10,
+               all_words: Annotated[bool, typer.Option("--all-words", help="Every kept word (align.words_per_image), not only the shown ones (align.words_shown).")] = False,
                params: ParamsOption = Path("params.yaml")) -> None:
-    """Show ads with their titles and aligned visual words: probability, the part each word
-    came from (whole image or part n), and ✓/✗ against the ad's held-out query words."""
+    """Show ads with their titles and aligned visual words (the first align.words_shown, as
+    the gallery and search hits do): probability, the part each word came from (whole image
+    or part n), and ✓/✗ against the ad's held-out query words."""
     from components.align.evaluation import held_out_words
     from components.align.gallery import mark
-    from components.align.model import WHOLE_IMAGE
+    from components.align.model import WHOLE_IMAGE, read_words_shown
     from components.align.stage import WORDS_FILE, held_out_texts, load_visual_words
+    from components.align.train import MODEL_SUBDIR
     from components.data.format import read_dataset
     from components.text.stems import word_stem
 
     cfg = _load(params, None)
     dataset = read_dataset(data or cfg.data.out_dir)
-    words = load_visual_words((align_dir or cfg.paths.align_dir) / WORDS_FILE)
+    align_dir = align_dir or cfg.paths.align_dir
+    words = load_visual_words(align_dir / WORDS_FILE)
+    shown = None if all_words else read_words_shown(align_dir / MODEL_SUBDIR)
     ads = dataset.ads.set_index("ad_id")
     chosen = ad_id or dataset.split(split).ads["ad_id"].head(limit).tolist()
     held = {a: held_out_words(t) for name in ("train", "valid", "test")
@@ -568,7 +573,7 @@ def align_show(data: DataOption = None,
             raise typer.Exit(1)
         stems = held.get(ad)
         cells = [f"{mark(None if stems is None else word_stem(w.word) in stems)}{w.word} ({w.score:.2f}, "
-                 f"{'image' if w.part == WHOLE_IMAGE else f'part {w.part}'})" for w in words.get(ad, [])]
+                 f"{'image' if w.part == WHOLE_IMAGE else f'part {w.part}'})" for w in words.get(ad, [])[:shown]]
         table.add_row(ad, str(ads.loc[ad, "title"]), ", ".join(cells), ", ".join(sorted(stems or [])) or "–")
     console.print(table)
 

@@ -145,7 +145,8 @@ def visual_word_precision(words_per_ad: Mapping[str, Sequence[str]] | Sequence[S
 
 
 def word_precision_report(words_per_ad: Mapping[str, Sequence[str]], held_out_per_ad: Mapping[str, Sequence[str]],
-                          titles: Mapping[str, str], vocabulary: Sequence[str], k: int = 8) -> dict[str, float]:
+                          titles: Mapping[str, str], vocabulary: Sequence[str], k: int = 8,
+                          shown: int = 3) -> dict[str, float]:
     """Word precision a person can judge (issue: words that carry the image).
 
     - `precision`: hits over the words given, per ad, averaged over ads with held-out words
@@ -160,17 +161,18 @@ def word_precision_report(words_per_ad: Mapping[str, Sequence[str]], held_out_pe
       min(held-out vocabulary words, words given) / words given. An ad's held-out text is
       short (openclipart test ads: 1.7 tag stems on average), so precision over 8 words
       cannot pass ~0.2 whatever the alignment;
-    - `precision@3`, `constant_precision@3`, `ceiling@3`: the same for each list's first 3
-      words (what a person sees first).
+    - `shown_precision`, `shown_constant_precision`, `shown_lift`, `shown_ceiling`: the same
+      for each list's first `shown` words (`words_shown`: what a person sees, AlignConfig).
     """
     base = visual_word_precision(words_per_ad, held_out_per_ad, k)
-    top3 = visual_word_precision(words_per_ad, held_out_per_ad, 3)
+    shown = max(1, min(shown, k))
+    first = visual_word_precision(words_per_ad, held_out_per_ad, shown)
     vocabulary_stems = {word_stem(w) for w in vocabulary}
     held_stems = {a: held_out_words(list(held)) for a, held in held_out_per_ad.items()}
     reachable = {a: len(stems & vocabulary_stems) for a, stems in held_stems.items() if stems}
     given_count = {a: len(words_per_ad.get(a, [])[:k]) for a in reachable}
     ceiling = [min(n, given_count[a]) / given_count[a] if given_count[a] else 0.0 for a, n in reachable.items()]
-    ceiling_at_3 = [min(n, 3) / 3 for n in reachable.values()]
+    ceiling_shown = [min(n, shown) / shown for n in reachable.values()]
     not_in_title = []
     for ad_id, held in held_out_per_ad.items():
         title_stems = {word_stem(t) for t in tokenize(titles.get(ad_id, ""))}
@@ -180,7 +182,9 @@ def word_precision_report(words_per_ad: Mapping[str, Sequence[str]], held_out_pe
             not_in_title.append(sum(word_stem(w) in held_stems for w in new) / len(new))
     size = max(1, int(round(base["mean_words"])))
     constant = visual_word_precision({a: list(vocabulary[:size]) for a in held_out_per_ad}, held_out_per_ad, k)
-    constant_at_3 = visual_word_precision({a: list(vocabulary[:3]) for a in held_out_per_ad}, held_out_per_ad, 3)
+    constant_shown = visual_word_precision({a: list(vocabulary[:shown]) for a in held_out_per_ad}, held_out_per_ad,
+                                           shown)[f"precision@{shown}"]
+    shown_precision = first[f"precision@{shown}"]
     given = [len(words_per_ad.get(a, [])) > 0 for a in held_out_per_ad]
     return {
         "precision": base["precision"], f"precision@{k}": base[f"precision@{k}"],
@@ -189,7 +193,8 @@ def word_precision_report(words_per_ad: Mapping[str, Sequence[str]], held_out_pe
         "lift": base["precision"] / constant["precision"] if constant["precision"] > 0 else float("inf"),
         "coverage": float(np.mean(given)) if given else 0.0, "mean_words": base["mean_words"],
         "ceiling": float(np.mean(ceiling)) if ceiling else 0.0,
-        "precision@3": top3["precision@3"], "constant_precision@3": constant_at_3["precision@3"],
-        "ceiling@3": float(np.mean(ceiling_at_3)) if ceiling_at_3 else 0.0,
+        "words_shown": shown, "shown_precision": shown_precision, "shown_constant_precision": constant_shown,
+        "shown_lift": shown_precision / constant_shown if constant_shown > 0 else float("inf"),
+        "shown_ceiling": float(np.mean(ceiling_shown)) if ceiling_shown else 0.0,
         "num_ads": base["num_ads"],
     }

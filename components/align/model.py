@@ -31,6 +31,17 @@ FORMAT_VERSION = 2
 WHOLE_IMAGE = 0  # instance index of the pooled vector
 
 
+def words_shown_of(meta: dict) -> int:
+    """How many of an ad's words a person sees, from an alignment's `alignment.json`; a model
+    saved before `words_shown` existed showed its whole list."""
+    return int(meta.get("words_shown", meta["words_per_image"]))
+
+
+def read_words_shown(model_dir: Path) -> int:
+    """`words_shown` of a saved alignment, without loading its arrays."""
+    return words_shown_of(json.loads((Path(model_dir) / MODEL_FILE).read_text()))
+
+
 def near_duplicates(a: str, b: str, min_prefix: int = 5) -> bool:
     """Same stem, or one stem a prefix (>= `min_prefix` letters) of the other."""
     sa, sb = word_stem(a), word_stem(b)
@@ -84,6 +95,7 @@ class AlignmentModel:
     word_logit_means: np.ndarray  # (V,) mean training logit of each word (the channel is centred on it)
     words_per_image: int = 8
     min_word_score: float = 0.0
+    words_shown: int = 3  # the first words a person sees (AlignConfig.words_shown)
     pooled_as_part: bool = True
     config: dict = field(default_factory=dict)
     neighbours: NeighbourMemory | None = None  # the training images' vote (neighbours.py), if used
@@ -186,7 +198,7 @@ class AlignmentModel:
             "head": {"in_dim": self.head.in_dim, "pooling": self.head.pooling,
                      "attention_temperature": self.head.attention_temperature},
             "words_per_image": self.words_per_image, "min_word_score": self.min_word_score,
-            "config": self.config,
+            "words_shown": self.words_shown, "config": self.config,
         }
         (out_dir / MODEL_FILE).write_text(json.dumps(meta, indent=1))
         return out_dir
@@ -214,4 +226,4 @@ class AlignmentModel:
                    word_vectors=arrays["word_vectors"], head=head, centroids=arrays["centroids"],
                    concept_means=arrays["concept_means"], word_logit_means=arrays["word_logit_means"],
                    words_per_image=int(meta["words_per_image"]), min_word_score=float(meta["min_word_score"]),
-                   config=meta.get("config", {}), neighbours=neighbours)
+                   words_shown=words_shown_of(meta), config=meta.get("config", {}), neighbours=neighbours)

@@ -181,15 +181,17 @@ def alignment_metrics(model: AlignmentModel, dataset: Dataset, features: PartsFe
         split_ads = dataset.split(split_name).ads
         titles = dict(zip(split_ads["ad_id"].astype(str), split_ads["title"].fillna("").astype(str), strict=True))
         report = word_precision_report({a: [w.word for w in words_by_id.get(a, [])] for a in held_out},
-                                       held_out, titles, model.words, model.words_per_image)
+                                       held_out, titles, model.words, model.words_per_image,
+                                       model.words_shown)
         metrics.update({f"visual_word_{k}": v for k, v in report.items()})
     return metrics
 
 
 def gallery_items(dataset: Dataset, split_name: str, words_by_id: dict[str, list[VisualWord]],
-                  features: PartsFeatures, size: int) -> list[GalleryItem]:
-    """The first `size` ads of a split, each word with the box of its source part and ✓/✗
-    against the ad's held-out query words. `features` rows follow `dataset`'s ad order."""
+                  features: PartsFeatures, size: int, words_shown: int | None = None) -> list[GalleryItem]:
+    """The first `size` ads of a split, each of its first `words_shown` words (all when None)
+    with the box of its source part and ✓/✗ against the ad's held-out query words.
+    `features` rows follow `dataset`'s ad order."""
     from components.align.evaluation import held_out_words
     from components.text.stems import word_stem
 
@@ -202,7 +204,7 @@ def gallery_items(dataset: Dataset, split_name: str, words_by_id: dict[str, list
         words = [GalleryWord(w.word, w.score,
                              None if w.part == WHOLE_IMAGE else tuple(float(v) for v in boxes[w.part - 1]),
                              None if held is None else word_stem(w.word) in held)
-                 for w in words_by_id.get(ad.ad_id, [])]
+                 for w in words_by_id.get(ad.ad_id, [])[:words_shown]]
         items.append(GalleryItem(dataset.image_file(ad.image_path), str(ad.title), words))
     return items
 
@@ -233,7 +235,7 @@ def run_align(cfg: AlignConfig, *, dataset_dir: Path, features: PartsFeatures, o
     metrics.update(alignment_metrics(model, dataset, features, by_id, metrics_split))
     gallery_path = None
     if gallery_size:
-        items = gallery_items(dataset, "test", by_id, features, gallery_size)
+        items = gallery_items(dataset, "test", by_id, features, gallery_size, model.words_shown)
         gallery_path = plot_alignment_gallery(items, out_dir / GALLERY_FILE)
     metrics["align_stage_seconds"] = round(time.perf_counter() - started, 2)
     write_stable_json(metrics, out_dir / "metrics.json")

@@ -168,7 +168,8 @@ def _train_alignment(cfg: AlignConfig, *, texts: list[str], parts: PartsFeatures
         projection=projection, words=words, word_counts=list(vocab.counts), word_vectors=word_vectors,
         head=head, centroids=centroids, concept_means=concept_means, neighbours=memory,
         word_logit_means=out_of_fold.mean(axis=0).astype(np.float32),
-        words_per_image=cfg.words_per_image, min_word_score=cfg.min_word_score, config=cfg.model_dump())
+        words_per_image=cfg.words_per_image, min_word_score=cfg.min_word_score,
+        words_shown=min(cfg.words_shown, cfg.words_per_image), config=cfg.model_dump())
     model_dir = model.save(out_dir / MODEL_SUBDIR)
     np.save(out_dir / OUT_OF_FOLD_FILE, out_of_fold)
     timings["seconds_total"] = time.perf_counter() - started

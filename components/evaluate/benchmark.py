@@ -404,11 +404,12 @@ def run_benchmark(cfg: BenchmarkConfig, *, dataset_dir: Path, out_dir: Path, cac
     result = BenchmarkResult(out_dir=out_dir, rows=rows, seconds=seconds, timings=timings, details=details)
     gallery = []
     if cfg.gallery_size and ("ours", full, cfg.seeds[0]) in alignment_dirs:
+        from components.align.model import read_words_shown
         from components.align.stage import gallery_items, load_visual_words
 
-        align_dir = work_dir / "align" / f"ours-f{full:g}-seed{cfg.seeds[0]}"
-        gallery = gallery_items(dataset, cfg.eval_split, load_visual_words(align_dir / WORDS_FILE), features,
-                                cfg.gallery_size)
+        align_dir, model_dir = alignment_dirs[("ours", full, cfg.seeds[0])]
+        gallery = gallery_items(dataset, cfg.eval_split, load_visual_words(Path(align_dir) / WORDS_FILE), features,
+                                cfg.gallery_size, read_words_shown(Path(model_dir)))
     result.paths = write_reports(result, cfg, dataset=dataset, learning_rates=learning_rates, gallery=gallery,
                                  quick=quick)
     shutil.rmtree(work_dir, ignore_errors=True)  # trained weights are not the product here
@@ -542,8 +543,8 @@ def render_markdown(summary: pd.DataFrame, checks: list[dict], payload: dict) ->
             continue
         lines.append(f"| {system} | {fraction:g} | " + " | ".join(cells) + " |")
     word_metrics = ["visual_word_precision", "visual_word_precision_not_in_title", "visual_word_constant_precision",
-                    "visual_word_lift", "visual_word_ceiling", "visual_word_precision@3",
-                    "visual_word_constant_precision@3", "visual_word_ceiling@3", "visual_word_coverage",
+                    "visual_word_lift", "visual_word_ceiling", "visual_word_shown_precision", "visual_word_shown_constant_precision",
+                    "visual_word_shown_lift", "visual_word_shown_ceiling", "visual_word_coverage",
                     "visual_word_mean_words", "alignment_precision@1"]
     align = summary[summary.metric.isin(word_metrics)]
     if not align.empty:
@@ -558,6 +559,11 @@ def render_markdown(summary: pd.DataFrame, checks: list[dict], payload: dict) ->
                 cells.append("–" if hit.empty else f"{hit['mean'].iloc[0]:.3f}"
                              + (f" ± {hit['std'].iloc[0]:.3f}" if pd.notna(hit['std'].iloc[0]) else ""))
             lines.append(f"| {system} | {fraction:g} | " + " | ".join(cells) + " |")
+        shown = summary[summary.metric == "visual_word_words_shown"]["mean"]
+        if not shown.empty:
+            lines += ["", f"precision, ceiling: over each ad's whole list (mean_words); shown_*: over its first "
+                      f"{shown.iloc[0]:g} words (align.words_shown), what the gallery and `alignsearch align show` show. "
+                      "ceiling: what an oracle choosing from the vocabulary reaches with as many words."]
     if checks:
         lines += ["", "## Claims", "",
                   "Paired bootstrap over test queries, seeds pooled; p one-sided (left > right). "

@@ -224,9 +224,17 @@ def test_word_precision_report_by_hand():
     # An oracle with as many vocabulary words: a has 1 reachable word of 3 given, b none
     # ("truck" is not in the vocabulary), c was given nothing.
     assert report["ceiling"] == pytest.approx((1 / 3 + 0 + 0) / 3)
-    assert report["precision@3"] == pytest.approx((1 / 3 + 0 + 0) / 3)
-    assert report["constant_precision@3"] == pytest.approx((1 / 3 + 0 + 1 / 3) / 3)  # car, bird, sky
-    assert report["ceiling@3"] == pytest.approx((1 / 3 + 0 + 1 / 3) / 3)
+    assert report["words_shown"] == 3
+    assert report["shown_precision"] == pytest.approx((1 / 3 + 0 + 0) / 3)
+    assert report["shown_constant_precision"] == pytest.approx((1 / 3 + 0 + 1 / 3) / 3)  # car, bird, sky
+    assert report["shown_ceiling"] == pytest.approx((1 / 3 + 0 + 1 / 3) / 3)
+    # The first word alone: a -> bird (hit), b -> car (miss), c -> nothing; constant "car" hits c.
+    first = word_precision_report(words, held, titles, ["car", "bird", "sky"], k=3, shown=1)
+    assert first["shown_precision"] == pytest.approx(1 / 3)
+    assert first["shown_constant_precision"] == pytest.approx(1 / 3)
+    assert first["shown_lift"] == pytest.approx(1.0)
+    assert first["shown_ceiling"] == pytest.approx(2 / 3)  # a and c have a vocabulary word to find
+    assert word_precision_report(words, held, titles, ["car"], k=3, shown=9)["words_shown"] == 3  # capped at k
 
 
 def test_pooled_parts_scores_the_pooled_vector_beside_the_max_over_parts():

@@ -8,6 +8,10 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from components.align.model import read_words_shown
+from components.align.stage import gallery_items, load_visual_words
+from components.data.format import read_dataset
+from components.vision.parts import PartsFeatures
 from flows.cli import app
 
 pytestmark = pytest.mark.slow
@@ -37,3 +41,17 @@ def test_stages_chain_through_the_cli(synthetic_dataset_dir, tmp_path):
     shown = runner.invoke(app, ["align", "show", "--data", str(synthetic_dataset_dir), "--align",
                                 str(tmp_path / "align"), "--limit", "3"])
     assert shown.exit_code == 0 and "Visual words" in shown.output
+    every = runner.invoke(app, ["align", "show", "--data", str(synthetic_dataset_dir), "--align",
+                                str(tmp_path / "align"), "--limit", "3", "--all-words"])
+    assert every.exit_code == 0, every.output
+
+    # A person judges the first align.words_shown words; the matcher read the whole kept list.
+    words_shown = read_words_shown(tmp_path / "align" / "model")
+    assert words_shown == 3
+    dataset = read_dataset(synthetic_dataset_dir)
+    words = load_visual_words(tmp_path / "align" / "words.parquet")
+    features = PartsFeatures.load(tmp_path / "features" / "parts.npz")
+    items = gallery_items(dataset, "test", words, features, 4, words_shown)
+    test_ads = dataset.split("test").ads["ad_id"].head(4).tolist()
+    assert [[w.word for w in item.words] for item in items] == [[w.word for w in words[a][:3]] for a in test_ads]
+    assert any(len(words[a]) > 3 for a in test_ads)

@@ -127,6 +127,7 @@ def test_saved_model_translates_identically(synthetic, trained, tmp_path):
     np.testing.assert_allclose([w.score for ws in after for w in ws], [w.score for ws in before for w in ws],
                                rtol=1e-6)
     assert reloaded.concept_words() == model.concept_words()
+    assert reloaded.words_shown == model.words_shown == AlignConfig().words_shown
     assert not any(p.suffix in (".pkl", ".pt", ".pickle") for p in (tmp_path / "copy").iterdir())
 
 
