@@ -233,3 +233,31 @@ def test_unreadable_image_is_named(tmp_path, images_dir):
     with pytest.raises(ValueError, match="not a readable image") as info:
         build_coco(_cfg(path, images_dir), tmp_path / "out")
     assert str(images_dir / "broken.jpg") in str(info.value)
+
+
+def test_coco_style_set_from_a_built_dataset_keeps_splits_and_drops_titles(synthetic_dataset_dir, tmp_path):
+    """infra/coco_style_openclipart.py: every image keeps its split, has no title, and each of
+    its captions (its title, its tag words) is a query relevant to that image alone."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "infra" / "coco_style_openclipart.py"
+    captions = tmp_path / "captions.json"
+    subprocess.run([sys.executable, str(script), str(synthetic_dataset_dir), str(captions)], check=True,
+                   capture_output=True, cwd=script.parents[1])
+    source = read_dataset(synthetic_dataset_dir)
+    built, _ = build_coco(_cfg(captions, synthetic_dataset_dir), tmp_path / "coco")
+    assert (built.ads["title"].fillna("") == "").all()
+    assert len(built.ads) == len(source.ads)
+    # image i of the captions file is ad coco:i, in the source's split
+    expected = {f"coco:{i}": split for i, split in enumerate(source.ads["split"])}
+    assert dict(zip(built.ads["ad_id"], built.ads["split"], strict=True)) == expected
+    qrels = built.qrels[built.qrels["relevance"] > 0]
+    assert qrels.groupby("query_id")["ad_id"].nunique().eq(1).all()
+    texts = set(built.queries["text"].astype(str))
+    assert set(source.ads["title"].astype(str)) - {""} <= texts
+    positives = source.qrels[source.qrels["relevance"] > 0].sort_values(["ad_id", "query_id"])
+    query_text = source.queries.set_index("query_id")["text"]
+    for ad_id, group in list(positives.groupby("ad_id"))[:5]:  # an ad's tag words, as one caption
+        words = dict.fromkeys(w for q in group["query_id"] for w in str(query_text[q]).split())
+        assert " ".join(words) in texts, ad_id
