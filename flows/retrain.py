@@ -74,6 +74,7 @@ class RetrainResult:
     model_name: str
     version: str
     version_created: bool
+    system: str = "ours"  # what was registered (on a title-less dataset, the better on valid)
     metrics: dict[str, float] = field(default_factory=dict)
     cached_stages: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -228,11 +229,11 @@ def resolve_dataset(data: dict) -> dict:
 
     cfg = DataConfig(**data)
     dataset_dir = flow_dataset_dir(cfg)
-    if cfg.path is not None:
-        counts = read_dataset(dataset_dir, strict=False).counts()
-    else:
-        counts = build_dataset(cfg, dataset_dir).counts
-    return {"dataset_dir": str(dataset_dir), "dataset_hash": dataset_hash(dataset_dir), "counts": counts}
+    if cfg.path is None:
+        build_dataset(cfg, dataset_dir)
+    dataset = read_dataset(dataset_dir, strict=False)
+    return {"dataset_dir": str(dataset_dir), "dataset_hash": dataset_hash(dataset_dir), "counts": dataset.counts(),
+            "title_less": dataset.title_less}
 
 
 @task(name="validate", **STAGE_TASK)
@@ -331,8 +332,11 @@ def evaluate(key: str, match_cfg: dict, seed: int, dataset_dir: str, scorer_dir:
 
 @task(name="register", retries=2, retry_delay_seconds=10)
 def register(run_id: str, model_key: str, registry: dict, vision: dict, index: dict, dataset_dir: str,
-             dataset_hash: str, align_dir: str, scorer_dir: str, words_path: str, tags: dict[str, str]) -> dict:
-    """Bundle, log and register the model, unless an identical one (same model key) already is."""
+             dataset_hash: str, align_dir: str, scorer_dir: str, words_path: str, features_path: str | None,
+             tags: dict[str, str]) -> dict:
+    """Bundle, log and register the model, unless an identical one (same model key) already is.
+    `features_path` (the features stage's output) is for a system with an image head
+    (`implicit_fusion_words`), which encodes the catalogue from it; None for the others."""
     import mlflow
 
     from components.align.stage import load_ad_words
@@ -343,6 +347,7 @@ def register(run_id: str, model_key: str, registry: dict, vision: dict, index: d
     from components.retrieve.config import IndexConfig
     from components.search.engine import build_bundle
     from components.vision.config import PartsConfig
+    from components.vision.stage import load_features
 
     cfg = RegistryConfig(**registry)
     existing = find_by_key(cfg.model_name, model_key)
@@ -354,7 +359,8 @@ def register(run_id: str, model_key: str, registry: dict, vision: dict, index: d
         bundle = build_bundle(Path(scratch) / "bundle", align_dir=Path(align_dir), scorer_dir=Path(scorer_dir),
                               dataset_dir=Path(dataset_dir), words=words, word_logits=word_logits,
                               vision=PartsConfig(**vision), index_cfg=IndexConfig(**index),
-                              dataset_hash=dataset_hash)
+                              dataset_hash=dataset_hash,
+                              features=load_features(Path(features_path)) if features_path else None)
         with mlflow.start_run(run_id=run_id):
             info = log_search_model(bundle)
     version = register_version(info.model_uri, cfg.model_name, model_key=model_key,
@@ -411,6 +417,9 @@ def retrain_flow(params: dict[str, Any]) -> dict:
 
 def _retrain(cfg: Params, params: dict[str, Any]) -> dict:
     import mlflow
+
+    from components.evaluate.stage import choose_system
+    from components.systems import IMAGE_SYSTEMS
 
     started = time.perf_counter()
     logger = get_run_logger()
@@ -475,22 +484,34 @@ def _retrain(cfg: Params, params: dict[str, Any]) -> dict:
                         cfg.match.train_fraction, cfg.match.seed)
 
         match_cfg = cfg.match.model_dump(mode="json")
-        system = cfg.registry.system
-        match_key = stage_key("matcher", align_key, match_cfg, system, code_key("train_matcher", train_matcher))
-        match_dir = _stage_dir(root, "matcher", match_key)
-        matcher = timed("train_matcher", _refreshed_if_missing(train_matcher, match_dir), match_key, match_cfg, system,
-                        dataset_dir, feats["features_path"], aligned["words_path"], str(match_dir),
-                        mlflow_run_id=run_id, tracking_uri=uri)
-
-        eval_key = stage_key("evaluate", match_key, match_cfg, cfg.promote.seed, code_key("evaluate", evaluate))
-        eval_dir = _stage_dir(root, "evaluate", eval_key)
-        evaluation = timed("evaluate", _refreshed_if_missing(evaluate, eval_dir), eval_key, match_cfg, cfg.promote.seed,
-                           dataset_dir, matcher["scorer_dir"], feats["features_path"], aligned["words_path"],
-                           str(eval_dir))
+        candidates = [cfg.registry.system]
+        if dataset["title_less"] and cfg.registry.title_less_system not in (None, cfg.registry.system):
+            candidates.append(cfg.registry.title_less_system)  # words alone may lose to image features there
+        trained: dict[str, tuple[str, dict, dict]] = {}  # system -> (matcher key, matcher, evaluation)
+        for position, candidate in enumerate(candidates):
+            suffix = "" if position == 0 else f"/{candidate}"
+            match_key = stage_key("matcher", align_key, match_cfg, candidate, code_key("train_matcher", train_matcher))
+            match_dir = _stage_dir(root, "matcher", match_key)
+            matcher = timed(f"train_matcher{suffix}", _refreshed_if_missing(train_matcher, match_dir), match_key,
+                            match_cfg, candidate, dataset_dir, feats["features_path"], aligned["words_path"],
+                            str(match_dir), mlflow_run_id=run_id, tracking_uri=uri)
+            eval_key = stage_key("evaluate", match_key, match_cfg, cfg.promote.seed, code_key("evaluate", evaluate))
+            eval_dir = _stage_dir(root, "evaluate", eval_key)
+            evaluation = timed(f"evaluate{suffix}", _refreshed_if_missing(evaluate, eval_dir), eval_key, match_cfg,
+                               cfg.promote.seed, dataset_dir, matcher["scorer_dir"], feats["features_path"],
+                               aligned["words_path"], str(eval_dir))
+            trained[candidate] = (match_key, matcher, evaluation)
+        system = choose_system(candidates, {c: e["metrics"] for c, (_, _, e) in trained.items()})
+        match_key, matcher, evaluation = trained[system]
+        if len(candidates) > 1:
+            choice = {c: e["metrics"].get(c, {}).get("valid", {}).get("ndcg@10") for c, (_, _, e) in trained.items()}
+            client.set_tag(run_id, "alignsearch.system", system)
+            client.set_tag(run_id, "alignsearch.system_choice", json.dumps({"valid ndcg@10": choice, "chosen": system}))
+            logger.info("title-less dataset: %s registered (valid ndcg@10 %s)", system, choice)
 
         metrics = {**numeric_metrics(feats["metrics"], "features/"), **numeric_metrics(aligned["metrics"], "align/"),
                    **numeric_metrics(matcher["metrics"], "matcher/"),
-                   **numeric_metrics(evaluation["metrics"], "eval/"),
+                   **{k: v for *_, e in trained.values() for k, v in numeric_metrics(e["metrics"], "eval/").items()},
                    **{f"{k}/seconds": v for k, v in timings.items()}}
         headline = evaluation["metrics"].get(system, {}).get("test", {})
         metrics.update(numeric_metrics(headline, "test/"))
@@ -508,6 +529,7 @@ def _retrain(cfg: Params, params: dict[str, Any]) -> dict:
         registered = timed("register", register, run_id, model_key, cfg.registry.model_dump(mode="json"), vision,
                            cfg.retrieve.model_dump(mode="json"), dataset_dir, dhash, aligned["model_dir"],
                            matcher["scorer_dir"], aligned["words_path"],
+                           feats["features_path"] if system in IMAGE_SYSTEMS else None,
                            {"dataset_hash": dhash, "dataset_dir": dataset_dir, "code_version": code,
                             **git_state(REPO_ROOT)})
         client.log_metric(run_id, "register/seconds", timings["register"])
@@ -520,7 +542,8 @@ def _retrain(cfg: Params, params: dict[str, Any]) -> dict:
         raise
     result = RetrainResult(run_id=run_id, dataset_dir=dataset_dir, dataset_hash=dhash,
                            model_name=cfg.registry.model_name, version=registered["version"],
-                           version_created=registered["created"], metrics=metrics, cached_stages=cached,
+                           version_created=registered["created"], system=system, metrics=metrics,
+                           cached_stages=cached,
                            seconds=round(time.perf_counter() - started, 2))
     logger.info("registered %s v%s (%s) in %.0f s; cached stages: %s", result.model_name, result.version,
                 "new" if result.version_created else "already registered", result.seconds, cached or "none")

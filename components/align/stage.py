@@ -86,7 +86,7 @@ def ad_level_texts(dataset: Dataset, *, fraction: float = 1.0, seed: int = 0, cl
     left out: the click queries alone say what the ad shows."""
     train = dataset.split("train")
     titles = train.ads["title"].fillna("").astype(str).tolist()
-    title_less = not any(t.strip() for t in titles)
+    title_less = train.title_less
     if not (click_text or title_less):
         return titles
     clicks = training_click_texts(dataset, fraction, seed)

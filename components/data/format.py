@@ -52,6 +52,11 @@ class Dataset:
     root: Path | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def title_less(self) -> bool:
+        """No ad has a title (a COCO-style source: images and captions only)."""
+        return not self.ads["title"].fillna("").astype(str).str.strip().any()
+
     def image_file(self, image_path: str) -> Path:
         if self.root is None:
             raise DatasetFormatError("dataset has no root directory; image paths are relative to it")

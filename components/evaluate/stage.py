@@ -68,3 +68,18 @@ def run_evaluate(*, dataset_dir: Path, scorer_dir: Path, out_dir: Path, features
         plot_paths["ndcg"] = plot_subset_bars(rows, plots_dir / "subsets_ndcg.png", metric="ndcg@10")
     log.info("evaluated %s in %.1f s", list(systems), time.perf_counter() - started)
     return EvaluateResult(metrics_path, metrics, plot_paths)
+
+
+def choose_system(candidates: list[str], metrics: dict[str, dict], metric: str = "ndcg@10") -> str:
+    """The candidate whose own evaluation (`run_evaluate` metrics, keyed system -> split ->
+    metric) ranks the valid split best by `metric`; ties and missing values keep the earlier
+    candidate. Model selection on valid, so the test split stays for promotion."""
+    def valid_value(system: str) -> float:
+        value = metrics.get(system, {}).get(system, {}).get("valid", {}).get(metric)
+        return float("-inf") if value is None else float(value)
+
+    best = candidates[0]
+    for candidate in candidates[1:]:
+        if valid_value(candidate) > valid_value(best):
+            best = candidate
+    return best

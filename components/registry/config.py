@@ -18,6 +18,10 @@ class RegistryConfig(BaseModel):
     model_name: str = "alignsearch"
     # The system the retraining flow trains, bundles and registers (a two-tower system).
     system: str = "ours"
+    title_less_system: str | None = Field(
+        "implicit_fusion_words", description="on a dataset without titles (COCO-style) the flow also trains "
+        "this system beside `system` and registers whichever ranks the valid split better (ndcg@10; a tie "
+        "keeps `system`): there `ours` sees the image only through a few words; None = always `system`")
 
 
 class PromoteConfig(BaseModel):

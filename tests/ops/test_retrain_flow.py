@@ -3,6 +3,7 @@ cache hits on an unchanged rerun, and a broken dataset stopping at validation.""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import mlflow
@@ -116,3 +117,33 @@ def test_broken_dataset_stops_at_validation_and_registers_nothing(trained_store,
     assert "ValidationError" in failed[0].data.tags["alignsearch.failure"]
     assert "validation/validation.md" in _artifacts(client, failed[0].info.run_id)
     assert sorted((root / "flow" / "features").iterdir()) == stage_dirs_before  # no stage ran
+
+
+def test_title_less_dataset_registers_whichever_of_ours_and_implicit_fusion_words_wins_on_valid(
+        prefect_harness, synthetic_dataset_dir, tmp_path):
+    """Without titles ours sees the image only through a few words: the flow also trains
+    implicit_fusion_words (the alignment as a plug-in) and registers the better one on valid."""
+    dataset_dir = tmp_path / "title-less"
+    shutil.copytree(synthetic_dataset_dir, dataset_dir)
+    ads = pd.read_parquet(dataset_dir / "ads.parquet")
+    ads["title"] = ""
+    ads.to_parquet(dataset_dir / "ads.parquet", index=False)
+    cfg = ops_params(tmp_path / "store", dataset_dir)
+    result = retrain_flow(as_flow_params(cfg))
+
+    configure_mlflow(cfg.registry)
+    run = MlflowClient().get_run(result["run_id"])
+    choice = json.loads(run.data.tags["alignsearch.system_choice"])
+    values = choice["valid ndcg@10"]
+    assert set(values) == {"ours", "implicit_fusion_words"}
+    winner = "implicit_fusion_words" if values["implicit_fusion_words"] > values["ours"] else "ours"
+    assert choice["chosen"] == run.data.tags["alignsearch.system"] == result["system"] == winner
+    # both were evaluated in the run; the registered pyfunc is the chosen system and answers
+    for system in values:
+        assert f"eval/{system}/valid/ndcg_at_10" in run.data.metrics
+    assert "train_matcher/implicit_fusion_words/seconds" in run.data.metrics
+    model = mlflow.pyfunc.load_model(f"models:/alignsearch/{result['version']}")
+    assert model.unwrap_python_model().engine.meta["system"] == winner
+    query = read_dataset(dataset_dir).split("test").queries["text"].iloc[0]
+    hits = model.predict(pd.DataFrame({"query": [query], "k": [3]}))
+    assert len(hits) == 3 and (hits["title"] == "").all()
