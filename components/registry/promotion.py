@@ -65,27 +65,49 @@ class Decision:
         return self.outcome == PROMOTED
 
 
-def compare(challenger: dict[str, float], champion: dict[str, float] | None, rule: PromoteConfig) -> tuple[bool, str]:
-    """The rule itself: (promote?, why). `champion` None means there is no champion yet."""
+def compare(challenger: dict[str, float], champion: dict[str, float] | None, rule: PromoteConfig,
+            guardrail_void: str | None = None) -> tuple[bool, str]:
+    """The rule itself: (promote?, why). `champion` None means there is no champion yet.
+
+    A guardrail metric missing from either side refuses, unless `guardrail_void` says why the
+    evaluation data cannot have it (`void_guardrail`: a title-overlap guardrail on a dataset
+    without titles); then the decision rests on `rule.metric` and the reason says so."""
     if rule.metric not in challenger:
         raise ValueError(f"challenger metrics lack {rule.metric!r} (have {sorted(challenger)})")
     guard = rule.guardrail_metric
-    for who, metrics in (("challenger", challenger), ("champion", champion)):
-        if metrics is not None and guard not in metrics:
-            return False, (f"refused: guardrail metric {guard!r} is missing from the {who}'s metrics "
-                           f"(have {sorted(metrics)}); the guardrail is never skipped")
+    if guardrail_void is None:
+        for who, metrics in (("challenger", challenger), ("champion", champion)):
+            if metrics is not None and guard not in metrics:
+                return False, (f"refused: guardrail metric {guard!r} is missing from the {who}'s metrics "
+                               f"(have {sorted(metrics)}); the guardrail is never skipped")
+    held = f"guardrail {guard} held" if guardrail_void is None else f"guardrail {guard} void: {guardrail_void}"
     if champion is None:
-        return True, "no champion yet: the first valid challenger is promoted"
+        return True, "no champion yet: the first valid challenger is promoted" + (
+            f" ({held})" if guardrail_void else "")
     delta = challenger[rule.metric] - champion[rule.metric]
-    guard_old, guard_new = champion[guard], challenger[guard]
-    if guard_old - guard_new > rule.guardrail_max_drop:
+    if guardrail_void is None and champion[guard] - challenger[guard] > rule.guardrail_max_drop:
+        guard_old, guard_new = champion[guard], challenger[guard]
         return False, (f"guardrail {guard} dropped {guard_old - guard_new:.4f} "
                        f"(> {rule.guardrail_max_drop}): {guard_old:.4f} -> {guard_new:.4f}")
     if delta <= 0 or delta < rule.min_delta:
         return False, (f"{rule.metric} {challenger[rule.metric]:.4f} vs champion {champion[rule.metric]:.4f} "
                        f"(delta {delta:+.4f}); needs to be better by >= {rule.min_delta}")
     return True, (f"{rule.metric} {challenger[rule.metric]:.4f} vs champion {champion[rule.metric]:.4f} "
-                  f"(delta {delta:+.4f} >= {rule.min_delta}); guardrail {guard} held")
+                  f"(delta {delta:+.4f} >= {rule.min_delta}); {held}")
+
+
+def void_guardrail(rule: PromoteConfig, dataset_dir: Path) -> str | None:
+    """Why the guardrail cannot be measured on the evaluation data, or None when it can: a
+    title-overlap guardrail on a split whose ads have no titles (COCO-style) has no pairs to
+    measure. Any other missing guardrail still refuses (e.g. a misspelt metric)."""
+    from components.data.format import read_dataset
+    from components.evaluate.subsets import TITLE_OVERLAP
+
+    if not rule.guardrail_metric.startswith(f"{TITLE_OVERLAP}/"):
+        return None
+    if read_dataset(dataset_dir).split(rule.split).title_less:
+        return f"the {rule.split} split's ads have no titles, so no query overlaps a title"
+    return None
 
 
 def decision_key(challenger: str, champion: str | None, dataset_hash: str, rule: PromoteConfig) -> str:
@@ -279,7 +301,7 @@ def _promote(registry: RegistryConfig, rule: PromoteConfig, *, dataset_dir: Path
     challenger_metrics = evaluate_version(f"models:/{name}/{challenger_version}", dataset_dir, rule, cache_dir)
     champion_metrics = (evaluate_version(f"models:/{name}/{champion_version}", dataset_dir, rule, cache_dir)
                         if champion is not None else None)
-    promote_it, reason = compare(challenger_metrics, champion_metrics, rule)
+    promote_it, reason = compare(challenger_metrics, champion_metrics, rule, void_guardrail(rule, Path(dataset_dir)))
     decision = Decision(PROMOTED if promote_it else KEPT, reason, challenger_version, champion_version,
                         challenger_metrics, champion_metrics or {}, rule.model_dump(), dhash, key,
                         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))

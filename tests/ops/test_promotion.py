@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from ops_helpers import as_flow_params, ops_params
 
 from components.registry.config import PromoteConfig
-from components.registry.promotion import compare, evaluate_version
+from components.registry.promotion import compare, evaluate_version, void_guardrail
 from components.registry.tracking import configure_mlflow
 from flows.promote import promote_flow
 from flows.retrain import retrain_flow
@@ -48,6 +48,32 @@ def test_missing_guardrail_metric_refuses_and_names_it(challenger, champion, who
     promote, reason = compare(challenger, champion, PromoteConfig())
     assert promote is False
     assert f"guardrail metric '{G}' is missing from the {who}'s metrics" in reason
+
+
+def test_a_void_guardrail_lets_the_compared_metric_decide_and_says_why():
+    void = "the test split's ads have no titles"
+    promote, reason = compare({"ndcg@10": 0.6}, {"ndcg@10": 0.5}, PromoteConfig(), guardrail_void=void)
+    assert promote and f"guardrail {G} void: {void}" in reason
+    promote, reason = compare({"ndcg@10": 0.4}, {"ndcg@10": 0.5}, PromoteConfig(), guardrail_void=void)
+    assert not promote and "needs to be better" in reason
+    assert compare({"ndcg@10": 0.4}, None, PromoteConfig(), guardrail_void=void)[0]
+
+
+def test_title_overlap_guardrail_is_void_only_on_a_title_less_split(synthetic_dataset_dir, tmp_path):
+    import shutil
+
+    import pandas as pd
+
+    assert void_guardrail(PromoteConfig(), synthetic_dataset_dir) is None  # titled: it applies
+    title_less = tmp_path / "title-less"
+    shutil.copytree(synthetic_dataset_dir, title_less)
+    ads = pd.read_parquet(title_less / "ads.parquet")
+    ads["title"] = ""
+    ads.to_parquet(title_less / "ads.parquet", index=False)
+    assert "no titles" in void_guardrail(PromoteConfig(), title_less)
+    # any other guardrail, or a misspelt one, is never voided: a missing metric still refuses
+    assert void_guardrail(PromoteConfig(guardrail_metric="auc"), title_less) is None
+    assert void_guardrail(PromoteConfig(guardrail_metric="title_overlp/auc"), title_less) is None
 
 
 def test_rule_needs_the_metric():
