@@ -501,10 +501,10 @@ def _retrain(cfg: Params, params: dict[str, Any]) -> dict:
                                cfg.promote.seed, dataset_dir, matcher["scorer_dir"], feats["features_path"],
                                aligned["words_path"], str(eval_dir))
             trained[candidate] = (match_key, matcher, evaluation)
-        system = choose_system(candidates, {c: e["metrics"] for c, (_, _, e) in trained.items()})
+        choice = {c: e["metrics"].get(c, {}).get("valid", {}).get("ndcg@10") for c, (_, _, e) in trained.items()}
+        system = choose_system(choice)
         match_key, matcher, evaluation = trained[system]
         if len(candidates) > 1:
-            choice = {c: e["metrics"].get(c, {}).get("valid", {}).get("ndcg@10") for c, (_, _, e) in trained.items()}
             client.set_tag(run_id, "alignsearch.system", system)
             client.set_tag(run_id, "alignsearch.system_choice", json.dumps({"valid ndcg@10": choice, "chosen": system}))
             logger.info("title-less dataset: %s registered (valid ndcg@10 %s)", system, choice)

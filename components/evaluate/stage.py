@@ -70,16 +70,17 @@ def run_evaluate(*, dataset_dir: Path, scorer_dir: Path, out_dir: Path, features
     return EvaluateResult(metrics_path, metrics, plot_paths)
 
 
-def choose_system(candidates: list[str], metrics: dict[str, dict], metric: str = "ndcg@10") -> str:
-    """The candidate whose own evaluation (`run_evaluate` metrics, keyed system -> split ->
-    metric) ranks the valid split best by `metric`; ties and missing values keep the earlier
-    candidate. Model selection on valid, so the test split stays for promotion."""
-    def valid_value(system: str) -> float:
-        value = metrics.get(system, {}).get(system, {}).get("valid", {}).get(metric)
-        return float("-inf") if value is None else float(value)
 
+def choose_system(valid: dict[str, float | None]) -> str:
+    """The system with the best valid value (`valid`: system -> its valid metric, in candidate
+    order); ties and missing values keep the earlier one. Selection on valid, so the test
+    split stays for promotion."""
+    def value(system: str) -> float:
+        return float("-inf") if valid[system] is None else float(valid[system])
+
+    candidates = list(valid)
     best = candidates[0]
     for candidate in candidates[1:]:
-        if valid_value(candidate) > valid_value(best):
+        if value(candidate) > value(best):
             best = candidate
     return best
