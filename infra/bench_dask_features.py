@@ -19,8 +19,8 @@ from pathlib import Path
 def main(num_ads: int, root: Path = Path("/tmp/alignsearch-dask-bench")) -> dict:
     from prefect.testing.utilities import prefect_test_harness
 
-    from components.config import DataConfig, SyntheticConfig
     from components.data.build import build_dataset
+    from components.data.config import DataConfig, SyntheticConfig
     from components.vision.parts import PartsConfig
     from flows.compute import extract_features
     from flows.runtime import setup_runtime

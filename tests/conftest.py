@@ -46,8 +46,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def synthetic_dataset_dir(tmp_path_factory) -> Path:
     """A small synthetic dataset (built once per test session, read-only for tests)."""
-    from components.config import DataConfig, SyntheticConfig
     from components.data.build import build_dataset
+    from components.data.config import DataConfig, SyntheticConfig
 
     out_dir = tmp_path_factory.mktemp("synthetic") / "dataset"
     cfg = DataConfig(source="synthetic", out_dir=out_dir, seed=0, max_ads=None,

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from components.config import DataConfig
+from components.data.config import DataConfig
 from components.data.format import README_FILE, Dataset, write_dataset
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from components.config import DataConfig
+from components.data.config import DataConfig
 from components.data.format import IMAGES_DIR, SPLITS, Dataset, DatasetFormatError
 from components.data.splits import assign_splits
 

@@ -33,7 +33,7 @@ from lxml import etree
 from PIL import Image
 from tqdm import tqdm
 
-from components.config import DataConfig
+from components.data.config import DataConfig
 from components.data.format import IMAGES_DIR, Dataset
 from components.data.splits import assign_splits
 

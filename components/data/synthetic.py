@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
-from components.config import DataConfig
+from components.data.config import DataConfig
 from components.data.format import IMAGES_DIR, SPLITS, Dataset
 from components.data.splits import assign_splits
 from components.data.truth import TRUTH_FILE, load_synthetic_truth  # noqa: F401 (re-export)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from components.config import ValidateConfig
+from components.data.config import ValidateConfig
 from components.data.format import (
     ADS_COLUMNS,
     ADS_FILE,

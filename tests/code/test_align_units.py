@@ -255,7 +255,7 @@ def test_pooled_parts_scores_the_pooled_vector_beside_the_max_over_parts():
 
 def test_ad_level_texts_without_title_words_are_the_click_queries(tmp_path):
     from components.align.stage import ad_level_texts
-    from components.config import DataConfig, SyntheticConfig
+    from components.data.config import DataConfig, SyntheticConfig
     from components.data.synthetic import build_synthetic
 
     dataset, _ = build_synthetic(DataConfig(source="synthetic", synthetic=SyntheticConfig(num_ads=60)), tmp_path)

@@ -42,7 +42,7 @@ DDP_SCRIPT = textwrap.dedent('''
     def main(root: Path) -> None:
         import mlflow
         import numpy as np
-        from components.config import DataConfig, SyntheticConfig
+        from components.data.config import DataConfig, SyntheticConfig
         from components.data.build import build_dataset
         from components.data.format import read_dataset
         from components.match.config import MatchConfig

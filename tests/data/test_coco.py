@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from components.config import CocoConfig, DataConfig
 from components.data.build import build_dataset
 from components.data.coco import build_coco
+from components.data.config import CocoConfig, DataConfig
 from components.data.format import read_dataset
 from components.data.splits import assign_splits
 

@@ -29,9 +29,9 @@ from svg_fixtures import (
     write_tiny_tree,
 )
 
-from components.config import DataConfig
 from components.data import openclipart as oc
 from components.data.build import build_dataset
+from components.data.config import DataConfig
 from components.data.format import README_FILE, SPLITS, read_dataset
 
 IMAGE_SIZE = 64

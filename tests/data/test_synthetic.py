@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from components.config import DataConfig, SyntheticConfig
 from components.data.build import build_dataset
+from components.data.config import DataConfig, SyntheticConfig
 from components.data.format import SPLITS, dataset_hash, read_dataset
 from components.data.synthetic import (
     FILLER_WORDS,

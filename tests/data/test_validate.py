@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from components.config import ValidateConfig
+from components.data.config import ValidateConfig
 from components.data.format import ADS_FILE, QRELS_FILE, QUERIES_FILE, DatasetFormatError
 from components.data.validate import (
     RuleFailure,

@@ -17,8 +17,8 @@ from components.align.config import AlignConfig
 from components.align.evaluation import alignment_precision_at_1
 from components.align.model import AlignmentModel
 from components.align.train import train_alignment
-from components.config import DataConfig, SyntheticConfig
 from components.data.build import build_dataset
+from components.data.config import DataConfig, SyntheticConfig
 from components.data.synthetic import load_synthetic_truth
 from components.text.encoder import TextEncoder
 from components.vision.cache import extract_parts_cached

@@ -30,8 +30,8 @@ TINY = dict(lr=1e-4, max_steps=4, eval_every=2, batch_size=16, late_fusion_c=[0.
 @pytest.fixture(scope="module")
 def splits(tmp_path_factory):
     """train/valid/test MatchData of an 80-ad synthetic dataset, with image features."""
-    from components.config import DataConfig, SyntheticConfig
     from components.data.build import build_dataset
+    from components.data.config import DataConfig, SyntheticConfig
     from components.data.format import read_dataset
 
     out_dir = tmp_path_factory.mktemp("match") / "dataset"
