@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from components.evaluate.benchmark import check_claims, summarise
+from components.evaluate.report import check_claims, summarise
 from flows.cli import app
 
 pytestmark = pytest.mark.slow
