@@ -6,8 +6,6 @@ installed clip art. Each rule has a test that fails when the rule is dropped.
 
 from __future__ import annotations
 
-import io
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -30,6 +28,7 @@ from svg_fixtures import (
 )
 
 from components.data import openclipart as oc
+from components.data import raster
 from components.data.build import build_dataset
 from components.data.config import DataConfig
 from components.data.format import README_FILE, SPLITS, read_dataset
@@ -79,13 +78,13 @@ def tiny_tree(tmp_path) -> Path:
 def counting_renderer(monkeypatch) -> list[Path]:
     """Wrap the real renderer and record every SVG it is asked to render."""
     calls: list[Path] = []
-    real = oc.render_svg
+    real = raster.render_svg
 
     def counted(svg_path, image_size, timeout_s):
         calls.append(Path(svg_path))
         return real(svg_path, image_size, timeout_s)
 
-    monkeypatch.setattr(oc, "render_svg", counted)
+    monkeypatch.setattr(raster, "render_svg", counted)
     return calls
 
 
@@ -196,15 +195,18 @@ def test_cap_keeps_the_lowest_paths_of_each_title_group():
     assert [i.ad_id for i in kept] == ["a/a", "a/b", "b/d", "q/one"]
 
 
+def first_by_rank(items, max_ads: int, seed: int) -> list[str]:
+    """The ids of the first `max_ads` items in the seeded selection order, sorted."""
+    return sorted(i.ad_id for i in oc.rank_for_selection(items, seed)[:max_ads])
+
+
 def test_max_ads_selection_is_seeded_and_order_independent():
     items = [clipart(f"c/item_{n:02d}") for n in range(40)]
-    chosen = oc.select_ads(items, 10, seed=3)
+    chosen = first_by_rank(items, 10, seed=3)
     assert len(chosen) == 10
-    assert [i.ad_id for i in oc.select_ads(list(reversed(items)), 10, seed=3)] == [
-        i.ad_id for i in chosen
-    ]
-    assert {i.ad_id for i in oc.select_ads(items, 10, seed=4)} != {i.ad_id for i in chosen}
-    assert oc.select_ads(items, None, seed=3) == sorted(items, key=lambda i: i.rel_path)
+    assert first_by_rank(list(reversed(items)), 10, seed=3) == chosen
+    assert first_by_rank(items, 10, seed=4) != chosen
+    assert sorted(i.ad_id for i in oc.rank_for_selection(items, seed=3)) == [i.ad_id for i in items]
 
 
 # --- tags ------------------------------------------------------------------------------
@@ -289,84 +291,6 @@ def test_pair_whose_text_equals_a_tag_is_dropped():
     assert stats["pair_queries_dropped_text_collision"] == 1
 
 
-# --- rasterisation ---------------------------------------------------------------------
-
-
-def test_rasterise_fits_on_a_white_square(tmp_path):
-    svg = write_svg(tmp_path, "wide.svg", "Wide", colour="#ff0000", width=200, height=50)
-    outcome = oc.rasterise_svg(svg, "k1", tmp_path / "cache", IMAGE_SIZE, 20)
-    assert outcome.status == "ok" and not outcome.cached
-    image = Image.open(outcome.png_path).convert("RGB")
-    assert image.size == (IMAGE_SIZE, IMAGE_SIZE)
-    assert image.getpixel((IMAGE_SIZE // 2, 2)) == (255, 255, 255)  # padding above the wide image
-    red, green, blue = image.getpixel((IMAGE_SIZE // 2, IMAGE_SIZE // 2))
-    assert red > 200 and green < 60 and blue < 60  # the drawing, centred
-
-
-def test_blank_render_is_skipped_and_remembered(tmp_path, counting_renderer):
-    svg = write_svg(tmp_path, "blank.svg", "Blank", blank=True)
-    first = oc.rasterise_svg(svg, "k2", tmp_path / "cache", IMAGE_SIZE, 20)
-    second = oc.rasterise_svg(svg, "k2", tmp_path / "cache", IMAGE_SIZE, 20)
-    assert (first.status, first.cached, second.status, second.cached) == (
-        "blank",
-        False,
-        "blank",
-        True,
-    )
-    assert len(counting_renderer) == 1
-
-
-def test_failure_is_cached_and_not_retried(tmp_path, monkeypatch):
-    svg = write_svg(tmp_path, "x.svg", "X")
-    calls = []
-
-    def failing(svg_path, image_size, timeout_s):
-        calls.append(svg_path)
-        raise oc.RenderError("boom")
-
-    monkeypatch.setattr(oc, "render_svg", failing)
-    first = oc.rasterise_svg(svg, "k3", tmp_path / "cache", IMAGE_SIZE, 20)
-    second = oc.rasterise_svg(svg, "k3", tmp_path / "cache", IMAGE_SIZE, 20)
-    assert (first.status, second.status, second.cached) == ("failed", "failed", True)
-    assert len(calls) == 1
-    assert json.loads((tmp_path / "cache" / "k3.skip.json").read_text())["detail"] == "boom"
-
-
-def test_cairosvg_is_the_fallback_when_rsvg_fails(tmp_path, monkeypatch):
-    svg = write_svg(tmp_path, "x.svg", "X", width=40, height=80)
-
-    def broken_rsvg(*args):
-        raise oc.RenderError("rsvg-convert exit 1")
-
-    monkeypatch.setattr(oc, "render_with_rsvg", broken_rsvg)
-    png, renderer = oc.render_svg(svg, IMAGE_SIZE, 30)
-    assert renderer == "cairosvg"
-    with Image.open(io.BytesIO(png)) as image:
-        assert image.size == (IMAGE_SIZE // 2, IMAGE_SIZE)  # aspect kept, fits the square
-
-
-def test_renderer_timeout_is_a_render_error(tmp_path):
-    svg = write_svg(tmp_path, "x.svg", "X")
-    with pytest.raises(oc.RenderError, match="timed out"):
-        oc.render_with_cairosvg(svg, IMAGE_SIZE, 0.001)
-
-
-def test_cache_key_changes_with_content_size_and_renderer():
-    base = oc.raster_cache_key("a" * 64, 224, "v1")
-    assert base == oc.raster_cache_key("a" * 64, 224, "v1")
-    assert (
-        len(
-            {
-                base,
-                oc.raster_cache_key("b" * 64, 224, "v1"),
-                oc.raster_cache_key("a" * 64, 96, "v1"),
-                oc.raster_cache_key("a" * 64, 224, "v2"),
-            }
-        )
-        == 4
-    )
-
-
 # --- the whole build -------------------------------------------------------------------
 
 
@@ -417,14 +341,13 @@ def test_second_build_is_served_from_the_raster_cache(tiny_tree, tmp_path, count
         ).read_bytes()
 
 
-def test_max_ads_in_the_build_matches_select_ads(tiny_tree, tmp_path, counting_renderer):
+def test_max_ads_in_the_build_is_the_first_renderable_by_rank(tiny_tree, tmp_path, counting_renderer):
     cfg = tiny_config(tiny_tree, tmp_path / "cache", max_ads=3, seed=7)
     dataset, stats = oc.build_openclipart(cfg, tmp_path / "out")
     files, _ = oc.find_svg_files(tiny_tree)
     items, _ = oc.read_clipart(files, workers=1)
     renderable = [i for i in oc.cap_title_groups(items, 3) if i.rel_path != TINY_BLANK]
-    expected = [i.ad_id for i in oc.select_ads(renderable, 3, seed=7)]
-    assert sorted(dataset.ads["ad_id"]) == expected
+    assert sorted(dataset.ads["ad_id"]) == first_by_rank(renderable, 3, seed=7)
     assert stats["ads_after_max_ads"] == 3
     assert len(counting_renderer) <= 4  # renders stop once 3 images succeeded
 
