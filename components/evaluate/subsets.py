@@ -67,12 +67,6 @@ def query_subsets(qrels: pd.DataFrame, queries: pd.DataFrame, ads: pd.DataFrame)
     return out
 
 
-def image_only_queries(qrels: pd.DataFrame, queries: pd.DataFrame, ads: pd.DataFrame) -> list[str]:
-    """Queries (sorted) whose relevant ads are all image-only pairs."""
-    subsets = query_subsets(qrels, queries, ads)
-    return list(subsets.index[subsets == IMAGE_ONLY])
-
-
 def _score_matrix(dataset_split: Dataset, scores: ScoreMatrix | ScoreFn) -> ScoreMatrix:
     if isinstance(scores, ScoreMatrix):
         return scores

@@ -354,7 +354,3 @@ def write_report(report: BenchReport, out_dir: Path) -> dict[str, Path]:
     fig.savefig(png, dpi=110)
     plt.close(fig)
     return {"json": out_dir / "bench_index.json", "markdown": md, "plot": png}
-
-
-def load_choice(path: Path) -> dict:
-    return json.loads(Path(path).read_text()).get("choice", {}) if Path(path).is_file() else {}

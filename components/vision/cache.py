@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from components.device import resolve_device
+from components.outputs import atomic_file
 from components.vision import parts as parts_module
 from components.vision.parts import PartsConfig, PartsFeatures
 
@@ -77,10 +76,11 @@ def _write_shard(directory: Path, keys: list[str], feats: PartsFeatures) -> Path
     directory.mkdir(parents=True, exist_ok=True)
     name = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:20]
     final = directory / f"{SHARD_PREFIX}{name}.npz"
-    tmp = directory / f".tmp-{os.getpid()}-{uuid.uuid4().hex}.npz"
-    np.savez(tmp, keys=np.asarray(keys, dtype=str),
-             **{field: getattr(feats, field) for field in PartsFeatures.ARRAYS})
-    os.replace(tmp, final)  # atomic: readers see the whole shard or none of it
+    # Readers see the whole shard or none of it; the temporary name (".shard-...tmp.npz")
+    # ends in .npz so np.savez keeps it, and never matches the `shard-*.npz` glob.
+    with atomic_file(final, suffix=".npz") as tmp:
+        np.savez(tmp, keys=np.asarray(keys, dtype=str),
+                 **{field: getattr(feats, field) for field in PartsFeatures.ARRAYS})
     return final
 
 

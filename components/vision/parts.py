@@ -2,9 +2,9 @@
 
 Owns image preprocessing (alpha on white, letterbox or stretch to the input size), the
 saliency-region extractor behind the single entry point `extract_parts` (so a detector
-can replace it later without touching callers), the `PartsFeatures` container and the
-throughput benchmark. Candidates are cells and k x k average-pooled windows of the last
-feature map, ranked by activation norm (METHOD.md section 1 and 8).
+can replace it later without touching callers) and the `PartsFeatures` container.
+Candidates are cells and k x k average-pooled windows of the last feature map, ranked by
+activation norm (METHOD.md section 1 and 8).
 """
 
 from __future__ import annotations
@@ -13,9 +13,7 @@ import functools
 import importlib.util
 import io
 import logging
-import math
 import os
-import time
 import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -470,46 +468,3 @@ def extract_parts(image_paths: Sequence[str | Path], cfg: PartsConfig | None = N
             bar.update(len(prepared))
     arrays = {name: np.concatenate([c[name] for c in chunks]) for name in PartsFeatures.ARRAYS}
     return PartsFeatures(paths=paths, **arrays)
-
-
-def measure_throughput(image_paths: Sequence[str | Path], cfg: PartsConfig | None = None,
-                       device: str | torch.device | None = None, batch_size: int = 32,
-                       workers: int | None = None, num_threads: int | None = None,
-                       backend: Backend = "auto", warmup: int = 1) -> dict[str, object]:
-    """End-to-end images/s of `extract_parts` (decode + forward + parts), no cache.
-
-    `num_threads` sets the intra-op threads (torch and ONNX Runtime) for the measurement
-    only. `warmup` batches run once before timing (weight loading, export, allocator).
-    On a shared machine compare backends within one run: absolute figures move with load.
-    """
-    cfg = cfg or PartsConfig()
-    paths = [str(p) for p in image_paths]
-    dev = resolve_device(device)
-    resolved = resolve_backend(backend, dev)
-    workers = default_workers() if workers is None else workers
-    previous_threads = torch.get_num_threads()
-    if num_threads:
-        torch.set_num_threads(num_threads)
-    try:
-        threads = torch.get_num_threads()
-        if warmup:
-            extract_parts(paths[: batch_size * warmup], cfg, dev, batch_size, progress=False,
-                          workers=workers, backend=resolved)
-        started = time.perf_counter()
-        extract_parts(paths, cfg, dev, batch_size, progress=False, workers=workers,
-                      backend=resolved)
-        seconds = time.perf_counter() - started
-    finally:
-        torch.set_num_threads(previous_threads)
-    return {
-        "images_per_s": round(len(paths) / seconds, 2) if seconds > 0 else math.inf,
-        "num_images": len(paths),
-        "seconds": round(seconds, 3),
-        "backend": resolved,
-        "batch_size": batch_size,
-        "threads": threads,
-        "decode_workers": workers,
-        "device": str(dev),
-        "input_size": cfg.input_size,
-        "num_parts": cfg.num_parts,
-    }

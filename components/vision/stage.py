@@ -9,14 +9,13 @@ the result is the same file.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from components.data.format import read_dataset
+from components.outputs import atomic_file
 from components.vision.cache import extract_parts_cached
 from components.vision.config import PartsConfig
 from components.vision.parts import PartsFeatures
@@ -72,10 +71,8 @@ def run_features_shard(cfg: PartsConfig, *, image_paths: list[str], out_path: Pa
         torch.set_num_threads(num_threads)
     features = extract_parts_cached(image_paths, cfg, cache_dir=Path(cache_dir) / "features", progress=False)
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex}.npz")
-    features.save(tmp)
-    os.replace(tmp, out_path)  # a retried or duplicated shard task never leaves half a file
+    with atomic_file(out_path, suffix=".npz") as tmp:  # a retried or duplicated shard task never leaves half a file
+        features.save(tmp)
     return out_path
 
 

@@ -15,7 +15,6 @@ from components.data.format import Dataset
 from components.evaluate.plots import plot_data_efficiency, plot_subset_bars
 from components.evaluate.subsets import (
     evaluate_scores,
-    image_only_queries,
     pair_subsets,
     query_subsets,
 )
@@ -207,10 +206,9 @@ def test_pair_subsets_by_word_overlap_with_the_title():
     assert list(subsets) == ["title_overlap", "image_only", "title_overlap", "image_only"]
 
 
-def test_image_only_queries_have_only_image_only_relevant_ads():
+def test_a_query_is_image_only_when_all_its_relevant_ads_are():
     dataset = _toy_dataset()
     # q_star: a4 "night sky", a6 "" → image-only; q_sky: a4 overlaps, a3 does not → title_overlap
-    assert image_only_queries(dataset.qrels, dataset.queries, dataset.ads) == ["q_star"]
     assert query_subsets(dataset.qrels, dataset.queries, dataset.ads).to_dict() == {
         "q_ball": "title_overlap", "q_sky": "title_overlap", "q_star": "image_only"}
 

@@ -187,14 +187,6 @@ def test_overlap_suppression_keeps_disjoint_regions(images):
             assert overlap_w <= 0 or overlap_h <= 0
 
 
-def test_measure_throughput_reports_its_settings(images):
-    report = parts_module.measure_throughput(images, SMALL, device="cpu", batch_size=2,
-                                             num_threads=1, warmup=0)
-    assert report["images_per_s"] > 0 and report["num_images"] == len(images)
-    assert report["threads"] == 1 and report["batch_size"] == 2
-    assert report["backend"] in ("onnxruntime", "torch")
-
-
 def test_extraction_is_deterministic_and_batch_size_independent(images):
     first = extract_parts(images, SMALL, device="cpu", progress=False, batch_size=4)
     again = extract_parts(images, SMALL, device="cpu", progress=False, batch_size=4)
