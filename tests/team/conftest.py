@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from flows import team
+from infra.team import supervisor as team
 
 # The stack under test is the only server these tests may talk to.
 for _name in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flows import team
+from infra.team import supervisor as team
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -21,7 +21,7 @@ import pytest
 # Bound at import: loading a models-from-code pyfunc in this process (the deployment test) puts
 # the model's own copy of `components` first on sys.path.
 from components.registry.promotion import LOCK_SUFFIX, TAG, logged_model_id
-from flows import team
+from infra.team import supervisor as team
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PREFECT = [sys.executable, "-m", "prefect"]
