@@ -13,8 +13,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from components.data.coco import build_coco
 from components.data.config import DataConfig
 from components.data.format import README_FILE, Dataset, write_dataset
+from components.data.openclipart import build_openclipart
+from components.data.synthetic import build_synthetic
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +60,10 @@ def build_dataset(cfg: DataConfig, out_dir: Path | None = None) -> BuildResult:
 
 def _build_source(cfg: DataConfig, out_dir: Path) -> tuple[Dataset, dict]:
     if cfg.source == "openclipart":
-        from components.data.openclipart import build_openclipart
-
         return build_openclipart(cfg, out_dir)
     if cfg.source == "synthetic":
-        from components.data.synthetic import build_synthetic
-
         return build_synthetic(cfg, out_dir)
     if cfg.source == "coco":
-        from components.data.coco import build_coco
-
         return build_coco(cfg, out_dir)
     raise ValueError(f"unknown data source {cfg.source!r}")
 

@@ -22,7 +22,16 @@ import numpy as np
 from components.data.format import read_dataset
 from components.evaluate.config import BenchmarkConfig
 from components.evaluate.report import BenchmarkResult, write_reports
+from components.evaluate.significance import run_detail
+from components.evaluate.subsets import evaluate_scores
+from components.match.config import MatchConfig
+from components.match.data import match_data
+from components.metrics import ScoreMatrix
 from components.systems import SYSTEMS, TRAINED_SYSTEMS, UNTRAINED_SYSTEMS, WORD_SYSTEMS
+
+# components.align.stage / .model, components.match.encoder / .systems, components.vision.parts
+# / .cache load torch at import: they are imported inside the functions that train or extract,
+# so importing this module (the CLI, the Dask workers' task lookup) stays light.
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +196,6 @@ def _ad_words(context: BenchmarkContext, system: str, fraction: float, seed: int
 
 
 def _cell_data(context: BenchmarkContext, system: str, fraction: float, seed: int) -> dict:
-    from components.match.data import match_data
-
     splits, split_features = _benchmark_inputs(context.dataset_dir, context.features_path, context.eval_split)
     ad_words = _ad_words(context, system, fraction, seed)
     return {name: match_data(split, words=None if ad_words is None else ad_words.words,
@@ -199,7 +206,6 @@ def _cell_data(context: BenchmarkContext, system: str, fraction: float, seed: in
 
 def search_learning_rate(cell: dict, context: dict) -> SearchResult:
     """A `SearchCell`: every rate of the grid, the best on valid (`select_learning_rate`)."""
-    from components.match.config import MatchConfig
     from components.match.encoder import reset_shared_prefix
     from components.match.systems import select_learning_rate
 
@@ -214,12 +220,8 @@ def search_learning_rate(cell: dict, context: dict) -> SearchResult:
 
 def train_cell(cell: dict, context: dict) -> CellResult:
     """A `TrainCell`: train (or finish the reused search winner), score the evaluation split."""
-    from components.evaluate.significance import run_detail
-    from components.evaluate.subsets import evaluate_scores
-    from components.match.config import MatchConfig
     from components.match.encoder import reset_shared_prefix
     from components.match.systems import finish_matcher, load_scorer, train_system
-    from components.metrics import ScoreMatrix
 
     reset_shared_prefix()  # the same numbers whichever cells this process ran before
     run, ctx = TrainCell(**cell), BenchmarkContext(**context)

@@ -12,8 +12,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from components.align.gallery import plot_alignment_gallery
 from components.data.format import Dataset
 from components.evaluate.config import BenchmarkConfig
+from components.evaluate.plots import plot_data_efficiency, plot_subset_bars
+from components.evaluate.significance import paired_test
 from components.systems import ABLATIONS, SYSTEMS
 
 REPORT_METRICS = ("ndcg@10", "recall@10", "mrr@10", "auc")
@@ -44,8 +47,6 @@ def check_claims(summary: pd.DataFrame, details: dict | None = None, cfg: Benchm
     gives a one-sided p < `claim_alpha`. A "not worse" claim holds when the 95% interval
     of the delta stays above -`non_inferiority_margin`. Each check carries delta, interval, p.
     """
-    from components.evaluate.significance import paired_test
-
     cfg = cfg or BenchmarkConfig()
     details = details or {}
 
@@ -103,9 +104,6 @@ def check_claims(summary: pd.DataFrame, details: dict | None = None, cfg: Benchm
 
 def write_reports(result: BenchmarkResult, cfg: BenchmarkConfig, *, dataset: Dataset,
                   learning_rates: dict[str, float], gallery: list, quick: bool) -> dict[str, Path]:
-    from components.align.gallery import plot_alignment_gallery
-    from components.evaluate.plots import plot_data_efficiency, plot_subset_bars
-
     out_dir = result.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarise(result.rows)

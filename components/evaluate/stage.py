@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from components.data.format import read_dataset
+from components.evaluate.plots import plot_subset_bars
 from components.evaluate.subsets import evaluate_scores, flatten_records
+from components.match.config import MatchConfig
 from components.metrics import ScoreMatrix
 
 log = logging.getLogger(__name__)
@@ -35,9 +37,7 @@ def run_evaluate(*, dataset_dir: Path, scorer_dir: Path, out_dir: Path, features
     `metrics.json` maps system -> split -> `{metric: value}` for the whole split and
     `{subset}/{metric}` for the image-only and title-overlap subsets.
     """
-    from components.evaluate.plots import plot_subset_bars
-    from components.match.config import MatchConfig
-    from components.match.stage import split_data
+    from components.match.stage import split_data  # torch: imported when a scorer is evaluated
     from components.match.systems import load_scorer, train_system
 
     started = time.perf_counter()

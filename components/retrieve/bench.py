@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from components.retrieve.config import IndexConfig
+
 log = logging.getLogger(__name__)
 
 # (name, faiss index_factory string, search parameter sweeps). `{nlist}` scales with the size.
@@ -219,8 +221,7 @@ def _measure_pq(x, queries, truth, moments, pq_configs, skip, k, repeats_b1, rep
     vectors are read from their memory map as when serving)."""
     import tempfile
 
-    from components.retrieve.config import IndexConfig
-    from components.retrieve.index import AdIndex
+    from components.retrieve.index import AdIndex  # faiss at import, like the functions above
 
     rows = []
     ids = [str(i) for i in range(len(x))]
