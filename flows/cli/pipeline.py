@@ -1,0 +1,184 @@
+"""`alignsearch retrain|promote|run|schedule`: the Prefect flows from the command line, and
+what they report (the registered version, the test metrics, the promotion decision).
+
+The flows load Prefect (and through their stages torch and MLflow), so each command imports
+its flow when it runs: `alignsearch search` never pays for them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from components.config import Params
+from components.data.format import DatasetFormatError
+from components.data.validate import ValidationError
+from components.registry.tracking import tracking_uri
+from components.registry.versions import CHAMPION, RegistryError, by_alias
+from flows.cli.options import (
+    PARAMS_FILE,
+    ParamsOption,
+    SetOption,
+    console,
+    err_console,
+    load_config,
+)
+from flows.cli.search import search_table
+
+# The test-split metrics `retrain` and `run` print per system (MLflow keys eval/<system>/test/<metric>).
+HEADLINE = ("ndcg_at_10", "recall_at_10", "mrr_at_10", "auc", "image_only/auc", "title_overlap/auc")
+# The metrics `promote` and `run` compare, challenger beside champion.
+DECISION_METRICS = ("ndcg@10", "recall@10", "mrr@10", "auc", "image_only/auc", "title_overlap/auc")
+
+PromoteDataOption = Annotated[Optional[Path], typer.Option("--data", help="Dataset to evaluate on (default: the one the challenger was trained on).")]  # noqa: UP045
+
+
+def _retrain(cfg: Params) -> dict:
+    """Run the retraining flow; exit 1 with the reason (the validation report when that failed)."""
+    from flows.retrain import RetrainAlreadyRunning, retrain_flow, retrain_lock  # Prefect
+
+    try:
+        with retrain_lock(Path(cfg.paths.flow_dir)):  # refuse before a flow run starts
+            return retrain_flow(cfg.model_dump(mode="json", by_alias=True))
+    except ValidationError as exc:
+        err_console.print(f"[red]Dataset validation failed: nothing trained, nothing registered.[/red]\n{exc}",
+                          soft_wrap=True)
+    except (DatasetFormatError, FileNotFoundError, ValueError, RegistryError, RetrainAlreadyRunning) as exc:
+        err_console.print(f"[red]Retraining failed, nothing registered:[/red] {exc}", soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _metrics_table(title: str, metrics: dict[str, float]) -> Table:
+    """Test-split metrics of every system the run evaluated (MLflow keys eval/<system>/test/<metric>)."""
+    systems = sorted({k.split("/")[1] for k in metrics if k.startswith("eval/") and "/test/" in k})
+    table = Table(title=title)
+    table.add_column("system", no_wrap=True)
+    for key in HEADLINE:
+        label = key.replace("_at_", "@").replace("image_only/auc", "auc img-only").replace("title_overlap/auc",
+                                                                                           "auc title-ovl")
+        table.add_column(label, justify="right")
+    for system in systems:
+        row = [metrics.get(f"eval/{system}/test/{key}") for key in HEADLINE]
+        table.add_row(system, *("-" if v is None else f"{v:.3f}" for v in row))
+    return table
+
+
+def _print_retrain(result: dict) -> None:
+    state = "new version" if result["version_created"] else "identical model already registered"
+    console.print(f"Registered [bold]{result['model_name']}[/bold] v{result['version']} ({state}); "
+                  f"MLflow run {result['run_id']}; dataset {result['dataset_dir']} ({result['dataset_hash']})")
+    console.print(f"Cached stages: {', '.join(result['cached_stages']) or 'none'}; took {result['seconds']:.0f} s")
+    console.print(_metrics_table("Test split, this run (lexical and text_zero_shot are untrained references)",
+                                 result["metrics"]))
+
+
+def _print_decision(decision: dict) -> None:
+    colour = {"promoted": "green", "kept": "yellow"}.get(decision["outcome"], "cyan")
+    console.print(f"Promotion: [{colour}]{decision['outcome']}[/{colour}] - {decision['reason']}", soft_wrap=True)
+    if decision.get("challenger_metrics"):
+        table = Table(title="Challenger vs champion (current test split)")
+        for column in ("metric", f"challenger v{decision['challenger_version']}",
+                       f"champion v{decision['champion_version'] or '-'}"):
+            table.add_column(column, justify="left" if column == "metric" else "right")
+        for key in DECISION_METRICS:
+            champion = decision["champion_metrics"].get(key)
+            table.add_row(key, f"{decision['challenger_metrics'].get(key, float('nan')):.4f}",
+                          "-" if champion is None else f"{champion:.4f}")
+        console.print(table)
+
+
+def _champion_version(cfg: Params) -> str | None:
+    version = by_alias(cfg.registry.model_name, CHAMPION)
+    return None if version is None else str(version.version)
+
+
+def retrain(params: ParamsOption = PARAMS_FILE, set_: SetOption = None) -> None:
+    """The retraining flow (Prefect): dataset -> validation -> features -> alignment -> matcher ->
+    evaluation -> MLflow registration as `challenger`. Unchanged reruns come from the caches."""
+    cfg = load_config(params, set_)
+    result = _retrain(cfg)
+    _print_retrain(result)
+
+
+def promote(
+    metric: Annotated[Optional[str], typer.Option(help="Metric to compare (default: params promote.metric).")] = None,  # noqa: UP045
+    min_delta: Annotated[Optional[float], typer.Option(help="Challenger must be better by at least this.")] = None,  # noqa: UP045
+    data: PromoteDataOption = None,
+    params: ParamsOption = PARAMS_FILE,
+    set_: SetOption = None,
+) -> None:
+    """Evaluate challenger and champion on the current test split (default: of the dataset the
+    challenger was trained on); promote the challenger to `champion` when it wins by min-delta
+    and the guardrail holds. Running it twice is a no-op."""
+    from flows.promote import promote_flow  # Prefect
+
+    overrides = list(set_ or [])
+    if metric is not None:
+        overrides.append(f"promote.metric={metric}")
+    if min_delta is not None:
+        overrides.append(f"promote.min_delta={min_delta}")
+    cfg = load_config(params, overrides)
+    try:
+        decision = promote_flow(cfg.model_dump(mode="json", by_alias=True), dataset_dir=str(data) if data else None)
+    except (RegistryError, ValueError) as exc:
+        err_console.print(f"[red]Promotion stopped, champion unchanged:[/red] {exc}", soft_wrap=True)
+        raise typer.Exit(1) from exc
+    _print_decision(decision)
+
+
+def run(params: ParamsOption = PARAMS_FILE, set_: SetOption = None) -> None:
+    """The main job: retrain on the default dataset, promote, and say where to look."""
+    from flows.promote import promote_flow  # Prefect
+
+    started = time.perf_counter()
+    cfg = load_config(params, set_)
+    result = _retrain(cfg)
+    _print_retrain(result)
+    decision = promote_flow(cfg.model_dump(mode="json", by_alias=True), dataset_dir=result["dataset_dir"])
+    _print_decision(decision)
+    console.rule("Where to look")
+    console.print(f"MLflow UI:   make ui   (then http://127.0.0.1:5000; store {tracking_uri(cfg.registry)})")
+    console.print(f"MLflow run:  experiment {cfg.registry.experiment!r}, run {result['run_id']} "
+                  "(params, metrics, validation report, gallery, plots, model)")
+    champion = _champion_version(cfg)
+    console.print(f"Champion:    models:/{cfg.registry.model_name}@champion = v{champion or '-'}")
+    console.print('Search:      alignsearch search "christmas tree"    |    HTTP: alignsearch serve')
+    if champion:
+        search_table(cfg, "christmas tree", 5, f"models:/{cfg.registry.model_name}@champion")
+    console.print(f"Time: {time.perf_counter() - started:.0f} s")
+
+
+def schedule(
+    cron: Annotated[str, typer.Option(help="Cron expression, e.g. \"0 3 * * 1\" (Mondays 03:00).")],
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "alignsearch-retrain",
+    timezone: Annotated[str, typer.Option(help="Time zone of the cron expression.")] = "UTC",
+    params: ParamsOption = PARAMS_FILE,
+    set_: SetOption = None,
+) -> None:
+    """Serve the retrain-and-promote flow on a cron schedule (needs a Prefect server:
+    `prefect server start --host 127.0.0.1`, then PREFECT_API_URL=http://127.0.0.1:4200/api)."""
+    from prefect.client.schemas.schedules import CronSchedule
+
+    from flows.promote import retrain_and_promote_flow
+
+    cfg = load_config(params, set_)
+    if not os.environ.get("PREFECT_API_URL"):
+        err_console.print("[red]Schedules need a running Prefect server[/red] (the temporary one cannot "
+                          "schedule). Start one with `prefect server start --host 127.0.0.1` and set "
+                          "PREFECT_API_URL=http://127.0.0.1:4200/api (see README, Schedules).", soft_wrap=True)
+        raise typer.Exit(2)
+    try:
+        cron_schedule = CronSchedule(cron=cron, timezone=timezone)
+    except ValueError as exc:
+        err_console.print(f"[red]Invalid cron expression {cron!r}:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    console.print(f"Serving deployment {name!r} of alignsearch-retrain-and-promote on {cron!r} ({timezone}); "
+                  "Ctrl-C stops it.")
+    del cfg  # validated now, read again by each run (so edits to the file apply)
+    retrain_and_promote_flow.serve(name=name, schedules=[cron_schedule],
+                                   parameters={"params_file": str(params.resolve()), "overrides": list(set_ or [])})

@@ -1,0 +1,225 @@
+"""`alignsearch search|serve|bench-serve|bench-index`: asking a registered model, serving it
+over HTTP, and measuring the service and the ad index.
+
+A one-off search must start fast: nothing here loads torch or MLflow before the query
+tower (and, off the fast path, the model) is needed; FastAPI loads only for `serve`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import httpx
+import pandas as pd
+import typer
+import uvicorn
+from components.catalogue.fast import cached_engine
+from rich.table import Table
+
+from components.catalogue.live import CatalogueWatcher, current_catalogue, resolve_model
+from components.catalogue.versions import resolve_image
+from components.config import Params
+from components.registry.tracking import configure_mlflow, tracking_uri
+from components.registry.versions import describe, load_search_model
+from components.search.engine import SearchEngine
+from flows.bench_index import bench_index as measure_index
+from flows.bench_serve import bench_serve as measure_service
+from flows.cli.options import (
+    PARAMS_FILE,
+    ModelUriOption,
+    ParamsOption,
+    SetOption,
+    console,
+    err_console,
+    load_config,
+)
+
+API_KEY_ENV = "ALIGNSEARCH_API_KEY"
+
+
+def _print_hits(title: str, frame: pd.DataFrame) -> None:
+    table = Table(title=title)
+    for column in ("#", "ad id", "title", "score", "visual words", "matched the query"):
+        table.add_column(column, justify="right" if column in ("#", "score") else "left")
+    for row in frame.itertuples():
+        table.add_row(str(row.rank), row.ad_id, row.title, f"{row.score:.3f}", ", ".join(row.visual_words),
+                      ", ".join(row.matched_words) or "-")
+    console.print(table)
+
+
+def search_table(cfg: Params, query: str, k: int, model_uri: str) -> None:
+    """One-off search. Fast path: the version and its catalogue pointer read from a local sqlite
+    registry, bundle and catalogue from the local cache, only the query tower loaded (no MLflow
+    import). Otherwise (first use of a version, a server store): resolved through MLflow, which
+    fills the cache for the next search."""
+    started = time.perf_counter()
+    found = cached_engine(tracking_uri(cfg.registry), model_uri, cfg.data.cache_dir)
+    if found is None:
+        configure_mlflow(cfg.registry)
+        try:
+            ref = resolve_model(model_uri, cfg.data.cache_dir)
+        except LookupError as exc:
+            err_console.print(f"[red]{exc}[/red]", soft_wrap=True)
+            raise typer.Exit(1) from exc
+        engine = SearchEngine(ref.bundle_dir, catalogue=current_catalogue(ref, cfg.data.cache_dir))
+        info = {"version": ref.version, "catalogue_version": engine.catalogue_version}
+    else:
+        engine, info = found
+    engine.query_tower  # noqa: B018 - load it now, so the timing below says what loading cost
+    loaded = time.perf_counter()
+    frame = engine.search_frame(pd.DataFrame({"query": [query], "k": [k]}))
+    took = time.perf_counter() - loaded
+    _print_hits(f"{query!r} - {model_uri} (v{info['version']}, catalogue {info['catalogue_version']}); "
+                f"load {loaded - started:.1f} s, search {took * 1000:.0f} ms", frame)
+
+
+def _search_url(url: str, query: str, k: int) -> None:
+    """Ask a running `alignsearch serve` (for scripts: no model is loaded here)."""
+    headers = {"X-API-Key": os.environ[API_KEY_ENV]} if os.environ.get(API_KEY_ENV) else {}
+    try:
+        response = httpx.get(url.rstrip("/") + "/search", params={"q": query, "k": k}, headers=headers, timeout=30)
+    except httpx.HTTPError as exc:
+        err_console.print(f"[red]Cannot reach {url}:[/red] {exc}", soft_wrap=True)
+        raise typer.Exit(1) from exc
+    if response.status_code != 200:
+        err_console.print(f"[red]{url} answered {response.status_code}:[/red] {response.text[:500]}", soft_wrap=True)
+        raise typer.Exit(1)
+    body = response.json()
+    _print_hits(f"{query!r} - {url} (model v{body.get('model_version')}, catalogue {body.get('catalogue_version')}); "
+                f"{body['took_ms']:.0f} ms in the service", pd.DataFrame(body["results"]))
+
+
+def search(
+    query: Annotated[str, typer.Argument(help="The text query, e.g. \"red sports car\".")],
+    k: Annotated[int, typer.Option("-k", "--k", min=1, help="How many ads.")] = 10,
+    model_uri: Annotated[Optional[str], typer.Option(help="Model to ask (default: params serve.model_uri, the champion).")] = None,  # noqa: UP045
+    url: Annotated[Optional[str], typer.Option(help="Ask a running service instead, e.g. http://127.0.0.1:8080.")] = None,  # noqa: UP045
+    params: ParamsOption = PARAMS_FILE,
+    set_: SetOption = None,
+) -> None:
+    """Rank the ads for a query with the champion (or --model-uri, or a service at --url) and print a table."""
+    cfg = load_config(params, set_)
+    if not query.strip():
+        err_console.print("[red]The query is empty.[/red]")
+        raise typer.Exit(2)
+    if k > cfg.serve.max_k:
+        err_console.print(f"[red]-k {k} is above the limit serve.max_k={cfg.serve.max_k}.[/red]")
+        raise typer.Exit(2)
+    if url:
+        _search_url(url, query, k)
+        return
+    search_table(cfg, query, k, model_uri or cfg.serve.model_uri)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: resolved by the OS, could be anything
+        return False
+
+
+def serve(
+    host: Annotated[Optional[str], typer.Option(help="Bind address (default 127.0.0.1).")] = None,  # noqa: UP045
+    port: Annotated[Optional[int], typer.Option(help="Port (default: params serve.port).")] = None,  # noqa: UP045
+    model_uri: Annotated[Optional[str], typer.Option(help="Model to serve (default: the champion).")] = None,  # noqa: UP045
+    allow_remote: Annotated[bool, typer.Option("--allow-remote", help="Allow a non-loopback --host (the service "
+                                               f"has no authentication unless {API_KEY_ENV} is set).")] = False,
+    params: ParamsOption = PARAMS_FILE,
+    set_: SetOption = None,
+) -> None:
+    """Serve search over HTTP (FastAPI): a search page at /, GET/POST /search, GET /health, docs at /docs.
+    Follows the model version's live catalogue (`alignsearch ads add`): new versions are swapped in.
+    With ALIGNSEARCH_API_KEY set, /search needs the header X-API-Key."""
+    from components.search.service import create_app  # FastAPI: only the service needs it
+
+    cfg = load_config(params, set_)
+    bind = host or cfg.serve.host
+    api_key = os.environ.get(API_KEY_ENV) or None
+    if not _is_loopback(bind):
+        if not allow_remote:
+            err_console.print(f"[red]Refusing to bind {bind!r}: not a loopback address.[/red] The service would be "
+                              "reachable from other machines; pass --allow-remote to mean it.", soft_wrap=True)
+            raise typer.Exit(2)
+        auth = f"requests need the API key from {API_KEY_ENV}" if api_key else \
+            f"there is NO authentication (set {API_KEY_ENV} to require an API key)"
+        err_console.print(f"[yellow]Warning: serving on {bind}, reachable from other machines; {auth}.[/yellow]",
+                          soft_wrap=True)
+    uri = model_uri or cfg.serve.model_uri
+    configure_mlflow(cfg.registry)
+    try:
+        model = load_search_model(uri)
+    except LookupError as exc:
+        err_console.print(f"[red]{exc}[/red]", soft_wrap=True)
+        raise typer.Exit(1) from exc
+    info = describe(uri)
+    engine = model.unwrap_python_model().engine
+    watcher = None
+    if info.get("version"):  # follow the version's live catalogue (a new version is swapped in)
+        watcher = CatalogueWatcher(engine, info["name"], info["version"], cache_dir=cfg.data.cache_dir,
+                                   interval_s=cfg.serve.catalogue_poll_s).start()
+    app_ = create_app(model, cfg.serve, model_uri=uri, info=info, api_key=api_key, engine=engine,
+                      watcher=watcher, image_file=lambda ref: resolve_image(ref, cfg.data.cache_dir))
+    port_ = port or cfg.serve.port
+    console.print(f"Serving {uri} (catalogue {engine.catalogue_version}, {len(engine)} ads) on "
+                  f"http://{bind}:{port_} (search page at /, docs at /docs)"
+                  + (f"; API key required ({API_KEY_ENV})" if api_key else ""))
+    uvicorn.run(app_, host=bind, port=port_, log_level="info")
+
+
+def bench_serve(
+    requests: Annotated[int, typer.Option(min=1, help="Requests to send.")] = 2000,
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at once.")] = 8,
+    k: Annotated[int, typer.Option(min=1, help="Ads per request.")] = 10,
+    model_uri: Annotated[Optional[str], typer.Option(help="Model to serve (default: the champion).")] = None,  # noqa: UP045
+    out: Annotated[Path, typer.Option(help="Where bench_serve.json/.md go.")] = Path("reports/bench-serve"),
+    params: ParamsOption = PARAMS_FILE,
+    set_: SetOption = None,
+) -> None:
+    """Start a real `alignsearch serve` on 127.0.0.1 (a free port), send N requests at a
+    concurrency (p50/p95/p99 latency, throughput, errors), then sweep bad inputs (each must be 4xx)."""
+    cfg = load_config(params, set_)
+    serve_args = ["--params", str(params), "--model-uri", model_uri or cfg.serve.model_uri]
+    for item in set_ or []:
+        serve_args += ["--set", item]
+    try:
+        report = measure_service(serve_args, out, requests=requests, concurrency=concurrency, k=k)
+    except RuntimeError as exc:
+        err_console.print(f"[red]{exc}[/red]", soft_wrap=True)
+        raise typer.Exit(1) from exc
+    console.print((out / "bench_serve.md").read_text(), markup=False, soft_wrap=True)
+    console.print(f"Report: {out / 'bench_serve.json'}")
+    if report["load"]["errors"] or report["bad_inputs_failed"]:
+        raise typer.Exit(1)
+
+
+def bench_index(
+    sizes: Annotated[str, typer.Option(help="Catalogue sizes, comma-separated.")] = "10000,100000,1000000",
+    model_uri: ModelUriOption = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Dataset whose queries (and ads, for encoding) are used (default: params data.out_dir).")] = None,  # noqa: UP045
+    encode_ads: Annotated[int, typer.Option(help="Ads to encode end to end for the throughput (0: skip).")] = 200,
+    threads: Annotated[int, typer.Option(min=1, help="faiss threads while measuring.")] = 1,
+    skip: Annotated[Optional[str], typer.Option(help="Index configs to leave out, comma-separated: name (every size) or name@size (e.g. hnsw32@1000000).")] = None,  # noqa: UP045
+    out: Annotated[Path, typer.Option(help="Where bench_index.json/.md/.png go.")] = Path("reports/bench-index"),
+    params: ParamsOption = PARAMS_FILE,
+    set_: SetOption = None,
+) -> None:
+    """The ad index at scale: flat, HNSW, IVF-PQ and pq on embeddings shaped like the model's real ones
+    (build time, bytes/ad, p50/p99 latency at batch 1 and 32, recall@10 vs exact), plus bulk
+    encoding throughput of new ads end to end."""
+    cfg = load_config(params, set_)
+    configure_mlflow(cfg.registry)
+    try:
+        result = measure_index(model_uri or cfg.serve.model_uri, data or cfg.data.out_dir, cfg.data.cache_dir, out,
+                               sizes=[int(s) for s in sizes.split(",") if s.strip()], encode_ads=encode_ads,
+                               threads=threads, skip=set((skip or "").split(",")) - {""}, console=console)
+    except LookupError as exc:
+        err_console.print(f"[red]{exc}[/red]", soft_wrap=True)
+        raise typer.Exit(1) from exc
+    console.print(result["paths"]["markdown"].read_text(), markup=False, soft_wrap=True)
+    console.print(f"Report: {result['paths']['markdown']}, plot: {result['paths']['plot']}")
