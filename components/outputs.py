@@ -1,15 +1,22 @@
-"""What the stages write for DVC: the same inputs give byte-identical files.
+"""What the stages write: atomically (a reader sees a whole file or directory, or none of it)
+and, for DVC, byte-identically (the same inputs give the same JSON; timings stay out).
 
-Timings differ on every run, so they stay out of the JSON files DVC tracks (the flow logs
-them to MLflow, and the stage functions still return them).
+Every write-then-rename in the project goes through `atomic_file` / `atomic_dir`, so a killed
+run never leaves a half-result that a later run would reuse.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+SCRATCH_SUFFIX = ".tmp"  # what `atomic_file` / `atomic_dir` name their scratch paths with
 
 
 def is_timing(key: str) -> bool:
@@ -23,6 +30,73 @@ def without_timings(values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def write_stable_json(values: Mapping[str, Any], path: Path) -> Path:
-    """Write `values` without timings as indented JSON (floats as floats)."""
-    Path(path).write_text(json.dumps(without_timings(values), indent=2, default=float) + "\n")
-    return Path(path)
+    """Write `values` without timings as indented JSON (floats as floats), atomically."""
+    return atomic_write(Path(path), (json.dumps(without_timings(values), indent=2, default=float) + "\n").encode())
+
+
+def _scratch_file(path: Path, suffix: str = "") -> Path:
+    """A new empty file beside `path` for a writer to fill, created with the usual mode (the
+    umask applies, as for any file the project writes; `tempfile.mkstemp` would make it 0600)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}{SCRATCH_SUFFIX}{suffix}")
+    os.close(os.open(scratch, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    return scratch
+
+
+def atomic_write(path: Path, data: bytes) -> Path:
+    """Write `data` to `path` through a sibling temporary file renamed over it."""
+    path = Path(path)
+    tmp = _scratch_file(path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, suffix: str = "") -> Iterator[Path]:
+    """A temporary path beside `path` for a writer that wants a file name (np.savez, to_parquet);
+    renamed to `path` when the block ends without error, removed otherwise. `suffix` keeps a
+    writer that appends its own extension (np.savez adds `.npz`) from renaming the wrong file."""
+    path = Path(path)
+    tmp = _scratch_file(path, suffix)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def is_scratch(path: Path) -> bool:
+    """A scratch file or directory of an unfinished write (a killed writer leaves it behind)."""
+    return Path(path).name.startswith(".") and Path(path).name.endswith(SCRATCH_SUFFIX)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path, *, keep_existing: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+    """A scratch directory beside `path`, renamed to `path` when the block ends without error
+    (removed otherwise). An existing `path` is replaced, unless `keep_existing(path)` says it is
+    a finished result (another process did the same work meanwhile): then it stays and the
+    scratch is dropped."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}{SCRATCH_SUFFIX}")
+    scratch.mkdir()  # the usual mode (tempfile.mkdtemp would make it 0700)
+    try:
+        yield scratch
+        kept = keep_existing is not None and path.exists() and keep_existing(path)
+        if not kept:
+            if path.exists():
+                shutil.rmtree(path)
+            try:
+                os.rename(scratch, path)
+            except OSError:  # appeared meanwhile
+                if keep_existing is None or not keep_existing(path):
+                    raise
+    finally:
+        if scratch.exists():
+            shutil.rmtree(scratch, ignore_errors=True)
