@@ -10,8 +10,6 @@ fine-tune of 300 steps x 64 pairs fit in about a minute (a full fine-tune: ~90 p
 
 from __future__ import annotations
 
-import copy
-import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from components.match.data import normalize_text
-from components.text.encoder import EMBEDDING_DIM, mean_pool, minilm_dir
+from components.text.encoder import EMBEDDING_DIM, load_minilm, mean_pool
 
 log = logging.getLogger(__name__)
 
@@ -35,22 +33,11 @@ class TowerConfig:
     max_ad_len: int = 48
 
 
-@functools.lru_cache(maxsize=1)
-def _pristine_minilm():
-    from transformers import AutoModel, AutoTokenizer
-
-    path = minilm_dir()
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="eager")
-    return tokenizer, model.eval()
-
-
 def load_minilm_eager():
     """(tokenizer, model) of the bundled MiniLM with eager attention, the plain softmax(QK^T)V
-    that `packed_layer` reproduces (so the HF forward is an exact reference for it).
-    Read from disk once per process; each call returns a fresh copy of the weights."""
-    tokenizer, model = _pristine_minilm()
-    return tokenizer, copy.deepcopy(model)
+    that `packed_layer` reproduces (so the HF forward is an exact reference for it); a fresh
+    copy of the weights each call."""
+    return load_minilm("cpu", attn_implementation="eager")
 
 
 def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

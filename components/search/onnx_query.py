@@ -5,7 +5,7 @@ that imports neither torch nor transformers (together about 4 s of a 6-7 s searc
 fine-tuned layers, mean pooled, L2-normalised) traced on padded tokens, the tokenizer file,
 and the word channel's query side (vocabulary, alpha, calibration) for
 `components.match.terms`, the numpy code the trained channel itself runs. The local bundle
-cache exports once per model version (`components.catalogue.live.resolve_model`); the
+cache exports once per model version (`components.registry.models.fetch_bundle`); the
 registered artifact does not carry the ~90 MB graph. `load` returns None when there is no
 export or the runtime is missing, and the caller takes the torch path.
 """
@@ -15,12 +15,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from components.match.data import normalize_text
+from components.match.terms import calibrated_query, query_term_weights
+from components.outputs import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -39,55 +41,45 @@ def available() -> bool:
 
 def export(scorer_dir: Path) -> Path | None:
     """Write `scorer_dir/onnx/` (atomically) and return it; None when the scorer is not a
-    two-tower the light tower rebuilds, or ONNX is not installed. Already there: kept."""
-    from components.search.query import light_meta
-
+    two-tower system or ONNX is not installed. Already there: kept."""
     scorer_dir = Path(scorer_dir)
     target = scorer_dir / EXPORT_DIR
     if (target / META_FILE).is_file():
         return target
-    meta = light_meta(scorer_dir) if (scorer_dir / "scorer.json").is_file() else None
-    if meta is None or not available():
+    if not available():
         return None
-    scratch = Path(tempfile.mkdtemp(prefix=".onnx-", dir=scorer_dir))
-    try:
-        _write(scorer_dir, meta, scratch)
-        os.replace(scratch, target)
-    except OSError:
-        if not (target / META_FILE).is_file():  # not another process's finished export
-            raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return target
-
-
-def _write(scorer_dir: Path, meta: dict, out: Path) -> None:
+    # torch-bound modules: exporting traces the torch tower; loading an export never needs them.
     import torch
 
     from components.match.encoder import PaddedTextTower
-    from components.search.query import light_net
+    from components.match.scorers import TwoTowerScorer, load_scorer
     from components.text.encoder import minilm_dir
 
-    net = light_net(scorer_dir, meta, "cpu")
+    scorer = load_scorer(scorer_dir, device="cpu", query_only=True)
+    if not isinstance(scorer, TwoTowerScorer):
+        return None
+    net = scorer.net
     tower = net.tower
-    sample = tower.tokenizer(["red star", "a christmas tree with lights"], padding=True, return_tensors="pt")
-    with torch.no_grad():
-        torch.onnx.export(PaddedTextTower(tower.bert), (sample["input_ids"], sample["attention_mask"]),
-                          str(out / GRAPH_FILE), dynamo=False, opset_version=OPSET,
-                          input_names=["input_ids", "attention_mask"], output_names=["embedding"],
-                          dynamic_axes={"input_ids": {0: "batch", 1: "tokens"},
-                                        "attention_mask": {0: "batch", 1: "tokens"}, "embedding": {0: "batch"}})
-    shutil.copyfile(minilm_dir() / TOKENIZER_FILE, out / TOKENIZER_FILE)
-    channel = net.word_channel
-    if channel is not None:
-        np.savez(out / CHANNEL_FILE, vocabulary=np.array(channel.vocabulary, dtype=str),
-                 scale=np.float32(channel.scale().detach()), calibrated=np.bool_(channel.calibrated),
-                 text_covariance=channel.text_covariance.numpy(),
-                 evidence_covariance=channel.evidence_covariance.numpy(),
-                 weight=np.float32(channel.calibrated_weight))
-    (out / META_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION, "dim": int(net.dim),
-                                             "max_query_len": int(tower.cfg.max_query_len),
-                                             "word_channel": channel is not None}, indent=2) + "\n")
+    with atomic_dir(target, keep_existing=lambda d: (d / META_FILE).is_file()) as out:
+        sample = tower.tokenizer(["red star", "a christmas tree with lights"], padding=True, return_tensors="pt")
+        with torch.no_grad():
+            torch.onnx.export(PaddedTextTower(tower.bert), (sample["input_ids"], sample["attention_mask"]),
+                              str(out / GRAPH_FILE), dynamo=False, opset_version=OPSET,
+                              input_names=["input_ids", "attention_mask"], output_names=["embedding"],
+                              dynamic_axes={"input_ids": {0: "batch", 1: "tokens"},
+                                            "attention_mask": {0: "batch", 1: "tokens"}, "embedding": {0: "batch"}})
+        shutil.copyfile(minilm_dir() / TOKENIZER_FILE, out / TOKENIZER_FILE)
+        channel = net.word_channel
+        if channel is not None:
+            np.savez(out / CHANNEL_FILE, vocabulary=np.array(channel.vocabulary, dtype=str),
+                     scale=np.float32(channel.scale().detach()), calibrated=np.bool_(channel.calibrated),
+                     text_covariance=channel.text_covariance.numpy(),
+                     evidence_covariance=channel.evidence_covariance.numpy(),
+                     weight=np.float32(channel.calibrated_weight))
+        (out / META_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION, "dim": int(net.dim),
+                                                 "max_query_len": int(tower.cfg.max_query_len),
+                                                 "word_channel": channel is not None}, indent=2) + "\n")
+    return target
 
 
 class OnnxQueryTower:
@@ -111,9 +103,6 @@ class OnnxQueryTower:
         self.vocabulary = [str(w) for w in self.channel["vocabulary"]] if self.channel else []
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        from components.match.data import normalize_text
-        from components.match.terms import calibrated_query, query_term_weights
-
         texts = [normalize_text(t) for t in texts]
         if not texts:
             return np.zeros((0, self.dim), np.float32)

