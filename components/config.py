@@ -7,14 +7,16 @@ applied here, with the same dotted keys as in `params.yaml`.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from components.align.config import AlignConfig
 from components.data.config import CocoConfig, DataConfig, SyntheticConfig, ValidateConfig  # noqa: F401 (re-exported)
-from components.evaluate.config import BenchmarkConfig
+from components.evaluate.config import BenchmarkConfig, Variant
 from components.match.config import MatchConfig
 from components.registry.config import PromoteConfig, RegistryConfig
 from components.retrieve.config import IndexConfig
@@ -78,28 +80,43 @@ class Params(BaseModel):
         return self.validate_
 
 
-def _parse_value(raw: str):
-    """`--set` values are YAML scalars: numbers, booleans, null and lists parse as such."""
-    return yaml.safe_load(raw) if raw != "" else ""
+def parse_override(item: str) -> tuple[str, Any]:
+    """`key.sub=value` -> ("key.sub", value), the value read as a YAML scalar (numbers,
+    booleans, null and lists parse as such; an empty value is the empty string). The one
+    parser of `--set` overrides and `align compare --variant` settings."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"override {item!r} is not of the form key=value (e.g. data.max_ads=500)")
+    return key.strip(), (yaml.safe_load(raw) if raw != "" else "")
 
 
 def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
     """Apply `key.sub=value` overrides to a nested params dict (returns a new dict)."""
-    import copy
-
     out = copy.deepcopy(raw)
     for item in overrides or []:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form key=value (e.g. data.max_ads=500)")
-        key, value = item.split("=", 1)
+        key, value = parse_override(item)
         node = out
-        parts = key.strip().split(".")
+        parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = _parse_value(value)
+        node[parts[-1]] = value
     return out
+
+
+def parse_variant(spec: str) -> Variant:
+    """`name:key=value,key=value` (or `key=value,...`, named by itself; `` = the params as
+    they are) -> an `align compare` variant, each setting read by `parse_override`."""
+    name, _, body = spec.rpartition(":") if ":" in spec else ("", "", spec)
+    overrides = {}
+    for item in filter(None, (part.strip() for part in body.split(","))):
+        try:
+            key, value = parse_override(item)
+        except ValueError:
+            raise ValueError(f"variant {spec!r}: expected key=value, got {item!r}") from None
+        overrides[key] = value
+    return Variant(name or body or "params", overrides)
 
 
 class UnknownKeyError(ValueError):

@@ -32,7 +32,7 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "train_matcher": ("components.match.stage",),
     "evaluate": ("components.evaluate.stage",),
     # registration: the search bundle and the MLflow model built from it (flow only, no DVC stage)
-    "register": ("components.search.engine", "components.registry.pyfunc", "components.registry.versions"),
+    "register": ("components.search.bundle", "components.catalogue.pyfunc", "components.registry.versions"),
 }
 
 

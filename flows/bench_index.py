@@ -13,6 +13,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from components.catalogue.encode import encode_ads
+from components.catalogue.live import open_engine
+from components.config import load_params
+from components.registry.tracking import configure_mlflow
+from components.retrieve.bench import (
+    BenchReport,
+    EmbeddingModel,
+    choose,
+    corpus,
+    measure_size,
+    write_report,
+)
+from flows.runtime import setup_runtime
+
 log = logging.getLogger(__name__)
 
 
@@ -21,11 +35,8 @@ def real_embeddings(model_uri: str, dataset_dir: Path, cache_dir: Path, num_quer
     up to `num_queries` of the dataset's non-training queries through its query tower (recall and
     latency are measured on them), and the second moments of its training queries' vectors
     (what a pq index whitens by, as `build_bundle` computes them)."""
-    from components.catalogue.live import _engine, current_catalogue, resolve_model
-
-    ref = resolve_model(model_uri, cache_dir)
-    catalogue = current_catalogue(ref, cache_dir)
-    engine = _engine(ref, catalogue)
+    engine, ref = open_engine(model_uri, cache_dir=cache_dir)
+    catalogue = engine.catalogue
     if catalogue.index.query_moments is None:
         raise ValueError(f"{ref.name} v{ref.version}: its index was built before the index kept query moments "
                          "(or ranked by cosine); register a new version (alignsearch run) to measure pq")
@@ -43,8 +54,6 @@ def encoding_throughput(engine, dataset_dir: Path, num_ads: int) -> dict:
     """Encode `num_ads` ads of the dataset with an empty feature cache (decode, parts, words, ad
     tower all run): ads/s, seconds per step, and what a 100k-ad catalogue would take."""
     import torch
-
-    from components.catalogue.encode import encode_ads
 
     ads = pd.read_parquet(Path(dataset_dir) / "ads.parquet").head(num_ads)
     with tempfile.TemporaryDirectory() as scratch:
@@ -65,14 +74,6 @@ def bench_index(model_uri: str, dataset_dir: Path, cache_dir: Path, out_dir: Pat
                 encode_ads: int = 200, threads: int = 1, skip: set[str] = frozenset(), console=None) -> dict:
     import faiss
 
-    from components.retrieve.bench import (
-        BenchReport,
-        EmbeddingModel,
-        choose,
-        corpus,
-        measure_size,
-        write_report,
-    )
 
     faiss.omp_set_num_threads(threads)
     base, queries, moments, engine, info = real_embeddings(model_uri, dataset_dir, cache_dir)
@@ -108,9 +109,6 @@ def bench_index(model_uri: str, dataset_dir: Path, cache_dir: Path, out_dir: Pat
 if __name__ == "__main__":  # a local run: the default champion, small sizes
     from rich.console import Console
 
-    from components.config import load_params
-    from components.registry.tracking import configure_mlflow
-    from flows.runtime import setup_runtime
 
     setup_runtime()
     cfg = load_params(Path("params.yaml"), [])

@@ -8,7 +8,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from components.config import Params
+from components.catalogue.live import catalogue_carrier
+from components.config import Params, load_params
+from components.registry.promotion import promote
 from components.registry.tracking import configure_mlflow
 from flows.retrain import retrain_flow
 from flows.runtime import setup_runtime
@@ -16,12 +18,10 @@ from flows.runtime import setup_runtime
 
 @task(name="promote", retries=1, retry_delay_seconds=10)
 def promote_task(params: dict[str, Any], dataset_dir: str | None) -> dict:
-    from components.registry.promotion import promote
-
     cfg = Params.model_validate(params)
     configure_mlflow(cfg.registry)
     decision = promote(cfg.registry, cfg.promote, dataset_dir=Path(dataset_dir) if dataset_dir else None,
-                       cache_dir=cfg.data.cache_dir)
+                       cache_dir=cfg.data.cache_dir, carry_catalogue=catalogue_carrier(cfg.registry, cfg.data.cache_dir))
     return asdict(decision)
 
 
@@ -41,8 +41,6 @@ def retrain_and_promote_flow(params_file: str = "params.yaml", overrides: list[s
 
     Params are read when the run starts, so a schedule picks up edits to `params_file`.
     """
-    from components.config import load_params
-
     setup_runtime()  # a deployment's worker starts here, not through the CLI
     params = load_params(Path(params_file), overrides).model_dump(mode="json", by_alias=True)
     retrained = retrain_flow(params)

@@ -34,7 +34,6 @@ import socket
 import tempfile
 import textwrap
 import time
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +42,20 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.context import TaskRunContext
 
-from components.config import Params
+from components.align.config import AlignConfig
+from components.align.stage import load_ad_words, run_align
+from components.catalogue.pyfunc import log_search_model
+from components.config import Params, load_params
+from components.data.build import build_dataset
+from components.data.config import DataConfig, ValidateConfig
+from components.data.format import dataset_hash, read_dataset
+from components.data.validate import ValidationError, validate_dataset
+from components.evaluate.stage import choose_system, run_evaluate
+from components.match.config import MatchConfig
+from components.match.stage import run_train_matcher
+from components.outputs import atomic_dir, is_scratch
+from components.registry.config import RegistryConfig
+from components.registry.lightning import RunLogger
 from components.registry.tracking import (
     code_version,
     configure_mlflow,
@@ -54,14 +66,21 @@ from components.registry.tracking import (
     numeric_metrics,
     source_tags,
 )
+from components.registry.versions import find_by_key
+from components.registry.versions import register as register_version
+from components.retrieve.config import IndexConfig
+from components.search.bundle import build_bundle
 from components.stages import files_version, module_code, stage_code_version
+from components.systems import IMAGE_SYSTEMS
+from components.vision.config import PartsConfig
+from components.vision.stage import load_features
+from flows.compute import extract_features
 from flows.runtime import setup_runtime
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DONE_FILE = "DONE"  # written last into a stage directory: its outputs are complete
-TMP_PREFIX = ".tmp-"  # a stage directory being written (renamed to its key when complete)
 LOCK_FILE = ".retrain.lock"
 SOURCE_NAME = "flows/retrain.py:retrain_flow"  # the run page's Source, the same from CLI, schedule, deployment
 
@@ -115,36 +134,22 @@ def _done(out_dir: Path) -> dict | None:
         return None
 
 
-@contextmanager
-def _staging(out_dir: Path):
-    """A fresh temporary directory beside `out_dir` for the stage to write into; removed if the
-    stage fails. `_publish` renames it to `out_dir`."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f"{TMP_PREFIX}{out_dir.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+def _is_done(out_dir: Path) -> bool:
+    return _done(out_dir) is not None
 
 
-def _publish(tmp: Path, out_dir: Path, payload: dict) -> dict:
-    """Record `payload` (paths under `tmp` rewritten to `out_dir`) and rename `tmp` to `out_dir`:
-    the stage directory appears complete or not at all."""
+def _stage(out_dir: Path):
+    """Where a stage writes: a scratch directory renamed to `out_dir` when the stage finished
+    (`components.outputs.atomic_dir`). A finished directory that another run published
+    meanwhile (same key, same inputs) is kept; an unfinished leftover (a failed validation's
+    report) is replaced."""
+    return atomic_dir(Path(out_dir), keep_existing=_is_done)
+
+
+def _mark_done(tmp: Path, out_dir: Path, payload: dict) -> None:
+    """Record `payload` (paths under `tmp` rewritten to `out_dir`) as the last file of the stage."""
     payload = json.loads(json.dumps(payload, default=str).replace(str(tmp), str(out_dir)))
     (tmp / DONE_FILE).write_text(json.dumps(payload) + "\n")
-    if out_dir.exists() and _done(out_dir) is None:  # an unfinished leftover (a failed validation's report)
-        shutil.rmtree(out_dir)
-    try:
-        os.rename(tmp, out_dir)
-    except OSError:  # someone published this key meanwhile (same inputs): theirs is as good
-        done = _done(out_dir)
-        if done is None:
-            raise
-        return done
-    return payload
 
 
 def _reused(out_dir: Path) -> dict | None:
@@ -199,8 +204,9 @@ def retrain_lock(flow_dir: Path):
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
                   .encode(), 0)
         # Temporary stage directories left here are from killed runs (only the holder writes).
-        for tmp in flow_dir.glob(f"*/{TMP_PREFIX}*"):
-            shutil.rmtree(tmp, ignore_errors=True)
+        for tmp in flow_dir.glob("*/.*"):
+            if is_scratch(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
         _held_locks[flow_dir] = 1
         try:
             yield path
@@ -223,9 +229,6 @@ def flow_dataset_dir(data) -> Path:
 @task(name="resolve-dataset", retries=2, retry_delay_seconds=5)
 def resolve_dataset(data: dict) -> dict:
     """Build `data.source` into `data/<source>` (beside `data.out_dir`), or take `data.path`."""
-    from components.config import DataConfig
-    from components.data.build import build_dataset
-    from components.data.format import dataset_hash, read_dataset
 
     cfg = DataConfig(**data)
     dataset_dir = flow_dataset_dir(cfg)
@@ -240,94 +243,82 @@ def resolve_dataset(data: dict) -> dict:
 def validate(key: str, dataset_dir: str, validation: dict, report_dir: str) -> dict:
     """Great Expectations validation; raises `ValidationError` (stopping the flow) on failure,
     with its report left in `report_dir` (a failed validation is not cached)."""
-    from components.config import ValidateConfig
-    from components.data.validate import ValidationError, validate_dataset
 
     report = Path(report_dir)
     if (done := _reused(report)) is not None:
         return done
-    with _staging(report) as tmp:
+    with _stage(report) as tmp:
         result = validate_dataset(Path(dataset_dir), ValidateConfig(**validation), report_dir=tmp)
-        payload = {"report_dir": report_dir, "num_rules": result.num_rules,
-                   "metrics": {"seconds": round(result.seconds, 2)}}
         if result.success:
-            return _publish(tmp, report, payload)
-        # The report of a failure is kept where the flow logs it from, with no DONE file: it is
-        # never taken for a pass, and the next run replaces it.
-        shutil.rmtree(report, ignore_errors=True)
-        os.rename(tmp, report)
+            _mark_done(tmp, report, {"report_dir": report_dir, "num_rules": result.num_rules,
+                                     "metrics": {"seconds": round(result.seconds, 2)}})
+        # The report of a failure is published too, with no DONE file: it is never taken for a
+        # pass, and the next run replaces it.
+    if not result.success:
         raise ValidationError(result)
+    return _done(report)
 
 
 @task(name="features", **STAGE_TASK)
 def features(key: str, vision: dict, dataset_dir: str, out_dir: str, cache_dir: str,
              compute: dict | None = None) -> dict:
     """In-process, or as shard tasks on Dask when `compute` asks (flows/compute.py): same file."""
-    from flows.compute import extract_features
 
     if (done := _reused(Path(out_dir))) is not None:
         return done
-    with _staging(Path(out_dir)) as tmp:
-        payload = extract_features(vision, dataset_dir, str(tmp), cache_dir, compute)
-        return _publish(tmp, Path(out_dir), payload)
+    with _stage(Path(out_dir)) as tmp:
+        _mark_done(tmp, Path(out_dir), extract_features(vision, dataset_dir, str(tmp), cache_dir, compute))
+    return _done(Path(out_dir))
 
 
 @task(name="align", **STAGE_TASK)
 def align(key: str, align_cfg: dict, dataset_dir: str, features_path: str, out_dir: str, cache_dir: str,
           gallery_size: int, fraction: float, query_seed: int) -> dict:
-    from components.align.config import AlignConfig
-    from components.align.stage import run_align
-    from components.vision.stage import load_features
 
     if (done := _reused(Path(out_dir))) is not None:
         return done
-    with _staging(Path(out_dir)) as tmp:
+    with _stage(Path(out_dir)) as tmp:
         result = run_align(AlignConfig(**align_cfg), dataset_dir=Path(dataset_dir),
                            features=load_features(Path(features_path)), out_dir=tmp,
                            cache_dir=Path(cache_dir), gallery_size=gallery_size, fraction=fraction,
                            query_seed=query_seed)
-        return _publish(tmp, Path(out_dir), {
+        _mark_done(tmp, Path(out_dir), {
             "model_dir": str(result.model_dir), "words_path": str(result.words_path),
             "gallery_path": str(result.gallery_path) if result.gallery_path else None, "metrics": result.metrics})
+    return _done(Path(out_dir))
 
 
 @task(name="train-matcher", **STAGE_TASK)
 def train_matcher(key: str, match_cfg: dict, system: str, dataset_dir: str, features_path: str,
                   words_path: str, out_dir: str, mlflow_run_id: str | None = None,
                   tracking_uri: str | None = None) -> dict:
-    from components.align.stage import load_ad_words
-    from components.match.config import MatchConfig
-    from components.match.stage import run_train_matcher
-    from components.vision.stage import load_features
 
     if (done := _reused(Path(out_dir))) is not None:
         return done
     words, word_logits = load_ad_words(Path(words_path))
-    with _staging(Path(out_dir)) as tmp:
+    with _stage(Path(out_dir)) as tmp:
         result = run_train_matcher(MatchConfig(**match_cfg), dataset_dir=Path(dataset_dir), out_dir=tmp,
                                    system=system, features=load_features(Path(features_path)),
                                    words=words, word_logits=word_logits,
                                    logger=_lightning_logger("matcher", mlflow_run_id, tracking_uri))
-        return _publish(tmp, Path(out_dir), {"scorer_dir": str(result.scorer_dir), "metrics": result.metrics})
+        _mark_done(tmp, Path(out_dir), {"scorer_dir": str(result.scorer_dir), "metrics": result.metrics})
+    return _done(Path(out_dir))
 
 
 @task(name="evaluate", **STAGE_TASK)
 def evaluate(key: str, match_cfg: dict, seed: int, dataset_dir: str, scorer_dir: str, features_path: str,
              words_path: str, out_dir: str) -> dict:
-    from components.align.stage import load_ad_words
-    from components.evaluate.stage import run_evaluate
-    from components.match.config import MatchConfig
-    from components.vision.stage import load_features
 
     if (done := _reused(Path(out_dir))) is not None:
         return done
     words, word_logits = load_ad_words(Path(words_path))
-    with _staging(Path(out_dir)) as tmp:
+    with _stage(Path(out_dir)) as tmp:
         result = run_evaluate(dataset_dir=Path(dataset_dir), scorer_dir=Path(scorer_dir), out_dir=tmp,
                               features=load_features(Path(features_path)), words=words, word_logits=word_logits,
                               seed=seed, match_cfg=MatchConfig(**match_cfg))
-        return _publish(tmp, Path(out_dir), {"metrics_path": str(result.metrics_path), "metrics": result.metrics,
-                                             "plots": {k: str(v) for k, v in result.plot_paths.items()}})
+        _mark_done(tmp, Path(out_dir), {"metrics_path": str(result.metrics_path), "metrics": result.metrics,
+                                        "plots": {k: str(v) for k, v in result.plot_paths.items()}})
+    return _done(Path(out_dir))
 
 
 @task(name="register", retries=2, retry_delay_seconds=10)
@@ -339,15 +330,6 @@ def register(run_id: str, model_key: str, registry: dict, vision: dict, index: d
     (`implicit_fusion_words`), which encodes the catalogue from it; None for the others."""
     import mlflow
 
-    from components.align.stage import load_ad_words
-    from components.registry.config import RegistryConfig
-    from components.registry.pyfunc import log_search_model
-    from components.registry.versions import find_by_key
-    from components.registry.versions import register as register_version
-    from components.retrieve.config import IndexConfig
-    from components.search.engine import build_bundle
-    from components.vision.config import PartsConfig
-    from components.vision.stage import load_features
 
     cfg = RegistryConfig(**registry)
     existing = find_by_key(cfg.model_name, model_key)
@@ -372,7 +354,6 @@ def _lightning_logger(prefix: str, run_id: str | None, tracking_uri: str | None)
     """Lightning's MLflow logger writing into the flow's run (keys prefixed by the stage)."""
     if run_id is None:
         return None
-    from components.registry.lightning import RunLogger
 
     return RunLogger(run_id=run_id, tracking_uri=tracking_uri, prefix=prefix)
 
@@ -418,8 +399,6 @@ def retrain_flow(params: dict[str, Any]) -> dict:
 def _retrain(cfg: Params, params: dict[str, Any]) -> dict:
     import mlflow
 
-    from components.evaluate.stage import choose_system
-    from components.systems import IMAGE_SYSTEMS
 
     started = time.perf_counter()
     logger = get_run_logger()
@@ -553,7 +532,6 @@ def _retrain(cfg: Params, params: dict[str, Any]) -> dict:
 if __name__ == "__main__":  # python -m flows.retrain [--set key=value ...]: one local run
     import sys
 
-    from components.config import load_params
 
     overrides = [arg for flag, arg in zip(sys.argv[1::2], sys.argv[2::2], strict=False) if flag == "--set"]
     print(json.dumps(retrain_flow(load_params(Path("params.yaml"), overrides).model_dump(mode="json", by_alias=True)),

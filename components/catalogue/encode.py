@@ -6,7 +6,8 @@ uses, so this follows whatever the model does.
     images --extract_parts_cached--> parts --translate_ads (the version's alignment)--> visual
     words + per-word logits --match_data--> AdSide --TwoTowerScorer.encode_ads--> embeddings
 
-(`components.search.engine.SearchEngine.score_split` and `build_bundle` chain the same calls.)
+(`components.search.engine.SearchEngine.score_split` and `components.search.bundle.build_bundle`
+chain the same calls.)
 Big batches go through in chunks so memory stays flat, with a progress bar and a measured
 ads/s; the vision step uses a GPU when one exists (`extract_parts` picks CUDA) and parallel
 decode threads otherwise.
@@ -21,6 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
+
+from components.data.format import Dataset
+from components.match.data import QuerySide, match_data
+from components.search.engine import ad_features
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +60,8 @@ def encode_ads(engine, ads: pd.DataFrame, root: Path, *, cache_dir: Path, progre
 
     `known_word_vectors`: vectors already computed (the catalogue's), not encoded again.
     """
-    from tqdm.auto import tqdm
-
+    # torch-bound (the alignment network): imported here, so a one-off search never loads torch
     from components.align.stage import translate_ads
-    from components.data.format import Dataset
-    from components.match.data import QuerySide, match_data
-    from components.search.engine import ad_features
 
     loading = time.perf_counter()
     needs_images = engine.scorer.net.image_head is not None  # the models load here, not in the rate

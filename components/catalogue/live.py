@@ -1,6 +1,7 @@
-"""Operations on the live catalogue of a registered model version: add, remove, re-index for a
-new champion, and keep a running search engine on the current version.
+"""Operations on the live catalogue of a registered model version: open a search engine on
+it, add, remove, re-index for a new champion, and keep a running engine on the current version.
 
+    open_engine(uri)         the one way from a model URI to a SearchEngine (bundle + live ads)
     add_ads(uri, dir)        validate -> encode with that version's model -> new version (run)
     remove_ads(uri, ids)     -> new version without them
     reindex(name, a, b)      the live ads of version a encoded by version b (promotion)
@@ -13,38 +14,29 @@ compare-and-set on the pointer (`versions.publish`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
-import os
-import shutil
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
 
 from components.catalogue import versions
-from components.catalogue.store import Catalogue, from_bundle
+from components.catalogue.encode import encode_ads
+from components.catalogue.validate import read_new_ads, validate_new_ads
+from components.registry.config import RegistryConfig
+from components.registry.models import ModelRef, open_model, version_of_run
+from components.registry.versions import training_dataset_dir
+from components.search.bundle import bundle_catalogue
+from components.search.catalogue import Catalogue
+from components.search.engine import SearchEngine
 
 log = logging.getLogger(__name__)
 
 SELF_REF = "run:SELF/"  # an image of the version being published (its run id is not known yet)
-
-
-@dataclass
-class ModelRef:
-    """A registered model version and its search bundle on local disk."""
-
-    name: str
-    version: str
-    bundle_dir: Path
-    dataset_dir: Path | None
-    run_id: str = ""
-
-    @property
-    def uri(self) -> str:
-        return f"models:/{self.name}/{self.version}"
 
 
 @dataclass
@@ -58,70 +50,30 @@ class ChangeResult:
     step_seconds: dict[str, float] = field(default_factory=dict)
 
 
-def bundle_cache(cache_dir: Path, run_id: str) -> Path:
-    """Where a version's bundle is kept locally: keyed by the run that logged it (a run id is
-    unique across stores; `name/version` is not: every store has an `alignsearch` v1)."""
-    return Path(cache_dir) / "catalogue" / "bundles" / run_id / "bundle"
-
-
-def resolve_model(model_uri: str, cache_dir: Path) -> ModelRef:
-    """`models:/name@alias` or `models:/name/N` -> the version, its bundle (downloaded once per
-    version into `cache_dir`) and its training dataset."""
-    from components.registry.versions import describe, download_bundle, training_dataset_dir
-
-    info = describe(model_uri)
-    if not info:
-        raise LookupError(f"{model_uri}: no such registered model version (run `alignsearch retrain` and "
-                          "`alignsearch promote`, or pass --model-uri models:/NAME/VERSION)")
-    name, version = info["name"], info["version"]
-    from mlflow import MlflowClient
-
-    dataset_dir = training_dataset_dir(MlflowClient().get_model_version(name, version))
-    run_id = info.get("run_id") or ""
-    target = bundle_cache(cache_dir, run_id) if run_id else None
-    if target is None:  # a version without a run: no safe cache key, fetch it every time
-        target = Path(tempfile.mkdtemp(prefix="alignsearch-bundle-")) / "bundle"
-    if not (target / "bundle.json").is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
-        try:
-            got = download_bundle(f"models:/{name}/{version}", scratch)
-            _export_query_tower(got)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(got, target)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-    elif run_id:  # cached before query towers were exported
-        _export_query_tower(target)
-    return ModelRef(name, version, target, dataset_dir, run_id)
-
-
-def _export_query_tower(bundle_dir: Path) -> None:
-    """The ONNX query tower next to the cached scorer, so later one-off searches of this version
-    need neither torch nor transformers; a failed export costs only that speed."""
-    from components.search import onnx_query
-
-    try:
-        onnx_query.export(bundle_dir / "scorer")
-    except Exception as exc:  # noqa: BLE001 - an optimisation: the torch tower still answers
-        log.warning("%s: no ONNX query tower (%s: %s); searches use the torch tower", bundle_dir, type(exc).__name__,
-                    exc)
-
-
-def current_catalogue(ref: ModelRef, cache_dir: Path) -> Catalogue:
-    """The version's current catalogue: the latest recorded change, or version 0 (its bundle)."""
-    found = versions.pointer(ref.name, ref.version)
+def current_catalogue(ref: ModelRef, cache_dir: Path, *, fresh: bool = True) -> Catalogue:
+    """The version's current catalogue: the latest recorded change, or version 0 (its bundle).
+    `fresh`: read the pointer from the registry now; else the one `ref` was opened with (a
+    one-off search: no MLflow import when the version is cached)."""
+    found = versions.pointer(ref.name, ref.version) if fresh else versions.pointer_from_tags(ref.tags)
     if found is None:
-        return from_bundle(ref.bundle_dir, model_name=ref.name, model_version=ref.version,
-                           dataset_dir=ref.dataset_dir)
+        return bundle_catalogue(ref.bundle_dir, model_name=ref.name, model_version=ref.version,
+                                dataset_dir=ref.dataset_dir)
     return versions.load_version(found[0], cache_dir)
 
 
-def _engine(ref: ModelRef, catalogue: Catalogue | None = None):
-    from components.search.engine import SearchEngine
-
-    return SearchEngine(ref.bundle_dir, catalogue=catalogue)
+def open_engine(model_uri: str, *, cache_dir: Path, tracking_uri: str | None = None,
+                catalogue: Literal["current", "bundle"] = "current") -> tuple[SearchEngine, ModelRef]:
+    """The one way from a model URI to a search engine: the version's bundle (cached locally,
+    with its ONNX query tower) over its current live catalogue (`catalogue="bundle"`: the ads
+    it was registered with). `tracking_uri`: a local sqlite store answers without MLflow when
+    the version and its catalogue are cached. `LookupError` when there is no such version."""
+    ref = open_model(model_uri, cache_dir, tracking_uri=tracking_uri)
+    if catalogue == "bundle":
+        chosen = bundle_catalogue(ref.bundle_dir, model_name=ref.name, model_version=ref.version,
+                                  dataset_dir=ref.dataset_dir)
+    else:
+        chosen = current_catalogue(ref, cache_dir, fresh=False)
+    return SearchEngine(ref.bundle_dir, catalogue=chosen), ref
 
 
 def _image_name(path: Path) -> str:
@@ -141,21 +93,18 @@ def add_ads(model_uri: str, ads_dir: Path, *, validate_cfg, cache_dir: Path, exp
     """Validate, encode and add the ads of `ads_dir` (ads.parquet + images/) to the live
     catalogue of the version behind `model_uri`. Any bad row: `ValidationError` naming it,
     nothing added. An ad id already in the catalogue is replaced."""
-    from components.catalogue.encode import encode_ads
-    from components.catalogue.validate import read_new_ads, validate_new_ads
-
     ads_dir = Path(ads_dir)
     validate_new_ads(ads_dir, validate_cfg).raise_if_failed()
     ads = read_new_ads(ads_dir)
-    ref = resolve_model(model_uri, cache_dir)
-    engine = _engine(ref, current_catalogue(ref, cache_dir))
+    ref = open_model(model_uri, cache_dir)
+    engine = SearchEngine(ref.bundle_dir, catalogue=current_catalogue(ref, cache_dir))
     encoded = encode_ads(engine, ads, ads_dir, cache_dir=cache_dir, progress=progress,
                          known_word_vectors=engine.catalogue.word_vectors)
     files = [ads_dir / str(p) for p in ads["image_path"]]
     names = [_image_name(f) for f in files]
     rows = _encoded_rows(encoded, [SELF_REF + f"images/{n}" for n in names])
     images = dict(zip(names, files, strict=True))
-    with versions.catalogue_lock():
+    with versions.catalogue_lock(ref.name):
         base = current_catalogue(ref, cache_dir)
         new = base.changed(added=rows, added_embeddings=encoded.embeddings,
                            added_word_vectors={**engine.catalogue.word_vectors, **encoded.word_vectors})
@@ -167,8 +116,8 @@ def add_ads(model_uri: str, ads_dir: Path, *, validate_cfg, cache_dir: Path, exp
 
 def remove_ads(model_uri: str, ad_ids: list[str], *, cache_dir: Path, experiment: str) -> ChangeResult:
     """Take `ad_ids` out of the live catalogue (an id that is not in it: `KeyError`, nothing removed)."""
-    ref = resolve_model(model_uri, cache_dir)
-    with versions.catalogue_lock():
+    ref = open_model(model_uri, cache_dir)
+    with versions.catalogue_lock(ref.name):
         base = current_catalogue(ref, cache_dir)
         new = base.changed(removed=[str(a) for a in ad_ids])
         published = _publish(new, None, experiment, base.run_id, {})
@@ -193,15 +142,13 @@ def reindex(name: str, from_version: str | None, to_version: str, *, cache_dir: 
     (no champion, or its catalogue is still version 0: the new version serves its own ads).
     An ad whose image cannot be found raises: a promotion must not serve a catalogue that
     another model encoded."""
-    from components.catalogue.encode import encode_ads
-
     if from_version is None:
         return None
-    source_ref = resolve_model(f"models:/{name}/{from_version}", cache_dir)
+    source_ref = open_model(f"models:/{name}/{from_version}", cache_dir)
     source = current_catalogue(source_ref, cache_dir)
     if source.version == 0:
         return None
-    target_ref = resolve_model(f"models:/{name}/{to_version}", cache_dir)
+    target_ref = open_model(f"models:/{name}/{to_version}", cache_dir)
     already = current_catalogue(target_ref, cache_dir)
     if any(str(source.run_id) in item for item in already.change.get("reindexed_from", [])):
         return already  # done by an earlier attempt of this promotion
@@ -212,10 +159,10 @@ def reindex(name: str, from_version: str | None, to_version: str, *, cache_dir: 
                                 f"no image for {len(lost)} ads, e.g. {lost[:5]}; not switched")
     frame = pd.DataFrame({"ad_id": source.ads["ad_id"], "title": source.ads["title"],
                           "image_path": [str(f) for f in files], "split": "test"})
-    engine = _engine(target_ref)
+    engine = SearchEngine(target_ref.bundle_dir)
     encoded = encode_ads(engine, frame, Path("/"), cache_dir=cache_dir, progress=progress)
     rows = _encoded_rows(encoded, source.ads["image_ref"].astype(str).tolist())
-    with versions.catalogue_lock():
+    with versions.catalogue_lock(name):
         base = current_catalogue(target_ref, cache_dir)
         vectors = {**engine.catalogue.word_vectors, **encoded.word_vectors}
         new = Catalogue(rows, encoded.embeddings, {w: v for w, v in vectors.items()
@@ -226,6 +173,13 @@ def reindex(name: str, from_version: str | None, to_version: str, *, cache_dir: 
                         _previous_index=engine.catalogue.index)  # the target model's query moments
         metrics = {"encode_seconds": encoded.seconds, "encode_ads_per_second": encoded.ads_per_second}
         return _publish(new, None, experiment, base.run_id, metrics)
+
+
+def catalogue_carrier(registry: RegistryConfig, cache_dir: Path, progress: bool = False):
+    """What promotion runs before `champion` moves (`promote(carry_catalogue=...)`): the
+    champion's live catalogue re-encoded by the challenger's model (`reindex`)."""
+    return functools.partial(reindex, registry.model_name, cache_dir=cache_dir, experiment=registry.experiment,
+                             progress=progress)
 
 
 class CatalogueWatcher:
@@ -252,7 +206,7 @@ class CatalogueWatcher:
                 if run_id == self.run_id:
                     return False
                 if run_id is None:  # pointer cleared: back to the model's own ads
-                    ref = resolve_model(f"models:/{self.name}/{self.version}", self.cache_dir)
+                    ref = open_model(f"models:/{self.name}/{self.version}", self.cache_dir)
                     catalogue = current_catalogue(ref, self.cache_dir)
                 else:
                     catalogue = versions.load_version(run_id, self.cache_dir)
@@ -285,29 +239,13 @@ class CatalogueWatcher:
             self._thread.join(timeout=5)
 
 
-def attach_current(engine, model_dir: Path, cache_dir: Path | None = None) -> tuple[str, str] | None:
-    """Point a pyfunc's engine at the current catalogue of the registered version it was logged
-    as: the version is found from the run in the model's MLmodel file. Returns (name, version),
-    or None when the model is not a registered version of this store (it keeps its own ads)."""
-    import mlflow
-    import yaml
-    from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
-
-    mlmodel = Path(model_dir) / "MLmodel"
-    if not mlmodel.is_file() or not (is_tracking_uri_set() or os.environ.get("MLFLOW_TRACKING_URI")):
+def attach_current(engine: SearchEngine, run_id: str, cache_dir: Path) -> tuple[str, str] | None:
+    """Point an engine opened from a logged model at the current catalogue of the registered
+    version that run logged. Returns (name, version), or None when the run logged no
+    registered version of this store (the engine keeps its own ads)."""
+    version = version_of_run(run_id)
+    if version is None:
         return None
-    run_id = (yaml.safe_load(mlmodel.read_text()) or {}).get("run_id")
-    if not run_id:
-        return None
-    found = mlflow.MlflowClient().search_model_versions(f"run_id = '{run_id}'")
-    if not found:
-        return None
-    version = max(found, key=lambda v: int(v.version))
-    cache_dir = Path(cache_dir or Path(tempfile.gettempdir()) / "alignsearch-catalogue")
-    from components.registry.versions import training_dataset_dir
-
     ref = ModelRef(version.name, str(version.version), engine.bundle_dir, training_dataset_dir(version), run_id)
     engine.use_catalogue(current_catalogue(ref, cache_dir))
     return version.name, str(version.version)
-
-

@@ -10,21 +10,24 @@ traces to a run, the run to its model version, and it works unchanged against a 
 MLflow server with S3 artifacts. DVC would need a git commit from the serving host for
 every hourly catalogue change, and would not tie a catalogue to a model version.
 
-Changes are serialised per store (a file lock beside a sqlite store) and the pointer is
-moved with compare-and-set: a change computed from a version that has since moved is refused.
+Changes are serialised per store (`components.registry.lock`: a file lock beside a sqlite
+store, a lock model on a server) and the pointer is moved with compare-and-set: a change
+computed from a version that has since moved is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-from components.catalogue.store import IMAGES_DIR, Catalogue
-from components.locks import file_lock
+from components.outputs import atomic_dir
+from components.registry.lock import store_lock
+from components.registry.tracking import client as _client
+from components.registry.versions import registry_error
+from components.search.catalogue import IMAGES_DIR, Catalogue, is_saved
 
 log = logging.getLogger(__name__)
 
@@ -38,40 +41,30 @@ class CatalogueConflict(RuntimeError):
     """The catalogue moved while this change was computed from an older version."""
 
 
-def _client():
-    from mlflow import MlflowClient
-
-    return MlflowClient()
-
-
 def pointer(model_name: str, model_version: str) -> tuple[str, int] | None:
     """(run id, version number) of the current catalogue of a model version; None: version 0
     (the model's own ads)."""
-    from components.registry.versions import registry_error
-
     try:
         version = _client().get_model_version(model_name, str(model_version))
     except Exception as exc:
         raise registry_error(f"reading {model_name} v{model_version}", exc) from exc
-    tags = version.tags or {}
+    return pointer_from_tags(version.tags or {})
+
+
+def pointer_from_tags(tags: dict[str, str]) -> tuple[str, int] | None:
+    """The pointer as a model version's tags hold it (read by `pointer`, or by a fast read)."""
     if not tags.get(RUN_ID_TAG):
         return None
     return tags[RUN_ID_TAG], int(tags.get(VERSION_TAG, "0"))
 
 
-@contextlib.contextmanager
-def catalogue_lock(timeout_s: float = 600.0):
-    """One catalogue change at a time per local sqlite store (a file lock beside it); on a
-    server the compare-and-set on the pointer still refuses a lost update."""
-    import mlflow
+CATALOGUE_LOCK_TIMEOUT_S = 600.0
 
-    uri = mlflow.get_registry_uri() or ""
-    if not uri.startswith("sqlite:///"):
-        yield
-        return
-    path = Path(uri.removeprefix("sqlite:///") + ".catalogue.lock")
-    with file_lock(path, timeout_s, lambda p: CatalogueConflict(
-            f"another catalogue change holds {p} for over {timeout_s:.0f} s")):
+
+@contextlib.contextmanager
+def catalogue_lock(model_name: str, timeout_s: float = CATALOGUE_LOCK_TIMEOUT_S) -> Iterator[None]:
+    """One catalogue change at a time per store (`components.registry.lock.store_lock`)."""
+    with store_lock(model_name, "catalogue", timeout_s=timeout_s):
         yield
 
 
@@ -95,9 +88,6 @@ def publish(catalogue: Catalogue, *, experiment: str, images: dict[str, Path] | 
     """Record `catalogue` (a `Catalogue.changed` result) as a run and make it the model
     version's current catalogue, if the current one is still `expected_run_id`.
     `before_save(run_id)`: called once the run exists, before the version is written."""
-
-    from components.registry.versions import registry_error
-
     client = _client()
     name, version = catalogue.model_name, catalogue.model_version
     current = pointer(name, version)
@@ -144,20 +134,12 @@ def fetch(run_id: str, cache_dir: Path) -> Path:
     import mlflow
 
     target = local_dir(cache_dir, run_id)
-    if (target / "catalogue.json").is_file():
+    if is_saved(target):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
-    try:
-        got = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=ARTIFACT_PATH,
-                                                       dst_path=str(scratch)))
-        try:
-            os.replace(got, target)
-        except OSError:
-            if not (target / "catalogue.json").is_file():  # not another process that won the race
-                raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    with atomic_dir(target, keep_existing=is_saved) as scratch, tempfile.TemporaryDirectory(dir=scratch.parent) as download:
+        got = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=ARTIFACT_PATH, dst_path=download))
+        for item in got.iterdir():
+            item.rename(scratch / item.name)
     return target
 
 

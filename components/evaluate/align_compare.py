@@ -14,7 +14,6 @@ Everything is seeded, so the table is a function of the dataset, the params and 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -22,10 +21,12 @@ import pandas as pd
 from components.align.config import AlignConfig
 from components.align.stage import load_ad_words, run_align
 from components.data.format import read_dataset
+from components.evaluate.config import Variant
 from components.evaluate.subsets import evaluate_scores
 from components.match.config import MatchConfig
 from components.match.data import match_data
-from components.match.systems import calibrate_word_channel, load_scorer, train_system
+from components.match.scorers import load_scorer
+from components.match.systems import calibrate_word_channel, train_system
 from components.match.words import WordChannel
 from components.metrics import ScoreMatrix
 from components.vision.parts import PartsFeatures
@@ -34,27 +35,6 @@ log = logging.getLogger(__name__)
 
 TEXT_ONLY_DIR = "text_only"
 TABLE_FILE = "align_compare.csv"
-
-
-@dataclass
-class Variant:
-    name: str
-    overrides: dict
-
-
-def parse_variant(spec: str) -> Variant:
-    """'name:key=value,key=value' (or 'key=value,...', named by itself; '' = the params as
-    they are) -> Variant with parsed values (`true`/`false`/numbers as YAML reads them)."""
-    import yaml
-
-    name, _, body = spec.rpartition(":") if ":" in spec else ("", "", spec)
-    overrides = {}
-    for item in filter(None, (part.strip() for part in body.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"variant {spec!r}: expected key=value, got {item!r}")
-        overrides[key.strip()] = yaml.safe_load(value)
-    return Variant(name or body or "params", overrides)
 
 
 def compare_alignments(variants: list[Variant], *, align_cfg: AlignConfig, match_cfg: MatchConfig,

@@ -277,7 +277,7 @@ def run_benchmark(cfg: BenchmarkConfig, *, dataset_dir: Path, out_dir: Path, cac
     gives one that runs them as Prefect tasks on Dask. The rows are the same either way.
     """
     from components.align.stage import WORDS_FILE, run_align
-    from components.vision.cache import extract_parts_cached
+    from components.vision.stage import dataset_features
 
     started = time.perf_counter()
     out_dir, cache_dir = Path(out_dir), Path(cache_dir)
@@ -306,8 +306,7 @@ def run_benchmark(cfg: BenchmarkConfig, *, dataset_dir: Path, out_dir: Path, cac
 
     # 1. visual parts of every ad, once (cached on disk by image content + config)
     t = time.perf_counter()
-    paths = [dataset.image_file(p) for p in dataset.ads["image_path"].astype(str)]
-    features = extract_parts_cached(paths, parts_cfg, cache_dir=cache_dir / "features")
+    features = dataset_features(dataset, parts_cfg, cache_dir)
     timings["features_seconds"] = time.perf_counter() - t
 
     # 2. the alignment per (variant, fraction, seed), through the align stage

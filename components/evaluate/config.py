@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from components.systems import ABLATIONS, SYSTEMS, AblationName, SplitName, SystemName
@@ -34,3 +36,11 @@ class BenchmarkConfig(BaseModel):
             raise ValueError(f"fractions must be in (0, 1], got {value}")
         return sorted(set(value))
 
+
+@dataclass
+class Variant:
+    """One alignment setting of `alignsearch align compare`: a name and `align.*` overrides
+    (`components.config.parse_variant` reads them from `name:key=value,...`)."""
+
+    name: str
+    overrides: dict

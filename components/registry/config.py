@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from components.systems import RegisteredSystem
+
 
 class RegistryConfig(BaseModel):
     """Where runs and models go. `MLFLOW_TRACKING_URI` in the environment wins over
@@ -17,8 +19,8 @@ class RegistryConfig(BaseModel):
     experiment: str = "alignsearch"
     model_name: str = "alignsearch"
     # The system the retraining flow trains, bundles and registers (a two-tower system).
-    system: str = "ours"
-    title_less_system: str | None = Field(
+    system: RegisteredSystem = "ours"
+    title_less_system: RegisteredSystem | None = Field(
         "implicit_fusion_words", description="on a dataset without titles (COCO-style) the flow also trains "
         "this system beside `system` and registers whichever ranks the valid split better (ndcg@10; a tie "
         "keeps `system`): there `ours` sees the image only through a few words; None = always `system`")

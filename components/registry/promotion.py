@@ -12,34 +12,40 @@ Safe to retry and to run twice at once:
   never happened (a crash in between) is completed by the next run: one champion, one record;
 - a registry error is never read as "no champion" (`versions.by_alias`): it stops the
   promotion before anything changed;
-- promotions against one store take a lock (a file lock beside a sqlite store; against a
-  tracking server, a lock model `<name>.promotion-lock` in its registry, whose creation is
-  atomic in the server's database), and the alias moves only if `champion` is still the
-  version the decision compared against.
+- promotions against one store take a lock (`components.registry.lock`), and the alias moves
+  only if `champion` is still the version the decision compared against.
+
+Before the alias moves, the caller's `carry_catalogue(champion, challenger)` runs (the flows
+pass the live catalogue's re-indexing), so the new champion never serves ads another model
+encoded; a failure there stops the promotion before anything moved.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from components.locks import file_lock
+from components.data.format import dataset_hash, read_dataset
+from components.evaluate.subsets import TITLE_OVERLAP
 from components.registry.config import PromoteConfig, RegistryConfig
+from components.registry.lock import store_lock
+from components.registry.models import open_model
+from components.registry.tracking import client as mlflow_client
 from components.registry.versions import (
     CHALLENGER,
     CHAMPION,
     RegistryError,
     by_alias,
-    download_bundle,
     registry_error,
     training_dataset_dir,
 )
+from components.search.engine import SearchEngine
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +106,6 @@ def void_guardrail(rule: PromoteConfig, dataset_dir: Path) -> str | None:
     """Why the guardrail cannot be measured on the evaluation data, or None when it can: a
     title-overlap guardrail on a split whose ads have no titles (COCO-style) has no pairs to
     measure. Any other missing guardrail still refuses (e.g. a misspelt metric)."""
-    from components.data.format import read_dataset
-    from components.evaluate.subsets import TITLE_OVERLAP
-
     if not rule.guardrail_metric.startswith(f"{TITLE_OVERLAP}/"):
         return None
     if read_dataset(dataset_dir).split(rule.split).title_less:
@@ -117,11 +120,8 @@ def decision_key(challenger: str, champion: str | None, dataset_hash: str, rule:
 
 def evaluate_version(model_uri: str, dataset_dir: Path, rule: PromoteConfig, cache_dir: Path) -> dict[str, float]:
     """A registered version's metrics on `rule.split` of the dataset at `dataset_dir`."""
-    from components.search.engine import SearchEngine
-
-    with tempfile.TemporaryDirectory() as scratch:
-        engine = SearchEngine(download_bundle(model_uri, Path(scratch)))
-        return engine.evaluate(dataset_dir, rule.split, cache_dir=cache_dir, seed=rule.seed)
+    engine = SearchEngine(open_model(model_uri, cache_dir).bundle_dir)
+    return engine.evaluate(dataset_dir, rule.split, cache_dir=cache_dir, seed=rule.seed)
 
 
 def logged_model_id(version) -> str | None:
@@ -165,109 +165,27 @@ def _move_champion(client, name: str, version: str, expected: str | None) -> Non
                              "promote again completes it)", exc) from exc
 
 
-LOCK_SUFFIX = ".promotion-lock"
-LOCK_LEASE_S = 3600.0  # a lock model older than this is a dead holder's: taken over
+CarryCatalogue = Callable[[str | None, str], None]  # (champion version or None, challenger version)
+PROMOTION_LOCK_TIMEOUT_S = 3600.0
 
 
-@contextlib.contextmanager
-def _registry_lock(name: str, timeout_s: float, lease_s: float = LOCK_LEASE_S):
-    """Mutual exclusion through any registry server: creating a registered model is atomic
-    (a unique name in the server's database), so whoever creates `<name>.promotion-lock`
-    holds the lock, and deleting it releases it. Works across processes and machines."""
-    import os
-    import socket
-
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from components.registry.versions import is_absent
-
-    client = MlflowClient()
-    lock = f"{name}{LOCK_SUFFIX}"
-    holder = f"{socket.gethostname()}:{os.getpid()}"
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            client.create_registered_model(lock, tags={"holder": holder, "expires": f"{time.time() + lease_s:.0f}"},
-                                           description=f"held while a promotion of {name} runs; deleted after")
-            break
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise registry_error(f"taking the promotion lock {lock}", exc) from exc
-        try:
-            held = client.get_registered_model(lock)
-            if time.time() > float(held.tags.get("expires", "0")):
-                log.warning("taking over the stale promotion lock %s (held by %s)", lock, held.tags.get("holder"))
-                client.delete_registered_model(lock)
-                continue
-        except MlflowException as exc:
-            if not is_absent(exc):  # released meanwhile: try again at once
-                raise registry_error(f"reading the promotion lock {lock}", exc) from exc
-            continue
-        if time.monotonic() > deadline:
-            raise RegistryError(f"another promotion ({held.tags.get('holder')}) holds {lock} for more than "
-                                f"{timeout_s:.0f} s")
-        log.info("another promotion is running (%s holds %s); waiting", held.tags.get("holder"), lock)
-        time.sleep(0.5)
-    try:
-        yield
-    finally:
-        try:
-            client.delete_registered_model(lock)
-        except MlflowException as exc:
-            if not is_absent(exc):
-                raise registry_error(f"releasing the promotion lock {lock}", exc) from exc
-
-
-def _carry_catalogue(registry: RegistryConfig, champion: str | None, challenger: str, cache_dir: Path) -> None:
-    """Before `champion` moves: the champion's live catalogue (ads added or removed since it was
-    registered) re-encoded by the challenger's model, so the new champion never serves ads
-    encoded by another model (`components.catalogue.live.reindex`; a no-op while the champion
-    serves only its own ads). A failure stops the promotion before the alias moves."""
-    from components.catalogue.live import reindex
-
-    reindex(registry.model_name, champion, challenger, cache_dir=cache_dir, experiment=registry.experiment)
-
-
-@contextlib.contextmanager
-def promotion_lock(timeout_s: float = 3600.0, name: str | None = None):
-    """One promotion at a time per store. A local sqlite store: an exclusive file lock beside
-    the database (works across processes). A registry server (or any other store) and a model
-    `name`: the lock model in its registry (`_registry_lock`). The compare-and-set on the alias
-    stays as the second line of defence."""
-    import mlflow
-
-    uri = mlflow.get_registry_uri() or ""
-    if not uri.startswith("sqlite:///"):
-        if name is None:
-            yield
-            return
-        with _registry_lock(name, timeout_s):
-            yield
-        return
-    path = Path(uri.removeprefix("sqlite:///") + ".promote.lock")
-    with file_lock(path, timeout_s, lambda p: RegistryError(
-            f"another promotion holds {p} for more than {timeout_s:.0f} s"), poll_s=0.5,
-            on_wait=lambda p: log.info("another promotion is running (%s); waiting", p)):
-        yield
-
-
-def promote(registry: RegistryConfig, rule: PromoteConfig, *, dataset_dir: Path | None, cache_dir: Path) -> Decision:
+def promote(registry: RegistryConfig, rule: PromoteConfig, *, dataset_dir: Path | None, cache_dir: Path,
+            carry_catalogue: CarryCatalogue) -> Decision:
     """Compare `challenger` with `champion` on the current split and move `champion` if the
     rule says so. Idempotent and safe to retry or run concurrently (see module docstring).
 
     `dataset_dir` None: the dataset the challenger was trained on (its run records it).
+    `carry_catalogue(champion, challenger)`: runs before the alias moves (the live catalogue's
+    `carry_catalogue` in the flows; required, so no caller forgets the champion's ads).
     """
-    with promotion_lock(name=registry.model_name):
-        return _promote(registry, rule, dataset_dir=dataset_dir, cache_dir=cache_dir)
+    with store_lock(registry.model_name, "promotion", timeout_s=PROMOTION_LOCK_TIMEOUT_S):
+        return _promote(registry, rule, dataset_dir=dataset_dir, cache_dir=cache_dir,
+                        carry_catalogue=carry_catalogue)
 
 
-def _promote(registry: RegistryConfig, rule: PromoteConfig, *, dataset_dir: Path | None, cache_dir: Path) -> Decision:
-    from mlflow import MlflowClient
-
-    from components.data.format import dataset_hash
-
-    client = MlflowClient()
+def _promote(registry: RegistryConfig, rule: PromoteConfig, *, dataset_dir: Path | None, cache_dir: Path,
+             carry_catalogue: CarryCatalogue) -> Decision:
+    client = mlflow_client()
     name = registry.model_name
     challenger = by_alias(name, CHALLENGER)
     if challenger is None:
@@ -289,7 +207,7 @@ def _promote(registry: RegistryConfig, rule: PromoteConfig, *, dataset_dir: Path
     tags = challenger.tags or {}
     if tags.get(f"{TAG}.key") == key:
         if tags.get(f"{TAG}.outcome") == PROMOTED:  # recorded, but the alias never moved (a crash between)
-            _carry_catalogue(registry, champion_version, challenger_version, cache_dir)
+            carry_catalogue(champion_version, challenger_version)
             _move_champion(client, name, challenger_version, expected=champion_version)
             log.info("%s v%s: completed the recorded promotion (key %s)", name, challenger_version, key)
             return Decision(PROMOTED, f"completed the promotion recorded at {tags.get(f'{TAG}.decided_at')}: "
@@ -307,7 +225,7 @@ def _promote(registry: RegistryConfig, rule: PromoteConfig, *, dataset_dir: Path
                         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     _record(client, name, challenger, decision)  # first: a crash after it is completed by the next run
     if promote_it:
-        _carry_catalogue(registry, champion_version, challenger_version, cache_dir)
+        carry_catalogue(champion_version, challenger_version)
         _move_champion(client, name, challenger_version, expected=champion_version)
     log.info("%s v%s: %s (%s) in %.1f s", name, challenger_version, decision.outcome, reason,
              time.perf_counter() - started)

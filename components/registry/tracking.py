@@ -1,7 +1,7 @@
 """MLflow tracking set-up and the small helpers every run uses.
 
-The tracking URI is always set explicitly (STACK.md: with it unset MLflow may fall back to
-a file store under ./mlruns and refuse to start). `MLFLOW_TRACKING_URI` wins over params.
+The tracking URI is always set explicitly (with it unset MLflow may fall back to a file store
+under ./mlruns and refuse to start; docs/install.md). `MLFLOW_TRACKING_URI` wins over params.
 """
 
 from __future__ import annotations
@@ -39,8 +39,34 @@ def tracking_uri(cfg: RegistryConfig) -> str:
     return _user_uri[0] or cfg.tracking_uri
 
 
-def _sqlite_path(uri: str) -> Path | None:
-    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+def sqlite_path(uri: str | None) -> Path | None:
+    """The database file of a local `sqlite:///` store; None for any other store (a server)."""
+    return Path(uri.removeprefix("sqlite:///")) if uri and uri.startswith("sqlite:///") else None
+
+
+def client():
+    """The MLflow client of the configured store (`configure_mlflow` sets it): the one way the
+    components talk to tracking and registry."""
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def registry_uri() -> str:
+    """The registry URI in use (after `configure_mlflow`)."""
+    import mlflow
+
+    return mlflow.get_registry_uri() or ""
+
+
+def use_store(uri: str) -> None:
+    """Point MLflow's tracking and registry at `uri` (reading only: `configure_mlflow` also
+    makes sure the experiment exists)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    _written.add(uri)
 
 
 def configure_mlflow(cfg: RegistryConfig) -> str:
@@ -49,12 +75,10 @@ def configure_mlflow(cfg: RegistryConfig) -> str:
     import mlflow
 
     uri = tracking_uri(cfg)
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    _written.add(uri)
+    use_store(uri)
     experiment = mlflow.get_experiment_by_name(cfg.experiment)
     if experiment is not None:
         return experiment.experiment_id

@@ -1,11 +1,14 @@
 """Registered-model versions: register with the `challenger` alias, find by content key,
-resolve aliases, fetch a version's search bundle."""
+resolve aliases; "absent" kept apart from "error" in one helper (`is_absent`)."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+
+from components.registry.tracking import client as _client
+from components.registry.tracking import registry_uri
 
 log = logging.getLogger(__name__)
 
@@ -21,12 +24,6 @@ class RegisteredVersion:
     created: bool  # False when an identical model was already registered
 
 
-def _client():
-    from mlflow import MlflowClient
-
-    return MlflowClient()
-
-
 class RegistryError(RuntimeError):
     """The model registry failed (server down, permission, timeout, ...): not the same as
     "not there". Whatever was being done stops, and nothing was changed."""
@@ -40,11 +37,9 @@ def is_absent(exc: BaseException) -> bool:
 
 
 def registry_error(what: str, exc: BaseException) -> RegistryError:
-    import mlflow
-
     code = getattr(exc, "error_code", type(exc).__name__)
     message = getattr(exc, "message", None) or str(exc)
-    return RegistryError(f"{what} failed at {mlflow.get_registry_uri()} ({code}: {message}); "
+    return RegistryError(f"{what} failed at {registry_uri()} ({code}: {message}); "
                          "stopped, nothing was changed")
 
 
@@ -120,19 +115,6 @@ def training_dataset_dir(version) -> Path | None:
         raise registry_error(f"reading run {version.run_id} of version {version.version}", exc) from exc
     recorded = run.data.tags.get("dataset_dir")
     return Path(recorded) if recorded else None
-
-
-def download_bundle(model_uri: str, dst: Path) -> Path:
-    """The search bundle inside a logged pyfunc (`models:/name@alias`, `models:/name/3`, `runs:/...`)."""
-    import mlflow
-
-    from components.registry.pyfunc import BUNDLE_ARTIFACT
-
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
-    bundle = local / "artifacts" / BUNDLE_ARTIFACT
-    if not bundle.is_dir():
-        raise FileNotFoundError(f"{model_uri}: no search bundle in the model (looked for {bundle})")
-    return bundle
 
 
 def describe(model_uri: str) -> dict[str, str]:

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from components.data.format import read_dataset
+from components.data.format import Dataset, read_dataset
 from components.outputs import atomic_file
 from components.vision.cache import extract_parts_cached
 from components.vision.config import PartsConfig
@@ -31,12 +31,21 @@ class FeaturesResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+def image_files(dataset: Dataset) -> list[Path]:
+    """The image file of every ad of `dataset`, in ads.parquet order."""
+    return [dataset.image_file(p) for p in dataset.ads["image_path"].astype(str)]
+
+
+def dataset_features(dataset: Dataset, cfg: PartsConfig, cache_dir: Path, *, progress: bool = True) -> PartsFeatures:
+    """The parts of every ad of `dataset` in ads.parquet order, through the content-addressed
+    cache under `cache_dir/features`: the one way any caller gets a dataset's features."""
+    return extract_parts_cached(image_files(dataset), cfg, cache_dir=Path(cache_dir) / "features", progress=progress)
+
+
 def run_features(cfg: PartsConfig, *, dataset_dir: Path, out_dir: Path, cache_dir: Path) -> FeaturesResult:
     """Extract (or load from the cache) the parts of every ad image; rows follow ads.parquet."""
     started = time.perf_counter()
-    dataset = read_dataset(dataset_dir)
-    paths = [dataset.image_file(p) for p in dataset.ads["image_path"].astype(str)]
-    features = extract_parts_cached(paths, cfg, cache_dir=Path(cache_dir) / "features")
+    features = dataset_features(read_dataset(dataset_dir), cfg, cache_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = features.save(out_dir / FEATURES_FILE)
@@ -53,8 +62,7 @@ def plan_feature_shards(dataset_dir: Path, shard_size: int) -> list[list[str]]:
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, got {shard_size}")
-    dataset = read_dataset(dataset_dir)
-    paths = [str(dataset.image_file(p)) for p in dataset.ads["image_path"].astype(str)]
+    paths = [str(p) for p in image_files(read_dataset(dataset_dir))]
     return [paths[start:start + shard_size] for start in range(0, len(paths), shard_size)]
 
 

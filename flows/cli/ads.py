@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from components.catalogue.live import add_ads, current_catalogue, remove_ads, resolve_model
+from components.catalogue.live import add_ads, open_engine, remove_ads
 from components.catalogue.versions import CatalogueConflict
 from components.data.validate import ValidationError
 from components.registry.tracking import configure_mlflow
@@ -83,8 +83,8 @@ def ads_status(model_uri: ModelUriOption = None, params: ParamsOption = PARAMS_F
     cfg = load_config(params, set_)
     configure_mlflow(cfg.registry)
     try:
-        ref = resolve_model(model_uri or cfg.serve.model_uri, cfg.data.cache_dir)
+        engine, _ = open_engine(model_uri or cfg.serve.model_uri, cache_dir=cfg.data.cache_dir)
     except LookupError as exc:
         err_console.print(f"[red]{exc}[/red]", soft_wrap=True)
         raise typer.Exit(1) from exc
-    console.print(_catalogue_line(current_catalogue(ref, cfg.data.cache_dir)))
+    console.print(_catalogue_line(engine.catalogue))

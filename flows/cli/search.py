@@ -17,15 +17,11 @@ import httpx
 import pandas as pd
 import typer
 import uvicorn
-from components.catalogue.fast import cached_engine
 from rich.table import Table
 
-from components.catalogue.live import CatalogueWatcher, current_catalogue, resolve_model
-from components.catalogue.versions import resolve_image
+from components.catalogue.live import open_engine
 from components.config import Params
 from components.registry.tracking import configure_mlflow, tracking_uri
-from components.registry.versions import describe, load_search_model
-from components.search.engine import SearchEngine
 from flows.bench_index import bench_index as measure_index
 from flows.bench_serve import bench_serve as measure_service
 from flows.cli.options import (
@@ -52,23 +48,16 @@ def _print_hits(title: str, frame: pd.DataFrame) -> None:
 
 
 def search_table(cfg: Params, query: str, k: int, model_uri: str) -> None:
-    """One-off search. Fast path: the version and its catalogue pointer read from a local sqlite
-    registry, bundle and catalogue from the local cache, only the query tower loaded (no MLflow
-    import). Otherwise (first use of a version, a server store): resolved through MLflow, which
-    fills the cache for the next search."""
+    """One-off search (`open_engine`). With a local sqlite store and the version already cached,
+    the version and its catalogue pointer are read from the database and only the query tower
+    loads (no MLflow import); otherwise MLflow resolves it and fills the cache for next time."""
     started = time.perf_counter()
-    found = cached_engine(tracking_uri(cfg.registry), model_uri, cfg.data.cache_dir)
-    if found is None:
-        configure_mlflow(cfg.registry)
-        try:
-            ref = resolve_model(model_uri, cfg.data.cache_dir)
-        except LookupError as exc:
-            err_console.print(f"[red]{exc}[/red]", soft_wrap=True)
-            raise typer.Exit(1) from exc
-        engine = SearchEngine(ref.bundle_dir, catalogue=current_catalogue(ref, cfg.data.cache_dir))
-        info = {"version": ref.version, "catalogue_version": engine.catalogue_version}
-    else:
-        engine, info = found
+    try:
+        engine, ref = open_engine(model_uri, cache_dir=cfg.data.cache_dir, tracking_uri=tracking_uri(cfg.registry))
+    except LookupError as exc:
+        err_console.print(f"[red]{exc}[/red]", soft_wrap=True)
+        raise typer.Exit(1) from exc
+    info = {"version": ref.version, "catalogue_version": engine.catalogue_version}
     engine.query_tower  # noqa: B018 - load it now, so the timing below says what loading cost
     loaded = time.perf_counter()
     frame = engine.search_frame(pd.DataFrame({"query": [query], "k": [k]}))
@@ -136,7 +125,7 @@ def serve(
     """Serve search over HTTP (FastAPI): a search page at /, GET/POST /search, GET /health, docs at /docs.
     Follows the model version's live catalogue (`alignsearch ads add`): new versions are swapped in.
     With ALIGNSEARCH_API_KEY set, /search needs the header X-API-Key."""
-    from components.search.service import create_app  # FastAPI: only the service needs it
+    from components.catalogue.serving import build_service  # FastAPI: only the service needs it
 
     cfg = load_config(params, set_)
     bind = host or cfg.serve.host
@@ -153,18 +142,13 @@ def serve(
     uri = model_uri or cfg.serve.model_uri
     configure_mlflow(cfg.registry)
     try:
-        model = load_search_model(uri)
+        service = build_service(uri, cfg.serve, cache_dir=cfg.data.cache_dir, tracking_uri=tracking_uri(cfg.registry),
+                                api_key=api_key)
     except LookupError as exc:
         err_console.print(f"[red]{exc}[/red]", soft_wrap=True)
         raise typer.Exit(1) from exc
-    info = describe(uri)
-    engine = model.unwrap_python_model().engine
-    watcher = None
-    if info.get("version"):  # follow the version's live catalogue (a new version is swapped in)
-        watcher = CatalogueWatcher(engine, info["name"], info["version"], cache_dir=cfg.data.cache_dir,
-                                   interval_s=cfg.serve.catalogue_poll_s).start()
-    app_ = create_app(model, cfg.serve, model_uri=uri, info=info, api_key=api_key, engine=engine,
-                      watcher=watcher, image_file=lambda ref: resolve_image(ref, cfg.data.cache_dir))
+    service.watcher.start()  # follow the version's live catalogue (a new version is swapped in)
+    engine, app_ = service.engine, service.app
     port_ = port or cfg.serve.port
     console.print(f"Serving {uri} (catalogue {engine.catalogue_version}, {len(engine)} ads) on "
                   f"http://{bind}:{port_} (search page at /, docs at /docs)"

@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from components.config import parse_variant
 from components.data.format import read_dataset
 from components.evaluate.benchmark import run_benchmark
 from components.systems import WORD_SYSTEMS
@@ -119,8 +120,8 @@ def align_compare(data: DataOption = None,
     """Alignment variants side by side: visual-word precision on valid, and the ranking of a
     shared trained text_only whose word channel is each variant's alignment (calibrated on
     valid, as ours does), on the test split."""
-    from components.evaluate.align_compare import compare_alignments, parse_variant
-    from components.vision.cache import extract_parts_cached
+    from components.evaluate.align_compare import compare_alignments
+    from components.vision.stage import dataset_features
 
     cfg = load_config(params, set_)
     try:
@@ -129,9 +130,7 @@ def align_compare(data: DataOption = None,
         err_console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from exc
     dataset_dir = data or cfg.data.out_dir
-    dataset = read_dataset(dataset_dir)
-    paths = [dataset.image_file(p) for p in dataset.ads["image_path"].astype(str)]
-    feats = extract_parts_cached(paths, cfg.vision, cache_dir=Path(cfg.data.cache_dir) / "features")
+    feats = dataset_features(read_dataset(dataset_dir), cfg.vision, cfg.data.cache_dir)
     table = compare_alignments(variants, align_cfg=cfg.align, match_cfg=cfg.match, dataset_dir=dataset_dir,
                                features=feats, out_dir=out, cache_dir=cfg.data.cache_dir)
     shown = Table(title=f"Alignment variants ({out / 'align_compare.csv'})")

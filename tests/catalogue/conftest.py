@@ -69,8 +69,8 @@ def new_ads_dir(dataset_dir: Path, out_dir: Path, picks: list[tuple[str, str, st
 
 
 class LiveServer:
-    """A real uvicorn server on 127.0.0.1 in a thread, over the champion-like stack `alignsearch
-    serve` builds: the pyfunc, its engine, a catalogue watcher."""
+    """A real uvicorn server on 127.0.0.1 in a thread, over the service `alignsearch serve`
+    builds (`components.catalogue.serving.build_service`)."""
 
     def __init__(self, cfg, model_uri: str = URI, poll_s: float = 0.2):
         import threading
@@ -78,19 +78,11 @@ class LiveServer:
         import uvicorn
         from ops_helpers import free_port
 
-        from components.catalogue.live import CatalogueWatcher
-        from components.catalogue.versions import resolve_image
-        from components.registry.versions import describe, load_search_model
-        from components.search.service import create_app
+        from components.catalogue.serving import build_service
 
-        self.model = load_search_model(model_uri)
-        self.engine = self.model.unwrap_python_model().engine
-        info = describe(model_uri)
-        self.watcher = CatalogueWatcher(self.engine, info["name"], info["version"], cache_dir=cfg.data.cache_dir,
-                                        interval_s=poll_s)
         serve_cfg = cfg.serve.model_copy(update={"max_in_flight": 64, "max_k": 1000})
-        app = create_app(self.model, serve_cfg, model_uri=model_uri, info=info, engine=self.engine,
-                         watcher=self.watcher, image_file=lambda ref: resolve_image(ref, cfg.data.cache_dir))
+        service = build_service(model_uri, serve_cfg, cache_dir=cfg.data.cache_dir, poll_s=poll_s)
+        self.engine, self.watcher, app = service.engine, service.watcher, service.app
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))

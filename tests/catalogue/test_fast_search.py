@@ -15,6 +15,7 @@ from conftest import URI, LiveServer
 from typer.testing import CliRunner
 
 from components.catalogue import live
+from components.registry.models import open_model
 from flows.cli import app
 
 pytestmark = pytest.mark.slow
@@ -38,11 +39,11 @@ def test_the_query_tower_alone_equals_the_scorer(store):
     """The cached bundle carries the ONNX export (made when the cache was filled); it and the
     light torch tower both give the full scorer's query vectors, word channel included."""
     from components.match.data import QuerySide
-    from components.match.systems import load_scorer
+    from components.match.scorers import load_scorer
     from components.search.query import QueryTower
 
     root, cfg = store
-    ref = live.resolve_model(URI, cfg.data.cache_dir)
+    ref = open_model(URI, cfg.data.cache_dir)
     onnx = QueryTower.load(ref.bundle_dir / "scorer")
     light = QueryTower.load(ref.bundle_dir / "scorer", onnx=False)
     assert (onnx.source, light.source) == ("onnx", "light")
@@ -88,8 +89,7 @@ def test_index_kinds_agree_with_exact_search_on_real_embeddings(store, synthetic
     from components.retrieve.index import AdIndex
 
     root, cfg = store
-    ref = live.resolve_model(URI, cfg.data.cache_dir)
-    engine = live._engine(ref, live.current_catalogue(ref, cfg.data.cache_dir))
+    engine, _ = live.open_engine(URI, cache_dir=cfg.data.cache_dir)
     ids = engine.catalogue.ads["ad_id"].tolist()
     texts = pd.read_parquet(synthetic_dataset_dir / "queries.parquet")["text"].astype(str).unique().tolist()
     queries = engine.query_tower.encode(texts + [f"{a} {b}" for a, b in zip(texts, texts[1:], strict=False)])

@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 
 from components.catalogue import live, versions
 from components.data.validate import ValidationError
+from components.registry.models import open_model
+from components.search.engine import SearchEngine
 from flows.cli import app
 
 pytestmark = pytest.mark.slow
@@ -46,7 +48,7 @@ def _ids(engine, query: str, k: int) -> list[str]:
 def test_added_ads_are_found_removed_ones_never_appear(store, synthetic_dataset_dir, tmp_path):
     root, cfg = store
     cache = cfg.data.cache_dir
-    ref = live.resolve_model(URI, cache)
+    ref = open_model(URI, cache)
     before = live.current_catalogue(ref, cache)
     assert before.version == 0 and versions.pointer(ref.name, ref.version) is None
 
@@ -61,7 +63,7 @@ def test_added_ads_are_found_removed_ones_never_appear(store, synthetic_dataset_
     assert added.version == 1 and len(added) == len(before) + 4 and result.ads_per_second > 0
     assert versions.pointer(ref.name, ref.version) == (added.run_id, 1)
 
-    engine = live._engine(ref, live.current_catalogue(ref, cache))
+    engine = SearchEngine(ref.bundle_dir, catalogue=live.current_catalogue(ref, cache))
     assert engine.catalogue_version == "v1"
     everything = len(engine)
     for query in queries:
@@ -133,7 +135,7 @@ def test_bad_new_ads_are_refused_by_id_and_nothing_is_added(store, synthetic_dat
     assert "image must decode" in message and "images/broken.png" in message
     assert "must exist" in message and "images/missing.png" in message
     assert "good:1" not in message
-    ref = live.resolve_model(URI, cache)
+    ref = open_model(URI, cache)
     assert versions.pointer(ref.name, ref.version) is None  # nothing was added
     assert live.current_catalogue(ref, cache).version == 0
 
@@ -169,14 +171,14 @@ def test_cli_ads_add_remove_and_search_carry_the_catalogue_version(store, synthe
 
 
 def test_the_pyfunc_answers_from_the_current_catalogue(store, synthetic_dataset_dir, tmp_path):
-    from components.registry.versions import load_search_model
+    import mlflow
 
     root, cfg = store
     cache = cfg.data.cache_dir
     live.add_ads(URI, new_ads_dir(synthetic_dataset_dir, tmp_path / "new",
                                   [("new:heart", "heart heart", _image_ad(synthetic_dataset_dir, "heart"))]),
                  validate_cfg=cfg.validation, cache_dir=cache, experiment=cfg.registry.experiment, progress=False)
-    model = load_search_model(URI)
+    model = mlflow.pyfunc.load_model(URI)
     frame = model.predict(pd.DataFrame({"query": ["heart"], "k": [10]}))
     assert set(frame["catalogue_version"]) == {"v1"} and "new:heart" in frame["ad_id"].tolist()
 
@@ -188,8 +190,6 @@ def test_promotion_reindexes_the_live_catalogue_with_the_new_model(store, synthe
     the bundle holds their out-of-fold words)."""
     import numpy as np
     from mlflow import MlflowClient
-
-    from components.registry.promotion import _carry_catalogue
 
     root, cfg = store
     cache = cfg.data.cache_dir
@@ -204,8 +204,8 @@ def test_promotion_reindexes_the_live_catalogue_with_the_new_model(store, synthe
     client.create_model_version(name, source=v1.source, run_id=v1.run_id, tags=tags)
 
     assert live.reindex(name, None, "2", cache_dir=cache, experiment=cfg.registry.experiment) is None
-    _carry_catalogue(cfg.registry, "1", "2", cache)
-    carried = live.current_catalogue(live.resolve_model(f"models:/{name}/2", cache), cache)
+    live.catalogue_carrier(cfg.registry, cache)("1", "2")
+    carried = live.current_catalogue(open_model(f"models:/{name}/2", cache), cache)
     assert carried.model_version == "2" and carried.version == 1
     assert carried.change["reindexed_from"] == [f"{name} v1 v1 ({champion.run_id})"]
     assert sorted(carried.ads["ad_id"]) == sorted(champion.ads["ad_id"])
@@ -215,5 +215,5 @@ def test_promotion_reindexes_the_live_catalogue_with_the_new_model(store, synthe
     theirs = champion.ads.reset_index().set_index("ad_id").loc[sorted(not_trained), "index"].to_numpy()
     np.testing.assert_allclose(carried.embeddings[mine], champion.embeddings[theirs], atol=1e-4)
     # Again (a promotion completed after a crash): nothing new.
-    _carry_catalogue(cfg.registry, "1", "2", cache)
+    live.catalogue_carrier(cfg.registry, cache)("1", "2")
     assert versions.pointer(name, "2") == (carried.run_id, 1)

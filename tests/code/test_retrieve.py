@@ -290,8 +290,8 @@ def test_a_catalogue_change_keeps_the_pq_index_trained_state():
     """`ads remove` / `ads add` on a pq catalogue: no query moments needed again, no retraining."""
     import pandas as pd
 
-    from components.catalogue.store import Catalogue
     from components.retrieve.compressed import second_moments
+    from components.search.catalogue import Catalogue
 
     ads, queries, training = _model_like(2000, seed=10)
     ids = _ids(2000)

@@ -140,7 +140,8 @@ def test_training_is_deterministic_by_seed(synthetic, trained):
 
 
 def test_align_compare_scores_each_variant_through_a_shared_text_matcher(synthetic, tmp_path):
-    from components.evaluate.align_compare import TABLE_FILE, compare_alignments, parse_variant
+    from components.config import parse_variant
+    from components.evaluate.align_compare import TABLE_FILE, compare_alignments
     from components.match.config import MatchConfig
 
     variants = [parse_variant("clicks:"), parse_variant("titles:click_text=false,c=0.3")]

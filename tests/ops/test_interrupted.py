@@ -17,9 +17,10 @@ import pytest
 from mlflow import MlflowClient
 from ops_helpers import TINY_TRAINING, tracking_uri
 
+from components.outputs import is_scratch
 from components.registry.config import RegistryConfig
 from components.registry.tracking import configure_mlflow
-from flows.retrain import DONE_FILE, LOCK_FILE, TMP_PREFIX
+from flows.retrain import DONE_FILE, LOCK_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -61,8 +62,7 @@ def _wait(predicate, seconds: float, what: str, process: subprocess.Popen | None
 def _stage_dirs(flow_dir: Path, stage: str) -> tuple[list[Path], list[Path]]:
     """(finished, temporary) directories of a stage."""
     entries = sorted((flow_dir / stage).iterdir()) if (flow_dir / stage).is_dir() else []
-    return ([p for p in entries if not p.name.startswith(TMP_PREFIX)],
-            [p for p in entries if p.name.startswith(TMP_PREFIX)])
+    return [p for p in entries if not is_scratch(p)], [p for p in entries if is_scratch(p)]
 
 
 def test_concurrent_retrain_refuses_and_killed_retrain_resumes(prefect_harness, synthetic_dataset_dir, tmp_path):

@@ -12,8 +12,9 @@ import pytest
 from mlflow import MlflowClient
 from ops_helpers import as_flow_params, ops_params
 
+from components.catalogue.live import catalogue_carrier
 from components.registry.config import PromoteConfig
-from components.registry.promotion import compare, evaluate_version, void_guardrail
+from components.registry.promotion import compare, evaluate_version, promote, void_guardrail
 from components.registry.tracking import configure_mlflow
 from flows.promote import promote_flow
 from flows.retrain import retrain_flow
@@ -204,7 +205,6 @@ def test_absent_is_none_and_any_other_error_raises(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_registry_outage_stops_promotion_and_changes_nothing(trained_store, monkeypatch):
     """The champion lookup fails (not "absent"): no promotion, no record, no alias."""
-    from components.registry.promotion import promote
     from components.registry.versions import RegistryError
 
     root, cfg, _ = trained_store
@@ -224,7 +224,8 @@ def test_registry_outage_stops_promotion_and_changes_nothing(trained_store, monk
     monkeypatch.setattr(MlflowClient, "get_registered_model", flaky_model)
     monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", flaky_alias)
     with pytest.raises(RegistryError, match="TEMPORARILY_UNAVAILABLE"):
-        promote(cfg.registry, cfg.promote, dataset_dir=None, cache_dir=root / "cache")
+        promote(cfg.registry, cfg.promote, dataset_dir=None, cache_dir=root / "cache",
+            carry_catalogue=catalogue_carrier(cfg.registry, root / "cache"))
     monkeypatch.undo()
     assert _state(client) == before and "champion" not in before["aliases"]
 
@@ -249,7 +250,6 @@ def test_registration_lookup_error_registers_nothing(trained_store, monkeypatch)
 @pytest.mark.slow
 @pytest.mark.parametrize("crash_at", ["record", "alias"])
 def test_rerun_after_a_crash_converges_to_one_champion_and_one_record(trained_store, monkeypatch, crash_at):
-    from components.registry.promotion import promote
 
     root, cfg, _ = trained_store
     configure_mlflow(cfg.registry)
@@ -266,16 +266,19 @@ def test_rerun_after_a_crash_converges_to_one_champion_and_one_record(trained_st
                             lambda self, name, alias, version: crash() if alias == "champion"
                             else real(self, name, alias, version))
     with pytest.raises(KeyboardInterrupt):
-        promote(cfg.registry, cfg.promote, dataset_dir=None, cache_dir=root / "cache")
+        promote(cfg.registry, cfg.promote, dataset_dir=None, cache_dir=root / "cache",
+            carry_catalogue=catalogue_carrier(cfg.registry, root / "cache"))
     monkeypatch.undo()
 
-    again = promote(cfg.registry, cfg.promote, dataset_dir=None, cache_dir=root / "cache")
+    again = promote(cfg.registry, cfg.promote, dataset_dir=None, cache_dir=root / "cache",
+            carry_catalogue=catalogue_carrier(cfg.registry, root / "cache"))
     assert again.outcome == "promoted"
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
     [recorded] = _decisions(1)
     assert recorded["outcome"] == "promoted"
     assert client.get_model_version(NAME, "1").tags["alignsearch.promotion.key"] == recorded["key"]
-    assert promote(cfg.registry, cfg.promote, dataset_dir=None, cache_dir=root / "cache").outcome == "unchanged"
+    assert promote(cfg.registry, cfg.promote, dataset_dir=None, cache_dir=root / "cache",
+            carry_catalogue=catalogue_carrier(cfg.registry, root / "cache")).outcome == "unchanged"
     assert len(_decisions(1)) == 1
 
 
@@ -284,6 +287,7 @@ import json, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[3])
 from ops_helpers import ops_params
+from components.catalogue.live import catalogue_carrier
 from components.registry.promotion import promote
 from components.registry.tracking import configure_mlflow
 root, dataset, go = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[1]) / "go"
@@ -291,7 +295,8 @@ cfg = ops_params(root, dataset)
 configure_mlflow(cfg.registry)
 while not go.exists():  # both processes start promoting at the same moment
     time.sleep(0.05)
-print(json.dumps({"outcome": promote(cfg.registry, cfg.promote, dataset_dir=None, cache_dir=root / "cache").outcome}))
+print(json.dumps({"outcome": promote(cfg.registry, cfg.promote, dataset_dir=None, cache_dir=root / "cache",
+            carry_catalogue=catalogue_carrier(cfg.registry, root / "cache")).outcome}))
 """
 
 

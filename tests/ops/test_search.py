@@ -15,8 +15,9 @@ from fastapi.testclient import TestClient
 from ops_helpers import free_port, fresh_env, ops_params
 from typer.testing import CliRunner
 
+from components.catalogue.pyfunc import AlignSearchModel
+from components.registry.models import open_model
 from components.registry.tracking import configure_mlflow
-from components.registry.versions import download_bundle, load_search_model
 from components.search.config import ServeConfig
 from components.search.engine import SearchEngine
 from components.search.service import create_app
@@ -43,7 +44,7 @@ def _cli_sets(root) -> list[str]:
 def test_pyfunc_in_a_fresh_process_ranks_as_in_process(trained_store, tmp_path):
     root, cfg, _ = trained_store
     configure_mlflow(cfg.registry)
-    engine = SearchEngine(download_bundle(URI, tmp_path))
+    engine = SearchEngine(open_model(URI, tmp_path / "cache").bundle_dir)
     expected = engine.search_frame(pd.DataFrame({"query": QUERIES}))
 
     out = subprocess.run([sys.executable, "-c", FRESH_PROCESS, URI, json.dumps(QUERIES)], cwd=tmp_path,
@@ -68,7 +69,7 @@ def test_served_scores_are_the_scores_the_model_was_evaluated_with(trained_templ
     root, _ = trained_template
     cfg = ops_params(root, synthetic_dataset_dir)
     configure_mlflow(cfg.registry)
-    engine = SearchEngine(download_bundle(URI, tmp_path / "bundle"))
+    engine = SearchEngine(open_model(URI, tmp_path / "cache").bundle_dir)
     assert engine.scorer.net.word_channel is not None  # the case where normalising changed rankings
     dataset = read_dataset(synthetic_dataset_dir)
     evaluated = engine.score_split(dataset, "test", tmp_path / "cache")
@@ -85,11 +86,11 @@ def test_served_scores_are_the_scores_the_model_was_evaluated_with(trained_templ
 
 
 @pytest.fixture(scope="module")
-def client(trained_template, synthetic_dataset_dir):
+def client(trained_template, synthetic_dataset_dir, tmp_path_factory):
     """The service over the template store's model: read only (nothing registered or moved)."""
     root, _ = trained_template
     configure_mlflow(ops_params(root, synthetic_dataset_dir).registry)
-    model = load_search_model(URI)
+    model = AlignSearchModel.from_engine(SearchEngine(open_model(URI, tmp_path_factory.mktemp("cache")).bundle_dir))
     return TestClient(create_app(model, ServeConfig(max_k=20, max_query_chars=50), model_uri=URI,
                                  info={"version": "1"}))
 

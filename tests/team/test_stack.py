@@ -20,7 +20,8 @@ import pytest
 
 # Bound at import: loading a models-from-code pyfunc in this process (the deployment test) puts
 # the model's own copy of `components` first on sys.path.
-from components.registry.promotion import LOCK_SUFFIX, TAG, logged_model_id
+from components.registry.lock import lock_model_name
+from components.registry.promotion import TAG, logged_model_id
 from infra.team import supervisor as team
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -313,7 +314,7 @@ def test_two_concurrent_promotions_on_the_server_leave_one_champion_and_one_reco
     new = [f for f in _decision_files(client, v2) if f not in before]
     assert new == [f"promotion/decision-{v2.tags[f'{TAG}.key']}.json"], new
     names = [m.name for m in client.search_registered_models()]
-    assert f"alignsearch{LOCK_SUFFIX}" not in names
+    assert lock_model_name("alignsearch", "promotion") not in names
 
 
 @pytest.mark.timeout(1200)  # likewise

@@ -2,6 +2,6 @@
 
 from mlflow.models import set_model
 
-from components.registry.pyfunc import AlignSearchModel
+from components.catalogue.pyfunc import AlignSearchModel
 
 set_model(AlignSearchModel())

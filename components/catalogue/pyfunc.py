@@ -1,4 +1,5 @@
-"""The registered model: an MLflow pyfunc over a search bundle.
+"""The registered model: an MLflow pyfunc over a search bundle, answering from the live
+catalogue of the registered version it is (so it sits beside the live catalogue).
 
 `mlflow.pyfunc.load_model("models:/alignsearch@champion").predict(pd.DataFrame({"query": [...]}))`
 answers, in any process, one row per (query, hit): query, rank, ad_id, title, score,
@@ -10,15 +11,21 @@ beside it, so loading needs the dependencies but not this repository.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
+import yaml
 from mlflow.pyfunc import PythonModel
+
+from components.catalogue.live import attach_current
+from components.registry.models import BUNDLE_ARTIFACT
+from components.search.engine import SearchEngine
 
 log = logging.getLogger(__name__)
 
-BUNDLE_ARTIFACT = "bundle"
 MODEL_CODE = Path(__file__).with_name("model_code.py")
 COMPONENTS_DIR = Path(__file__).resolve().parents[1]
 # What loading the model imports (a short explicit list: MLflow's inference would load the
@@ -32,23 +39,42 @@ INPUT_EXAMPLE = pd.DataFrame({"query": ["red sports car", "christmas tree"], "k"
 class AlignSearchModel(PythonModel):
     """pyfunc wrapper of `components.search.engine.SearchEngine`."""
 
-    def load_context(self, context) -> None:
-        from components.search.engine import SearchEngine
+    @classmethod
+    def from_engine(cls, engine: SearchEngine) -> AlignSearchModel:
+        """The model over an engine opened in this process (`alignsearch serve`: the engine from
+        `components.catalogue.live.open_engine`, with its cached ONNX query tower)."""
+        model = cls()
+        model.engine = engine
+        return model
 
+    def load_context(self, context) -> None:
         bundle = Path(context.artifacts[BUNDLE_ARTIFACT])
         self.engine = SearchEngine(bundle)
-        # Answer from the live catalogue of the registered version this model is (issue 11);
+        # Answer from the live catalogue of the registered version this model is;
         # model_config={"catalogue": "bundle"} keeps the ads it was registered with.
         config = getattr(context, "model_config", None) or {}
+        self.registered = None
         if config.get("catalogue", "current") == "current":
-            from components.catalogue.live import attach_current
-
-            self.registered = attach_current(self.engine, bundle.parents[1], cache_dir=config.get("cache_dir"))
+            run_id = _logged_run(bundle.parents[1])
+            if run_id:
+                cache_dir = Path(config.get("cache_dir") or Path(tempfile.gettempdir()) / "alignsearch-catalogue")
+                self.registered = attach_current(self.engine, run_id, cache_dir)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         default_k = int((params or {}).get("k", 10))
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         return self.engine.search_frame(frame, default_k=default_k)
+
+
+def _logged_run(model_dir: Path) -> str | None:
+    """The run that logged the model at `model_dir` (its MLmodel file), when a tracking store
+    is configured to look it up in; None otherwise."""
+    from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
+
+    mlmodel = Path(model_dir) / "MLmodel"
+    if not mlmodel.is_file() or not (is_tracking_uri_set() or os.environ.get("MLFLOW_TRACKING_URI")):
+        return None
+    return (yaml.safe_load(mlmodel.read_text()) or {}).get("run_id")
 
 
 def pip_requirements() -> list[str]:
@@ -70,8 +96,6 @@ def log_search_model(bundle_dir: Path, *, name: str = "model", example_output: p
     import mlflow
     from mlflow.models import ModelSignature, infer_signature
     from mlflow.types.schema import ColSpec, Schema
-
-    from components.search.engine import SearchEngine
 
     if example_output is None:
         example_output = SearchEngine(bundle_dir).search_frame(INPUT_EXAMPLE)
