@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 
 log = logging.getLogger(__name__)
 
@@ -15,6 +17,11 @@ DPI = 120
 
 
 def new_figure(width: float, height: float) -> Figure:
+    from matplotlib.backends.backend_agg import (
+        FigureCanvasAgg,  # matplotlib: ~0.4 s, only when plotting
+    )
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig

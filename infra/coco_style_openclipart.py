@@ -16,7 +16,7 @@ openclipart images instead:
     .venv/bin/alignsearch data build --source coco --captions /tmp/openclipart-coco.json \
         --images data/openclipart --out data/openclipart-coco
 
-Training captions are what the alignment learns from (ad-level text, METHOD.md section 3);
+Training captions are what the alignment learns from (ad-level text, docs/method.md#what-the-alignment-may-see);
 validation and test captions are only ever queries.
 """
 

@@ -1,4 +1,4 @@
-"""Label-free alignment of visual parts to words (METHOD.md sections 2, 3 and 8).
+"""Label-free alignment of visual parts to words (docs/method.md#the-alignment-network).
 
 `train_alignment` (train.py) is the stage function; `AlignmentModel` (model.py) is what it
 saves and what the matcher uses to translate an image into words.

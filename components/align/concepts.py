@@ -1,6 +1,6 @@
 """Visual concepts: L2-normalised (projected) part vectors clustered by seeded k-means.
 
-An image is then a bag of concepts (METHOD.md section 2).
+An image is then a bag of concepts (docs/method.md#two-co-occurrence-structures).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ class AlignConfig(BaseModel):
 
     seed: int = 0
 
-    # --- what the alignment may see (METHOD.md section 3)
+    # --- what the alignment may see (docs/method.md#what-the-alignment-may-see)
     click_text: bool = Field(True, description="the ad-level text of a training ad includes the training "
                              "queries with a positive qrel for it (at the run's training fraction); False = "
                              "titles (and captions of title-less sources) only, the strictly label-free variant")

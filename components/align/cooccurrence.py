@@ -1,4 +1,4 @@
-"""The two co-occurrence structures (METHOD.md section 2): visual concepts within an image,
+"""The two co-occurrence structures (docs/method.md#two-co-occurrence-structures): visual concepts within an image,
 words within a text. Each side: PPMI of item pairs within a document, then the
 second-order structure (cosine between PPMI rows), and marginals ∝ frequency^0.75.
 

@@ -1,4 +1,4 @@
-"""How good the alignment is, measured directly (METHOD.md sections 6 and 7).
+"""How good the alignment is, measured directly (docs/method.md#how-the-words-are-scored).
 
 - `alignment_precision_at_1`: on the synthetic set, whether each visual concept's top word
   names the planted part kind its regions cover (the truth is used only here, never in
@@ -110,7 +110,7 @@ def held_out_words(texts: Sequence[str]) -> set[str]:
 def visual_word_precision(words_per_ad: Mapping[str, Sequence[str]] | Sequence[Sequence[str]],
                           held_out_words_per_ad: Mapping[str, Sequence[str] | set[str]] | Sequence,
                           k: int = 8) -> dict[str, float]:
-    """Precision of each ad's visual words against its held-out words (METHOD.md section 7).
+    """Precision of each ad's visual words against its held-out words (docs/method.md#how-the-words-are-scored).
 
     Both arguments are keyed alike (dicts by ad id, or parallel lists); held-out entries are
     words or texts (tokenised, stemmed). Only ads with held-out words count. Words are

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from matplotlib.patches import Rectangle
 from PIL import Image
 
 from components.figures import new_figure, save_figure
@@ -59,6 +58,8 @@ def plot_alignment_gallery(items: Sequence[GalleryItem], out_path: Path, *,
     """A grid of ad images (at most 16): title above, each word's source part as a coloured
     box on the image, and below the words with probability, colour and ✓/✗ against the ad's
     held-out tags."""
+    from matplotlib.patches import Rectangle  # matplotlib loads only when plotting
+
     if not items:
         raise ValueError("no items to draw")
     if len(items) > MAX_GALLERY_ITEMS:

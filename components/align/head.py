@@ -15,7 +15,7 @@ ad-level only (which words an ad's text holds), never which part shows which wor
 
 Optional label-free structure term: the words that co-occurring visual concepts map to
 should co-occur in text, || S_v - P S_t P^T ||^2 with P = softmax over words of the
-concept centroids' logits (METHOD.md section 3).
+concept centroids' logits (docs/method.md#the-alignment-network).
 
 Fitting is full-batch L-BFGS on a smooth, mostly convex objective: deterministic, and a
 few seconds on a CPU for thousands of ads, which matters because cross-fitting

@@ -17,7 +17,11 @@ import numpy as np
 import pandas as pd
 
 from components.align.config import AlignConfig
-from components.align.evaluation import word_precision_report
+from components.align.evaluation import (
+    alignment_precision_at_1,
+    held_out_words,
+    word_precision_report,
+)
 from components.align.gallery import GalleryItem, GalleryWord, plot_alignment_gallery
 from components.align.model import WHOLE_IMAGE, AlignmentModel, VisualWord
 from components.align.train import AlignResult, train_alignment
@@ -26,6 +30,7 @@ from components.data.splits import training_query_subset
 from components.data.truth import TRUTH_FILE, load_synthetic_truth
 from components.outputs import write_stable_json
 from components.text.encoder import TextEncoder
+from components.text.stems import word_stem
 from components.vision.parts import PartsFeatures
 
 log = logging.getLogger(__name__)
@@ -79,7 +84,7 @@ def training_click_texts(dataset: Dataset, fraction: float = 1.0, seed: int = 0)
 
 def ad_level_texts(dataset: Dataset, *, fraction: float = 1.0, seed: int = 0, click_text: bool = True,
                    title_words: bool = True) -> list[str]:
-    """The text that comes with each training ad (METHOD.md section 3), in training-ad order:
+    """The text that comes with each training ad (docs/method.md#what-the-alignment-may-see), in training-ad order:
     its title, plus with `click_text` the training queries that clicked it (at `fraction`).
     A title-less source (COCO-style) always uses its training captions (its queries). Never
     tags, never validation or test text. With `click_text` and not `title_words` the title is
@@ -169,7 +174,6 @@ def alignment_metrics(model: AlignmentModel, dataset: Dataset, features: PartsFe
     (`alignment_precision@1`), and the precision of one split's visual words against its
     held-out query words, overall, on words not in the title, and against the constant
     list of the most frequent training words (`word_precision_report`)."""
-    from components.align.evaluation import alignment_precision_at_1
 
     metrics: dict[str, float] = {}
     if dataset.root is not None and (dataset.root / TRUTH_FILE).is_file():
@@ -192,8 +196,6 @@ def gallery_items(dataset: Dataset, split_name: str, words_by_id: dict[str, list
     """The first `size` ads of a split, each of its first `words_shown` words (all when None)
     with the box of its source part and ✓/✗ against the ad's held-out query words.
     `features` rows follow `dataset`'s ad order."""
-    from components.align.evaluation import held_out_words
-    from components.text.stems import word_stem
 
     held_out = held_out_texts(dataset, split_name)
     rows = {a: i for i, a in enumerate(dataset.ads["ad_id"].astype(str))}

@@ -9,13 +9,13 @@ evaluation split): when it is absent every ad is taken as `test`.
 
 from __future__ import annotations
 
-import os
-import time
 from pathlib import Path
 
 import pandas as pd
 
+from components.data.config import ValidateConfig
 from components.data.format import ADS_FILE, DatasetFormatError
+from components.data.validate import RuleFailure, ValidationResult, validate_ads
 
 DEFAULT_SPLIT = "test"
 
@@ -38,32 +38,10 @@ def read_new_ads(ads_dir: Path) -> pd.DataFrame:
     return ads
 
 
-def validate_new_ads(ads_dir: Path, cfg):
-    """Run the ads and images suites on the folder; returns the `ValidationResult` (its
+def validate_new_ads(ads_dir: Path, cfg: ValidateConfig) -> ValidationResult:
+    """Run the ads and images rules on the folder; returns the `ValidationResult` (its
     `raise_if_failed()` raises `ValidationError`, whose message names each bad row)."""
-    from components.data import validate as rules
-
-    started = time.perf_counter()
-    ads_dir = Path(ads_dir)
     ads = read_new_ads(ads_dir)
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    import great_expectations as gx
-
-    context = rules._new_context(gx, None)
-    suites = [rules._ads_suite(gx, ads)]
-    images_suite, image_stats = rules._images_suite(gx, ads_dir, ads, cfg.min_image_side)
-    if images_suite is not None:
-        suites.append(images_suite)
-    source = context.data_sources.add_pandas("alignsearch_new_ads")
-    failures = []
-    for suite in suites:
-        if suite.rules:
-            failures += rules._run_suite(gx, context, source, suite, cfg.max_examples)
-    empty = {"rows": 0, "columns": []}
-    stats = {"ads": rules._table_stats(ads), "queries": empty, "qrels": empty, "images": image_stats}
-    if len(ads) == 0:
-        failures.append(rules.RuleFailure(table=ADS_FILE, rule="a folder of new ads must hold at least one ad",
-                                          column="ad_id", count=0, suite="ads"))
-    return rules.ValidationResult(root=ads_dir, success=not failures, failures=failures, stats=stats,
-                                  seconds=round(time.perf_counter() - started, 3),
-                                  num_rules=sum(len(s.rules) for s in suites))
+    empty = [] if len(ads) else [RuleFailure(table=ADS_FILE, rule="a folder of new ads must hold at least one ad",
+                                             column="ad_id", count=0, suite="ads")]
+    return validate_ads(Path(ads_dir), ads, cfg, extra_failures=empty)

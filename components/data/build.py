@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from components.data.config import DataConfig
 from components.data.format import README_FILE, Dataset, write_dataset
 from components.data.openclipart import build_openclipart
 from components.data.synthetic import build_synthetic
+from components.outputs import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -33,27 +33,18 @@ class BuildResult:
 def build_dataset(cfg: DataConfig, out_dir: Path | None = None) -> BuildResult:
     """Build `cfg.source` into `out_dir` (default `cfg.out_dir`).
 
-    The dataset is written to a sibling temporary directory first and moved into place
-    only when complete, so a failed build never leaves a half-written dataset behind.
+    The dataset is written to a sibling scratch directory first and renamed into place only
+    when complete (`components.outputs.atomic_dir`), so a failed build never leaves a
+    half-written dataset behind.
     """
     out_dir = Path(out_dir or cfg.out_dir)
     started = time.perf_counter()
-    tmp_dir = out_dir.with_name(out_dir.name + ".building")
-    if tmp_dir.exists():
-        shutil.rmtree(tmp_dir)
-    tmp_dir.mkdir(parents=True)
-    try:
+    with atomic_dir(out_dir) as tmp_dir:
         dataset, stats = _build_source(cfg, tmp_dir)
         write_dataset(dataset, tmp_dir)
         counts = Dataset(dataset.ads, dataset.queries, dataset.qrels).counts()
         seconds = time.perf_counter() - started
         write_readme(tmp_dir, cfg, counts, stats)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp_dir.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     log.info("built %s dataset in %s (%.1f s)", cfg.source, out_dir, seconds)
     return BuildResult(out_dir=out_dir, counts=counts, stats=stats, seconds=seconds)
 

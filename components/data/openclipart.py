@@ -1,6 +1,6 @@
 """The openclipart source: the real benchmark dataset, built from the Open Clip Art Library.
 
-This module owns every rule of the build protocol in BENCHMARK.md: scanning the SVG tree
+This module owns every rule of the build protocol in docs/benchmark.md#building-the-dataset: scanning the SVG tree
 (symlinks counted once), reading each file's RDF metadata, capping repeated titles, the
 seeded `max_ads` selection (among the ads that rasterise, through raster.py's cache),
 cleaning tags into a ground-truth vocabulary, the split by title group, and the tag

@@ -468,6 +468,15 @@ def _run_suite(gx, context, source, suite: _Suite, max_examples: int) -> list[Ru
     return _failures_of(suite, result, max_examples)
 
 
+def _run_suites(gx, context, source_name: str, suites: list[_Suite], max_examples: int) -> list[RuleFailure]:
+    source = context.data_sources.add_pandas(source_name)
+    failures: list[RuleFailure] = []
+    for suite in suites:
+        if suite.rules:
+            failures += _run_suite(gx, context, source, suite, max_examples)
+    return failures
+
+
 def validate_dataset(root: Path, cfg: ValidateConfig, report_dir: Path | None = None) -> ValidationResult:
     """Validate the dataset at `root` against the interchange format.
 
@@ -479,12 +488,10 @@ def validate_dataset(root: Path, cfg: ValidateConfig, report_dir: Path | None = 
     started = time.perf_counter()
     root = Path(root)
     dataset = read_dataset(root, strict=False)
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import_started = time.perf_counter()
     import great_expectations as gx  # slow (~3-5 s the first time): only when a validation runs
 
     import_seconds = time.perf_counter() - import_started
-
     data_docs_dir = None
     if report_dir is not None:
         data_docs_dir = Path(report_dir).resolve() / DATA_DOCS_DIR
@@ -502,12 +509,7 @@ def validate_dataset(root: Path, cfg: ValidateConfig, report_dir: Path | None = 
     suites += [_cross_table_suite(gx, ads, queries, qrels), splits_suite]
 
     expectations_started = time.perf_counter()
-    failures: list[RuleFailure] = []
-    source = context.data_sources.add_pandas("alignsearch_dataset")
-    for suite in suites:
-        if suite.rules:
-            failures += _run_suite(gx, context, source, suite, cfg.max_examples)
-
+    failures = _run_suites(gx, context, "alignsearch_dataset", suites, cfg.max_examples)
     stats: dict[str, dict[str, Any]] = {
         "ads": _table_stats(ads), "queries": _table_stats(queries), "qrels": _table_stats(qrels),
         "images": image_stats,
@@ -536,6 +538,28 @@ def validate_dataset(root: Path, cfg: ValidateConfig, report_dir: Path | None = 
     log.info("validated %s in %.1f s: %s", root, result.seconds,
              "ok" if result.success else f"{len(failures)} rule(s) failed")
     return result
+
+
+def validate_ads(root: Path, ads: pd.DataFrame, cfg: ValidateConfig,
+                 extra_failures: list[RuleFailure] = ()) -> ValidationResult:
+    """The ads-table and images rules alone, on `ads` whose image paths are relative to `root`
+    (a folder of new ads for the live catalogue: no queries or qrels, so the query, qrels,
+    cross-table and split rules do not apply). `extra_failures`: the caller's own findings,
+    reported with the rest."""
+    started = time.perf_counter()
+    import great_expectations as gx  # slow (~3-5 s the first time): only when a validation runs
+
+    context = _new_context(gx, None)
+    suites = [_ads_suite(gx, ads)]
+    images_suite, image_stats = _images_suite(gx, Path(root), ads, cfg.min_image_side)
+    if images_suite is not None:
+        suites.append(images_suite)
+    failures = _run_suites(gx, context, "alignsearch_new_ads", suites, cfg.max_examples) + list(extra_failures)
+    empty = {"rows": 0, "columns": []}
+    stats = {"ads": _table_stats(ads), "queries": empty, "qrels": empty, "images": image_stats}
+    return ValidationResult(root=Path(root), success=not failures, failures=failures, stats=stats,
+                            seconds=round(time.perf_counter() - started, 3),
+                            num_rules=sum(len(s.rules) for s in suites))
 
 
 # --------------------------------------------------------------------------- reports

@@ -28,7 +28,6 @@ from components.match.data import match_data
 from components.match.scorers import load_scorer
 from components.match.systems import calibrate_word_channel, train_system
 from components.match.words import WordChannel
-from components.metrics import ScoreMatrix
 from components.vision.parts import PartsFeatures
 
 log = logging.getLogger(__name__)
@@ -67,7 +66,7 @@ def compare_alignments(variants: list[Variant], *, align_cfg: AlignConfig, match
         calibrate_word_channel(scorer, match_cfg, data["train"], data["valid"])
         calibration = scorer.info["word_channel_calibration"]
         test = data[eval_split]
-        matrix = ScoreMatrix(test.queries.query_ids, test.ads.ad_ids, scorer.score(test.queries, test.ads))
+        matrix = scorer.score_matrix(test)
         ranking = {f"{eval_split}/{r['subset']}/ndcg@10": r["value"]
                    for r in evaluate_scores(splits[eval_split], matrix, match_cfg.seed) if r["metric"] == "ndcg@10"}
         row = {"variant": variant.name, "overrides": ",".join(f"{k}={v}" for k, v in variant.overrides.items()),

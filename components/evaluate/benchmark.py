@@ -26,7 +26,6 @@ from components.evaluate.significance import run_detail
 from components.evaluate.subsets import evaluate_scores
 from components.match.config import MatchConfig
 from components.match.data import match_data
-from components.metrics import ScoreMatrix
 from components.systems import SYSTEMS, TRAINED_SYSTEMS, UNTRAINED_SYSTEMS, WORD_SYSTEMS
 
 # components.align.stage / .model, components.match.encoder / .systems, components.vision.parts
@@ -241,7 +240,7 @@ def train_cell(cell: dict, context: dict) -> CellResult:
         scorer_dir = str(out_dir / "scorer")
     splits, _ = _benchmark_inputs(ctx.dataset_dir, ctx.features_path, ctx.eval_split)
     test = data[ctx.eval_split]
-    matrix = ScoreMatrix(test.queries.query_ids, test.ads.ad_ids, scorer.score(test.queries, test.ads))
+    matrix = scorer.score_matrix(test)
     records = evaluate_scores(splits[ctx.eval_split], matrix, run.seed)
     detail = run_detail(splits[ctx.eval_split], matrix, run.seed)
     info = getattr(scorer, "info", {}) or {}

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import roc_auc_score
 
 from components.evaluate.subsets import ALL, pair_subsets, query_subsets
 from components.metrics import (
@@ -86,6 +85,8 @@ def paired_test(left: Sequence[RunDetail], right: Sequence[RunDetail], subset: s
     """Paired bootstrap over test queries (seeds pooled) of left - right on `metric` over
     `subset`; `left[i]` and `right[i]` are the same seed. Returns delta (observed), low and
     high (95% interval), p (one-sided, left > right), num_queries and num_seeds."""
+    from sklearn.metrics import roc_auc_score  # scikit-learn: ~0.7 s to import, only for a report
+
     if not left or len(left) != len(right):
         raise ValueError("paired_test needs the same number (> 0) of runs on each side")
     rng = np.random.default_rng(seed)

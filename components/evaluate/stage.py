@@ -14,7 +14,6 @@ from components.data.format import read_dataset
 from components.evaluate.plots import plot_subset_bars
 from components.evaluate.subsets import evaluate_scores, flatten_records
 from components.match.config import MatchConfig
-from components.metrics import ScoreMatrix
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +53,7 @@ def run_evaluate(*, dataset_dir: Path, scorer_dir: Path, out_dir: Path, features
     for split_name in splits:
         data = split_data(dataset, split_name, features=features, words=words, word_logits=word_logits)
         for name, system in systems.items():
-            matrix = ScoreMatrix(data.queries.query_ids, data.ads.ad_ids, system.score(data.queries, data.ads))
+            matrix = system.score_matrix(data)
             records = evaluate_scores(dataset.split(split_name), matrix, seed)
             metrics.setdefault(name, {})[split_name] = flatten_records(records)
             if split_name == "test":

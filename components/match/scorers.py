@@ -26,12 +26,13 @@ from safetensors.torch import save_file as save_torch
 
 from components.device import resolve_device
 from components.match.config import MatchConfig
-from components.match.data import AdSide, QuerySide
+from components.match.data import AdSide, MatchData, QuerySide
 from components.match.encoder import TextTower, TowerConfig, TwoTowerMatcher
 from components.match.fusion import ImageFusionHead
 from components.match.lexical import bm25_scores
 from components.match.probe import TermProbe, zscore_rows
 from components.match.words import WordChannel
+from components.metrics import ScoreMatrix
 from components.outputs import write_stable_json
 from components.systems import TWO_TOWER_SYSTEMS
 
@@ -55,6 +56,10 @@ class Scorer(ABC):
     @abstractmethod
     def score(self, queries: QuerySide, ads: AdSide) -> np.ndarray:
         """(len(queries), len(ads)) float64 scores, higher = more relevant."""
+
+    def score_matrix(self, data: MatchData) -> ScoreMatrix:
+        """Every (query, ad) score of `data`, labelled by ids: what evaluation ranks."""
+        return ScoreMatrix(data.queries.query_ids, data.ads.ad_ids, self.score(data.queries, data.ads))
 
     @abstractmethod
     def _save(self, out_dir: Path) -> dict:
@@ -172,7 +177,7 @@ class TwoTowerScorer(Scorer):
 
 class LateFusionScorer(Scorer):
     """z(trained text_only score) + weight * z(term-probe score), z-scored per query
-    (METHOD.md section 5, revised: the text matcher a user would fuse is the trained one)."""
+    (docs/method.md#baselines: the text matcher a user would fuse is the trained one)."""
 
     def __init__(self, text: TwoTowerScorer, probe: TermProbe, weight: float, info: dict | None = None) -> None:
         self.system, self.text, self.probe, self.weight = "late_fusion", text, probe, float(weight)

@@ -135,15 +135,3 @@ def describe(model_uri: str) -> dict[str, str]:
     if version is None:
         return {}
     return {"name": name, "version": str(version.version), "run_id": version.run_id or ""}
-
-
-def load_search_model(model_uri: str):
-    """The pyfunc at `model_uri`, with a clear error when the alias or version does not exist."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return mlflow.pyfunc.load_model(model_uri)
-    except MlflowException as exc:
-        raise LookupError(f"cannot load {model_uri} from {mlflow.get_tracking_uri()}: {exc.message}. "
-                          f"Run `alignsearch retrain` and `alignsearch promote` first, or pass --model-uri.") from exc

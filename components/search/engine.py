@@ -209,7 +209,7 @@ class SearchEngine:
         words, word_logits = translate_ads(self.alignment, part.ads["ad_id"].astype(str).tolist(), features)
         needs_images = self.scorer.net.image_head is not None
         data = match_data(part, words=words, features=features if needs_images else None, word_logits=word_logits)
-        return ScoreMatrix(data.queries.query_ids, data.ads.ad_ids, self.scorer.score(data.queries, data.ads))
+        return self.scorer.score_matrix(data)
 
     def evaluate(self, dataset_dir: Path, split: str = "test", *, cache_dir: Path, seed: int = 0) -> dict[str, float]:
         """Metrics on a split of the dataset at `dataset_dir` (flat keys as in reports/metrics.json)."""

@@ -41,6 +41,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from components.search.batching import MicroBatcher
 from components.search.config import ServeConfig
+from components.search.page import PAGE
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +233,6 @@ def create_app(model: Any, cfg: ServeConfig, *, model_uri: str, info: dict | Non
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> HTMLResponse:
-        from components.search.page import PAGE
 
         return HTMLResponse(PAGE)
 

@@ -4,7 +4,7 @@ Owns image preprocessing (alpha on white, letterbox or stretch to the input size
 saliency-region extractor behind the single entry point `extract_parts` (so a detector
 can replace it later without touching callers) and the `PartsFeatures` container.
 Candidates are cells and k x k average-pooled windows of the last feature map, ranked by
-activation norm (METHOD.md section 1 and 8).
+activation norm (docs/method.md#visual-parts).
 """
 
 from __future__ import annotations

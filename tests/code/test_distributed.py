@@ -2,7 +2,7 @@
 Trainer arguments taken from params.yaml.
 
 DDP runs in a subprocess with a clean environment: Lightning's ranks must not inherit
-pytest's process (STACK.md), and MASTER_PORT must not leak into later tests.
+pytest's process (docs/install.md#tests), and MASTER_PORT must not leak into later tests.
 """
 
 from __future__ import annotations

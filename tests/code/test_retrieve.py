@@ -18,7 +18,7 @@ def _normalised(x: np.ndarray) -> np.ndarray:
 
 def _clustered(num_points: int, num_clusters: int, dim: int, seed: int) -> np.ndarray:
     """Points around random centres: the structure real embeddings have (random vectors
-    have none, and ANN recall on them is meaningless; see STACK.md)."""
+    have none, and ANN recall on them is meaningless; see docs/search.md#the-index-at-scale)."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(num_clusters, dim))
     labels = rng.integers(0, num_clusters, size=num_points)

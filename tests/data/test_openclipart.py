@@ -1,4 +1,4 @@
-"""The openclipart source: each rule of BENCHMARK.md's build protocol, on tiny hand-made trees.
+"""The openclipart source: each rule of the build protocol (docs/benchmark.md#building-the-dataset), on tiny hand-made trees.
 
 Every test builds its own SVGs under tmp_path (see svg_fixtures.py); nothing reads the
 installed clip art. Each rule has a test that fails when the rule is dropped.

@@ -2,7 +2,7 @@
 
 The alignment is trained on the TRAIN split only (images + titles; no truth, no queries,
 no qrels). The planted truth is read only to score it: each visual concept's top word must
-name the part kind its regions cover (METHOD.md section 6).
+name the part kind its regions cover (docs/method.md#checked-on-a-planted-mapping).
 """
 
 from __future__ import annotations
