@@ -3,6 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+UV := $(VENV)/bin/uv
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 MAX_ADS ?= 3000
@@ -20,11 +21,15 @@ export OMP_WAIT_POLICY := PASSIVE
 
 setup: $(STAMP)
 
-# Reinstall only when the project metadata changed.
+# Reinstall only when the project metadata changed. torch first, with pip: the CPU wheel of
+# $(TORCH_VERSION) lies on this machine's disk (pip's find-links), which uv does not read. Then uv
+# installs the rest (about 15 s instead of pip's 2.5 min) and keeps that torch, as the
+# project's range allows it.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@$(PIP) show torch 2>/dev/null | grep -q "^Version: $(TORCH_VERSION)" || $(PIP) install -q "torch==$(TORCH_VERSION)"
-	$(PIP) install -q -e ".[dev]"
+	@test -x $(UV) || $(PIP) install -q uv
+	$(UV) pip install -q --python $(PY) -e ".[dev]"
 	@touch $(STAMP)
 
 # The clip art the default dataset is built from (Debian package).
@@ -39,7 +44,7 @@ test: setup
 	$(VENV)/bin/pytest -q -n 2 --dist loadgroup --durations=15
 
 lint: setup
-	$(VENV)/bin/ruff check components flows tests
+	$(VENV)/bin/ruff check components flows infra tests
 
 bench: setup openclipart
 	$(VENV)/bin/alignsearch benchmark --data data/openclipart --out reports/benchmark
