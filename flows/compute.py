@@ -33,12 +33,6 @@ from prefect.cache_policies import NO_CACHE
 
 from components.config import ComputeConfig, load_params
 from components.vision.config import PartsConfig
-from components.vision.stage import (
-    merge_feature_shards,
-    plan_feature_shards,
-    run_features,
-    run_features_shard,
-)
 from flows.runtime import setup_runtime
 
 log = logging.getLogger(__name__)
@@ -81,6 +75,8 @@ def dask_task_runner(compute: ComputeConfig):
 def features_shard(vision: dict, image_paths: list[str], out_path: str, cache_dir: str,
                    num_threads: int) -> str:
     """Parts of one shard of images, written to `out_path` (a path travels, not arrays)."""
+    # torch-bound: imported once setup_runtime has set torch's kernel settings (flows/retrain.py)
+    from components.vision.stage import run_features_shard
 
     return str(run_features_shard(PartsConfig(**vision), image_paths=image_paths, out_path=Path(out_path),
                                   cache_dir=Path(cache_dir), num_threads=num_threads))
@@ -89,6 +85,8 @@ def features_shard(vision: dict, image_paths: list[str], out_path: str, cache_di
 @flow(name="alignsearch-features", log_prints=True)
 def features_flow(vision: dict, dataset_dir: str, out_dir: str, cache_dir: str, compute: dict) -> dict:
     """Shards of the dataset's images as tasks on the flow's task runner, merged in order."""
+    # torch-bound: imported once setup_runtime has set torch's kernel settings (flows/retrain.py)
+    from components.vision.stage import merge_feature_shards, plan_feature_shards
 
     started = time.perf_counter()
     cfg = ComputeConfig(**compute)
@@ -109,6 +107,8 @@ def extract_features(vision: dict, dataset_dir: str, out_dir: str, cache_dir: st
                      compute: dict[str, Any] | None = None) -> dict:
     """The features stage on the configured compute: in-process (`run_features`) or as
     shard tasks on Dask. Returns {"features_path", "metrics"}; the file is the same either way."""
+    # torch-bound: imported once setup_runtime has set torch's kernel settings (flows/retrain.py)
+    from components.vision.stage import run_features
 
     cfg = ComputeConfig(**(compute or {}))
     runner = dask_task_runner(cfg)

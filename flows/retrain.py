@@ -18,6 +18,10 @@ run never blocks the next one).
 Every flow run opens one MLflow run (params, dataset hash, git commit, per-stage metrics and
 timings, validation report, alignment gallery, plots, model); Lightning logs into it too.
 A run that fails anywhere is marked FAILED in MLflow and registers nothing.
+
+The stage modules that load torch are imported inside the tasks, not at the top: torch reads
+its CPU kernel settings when it is imported, and `setup_runtime` (called by the flow) must set
+them first, or the same seed gives other numbers on another processor (flows/runtime.py).
 """
 
 from __future__ import annotations
@@ -43,7 +47,6 @@ from prefect import flow, get_run_logger, task
 from prefect.context import TaskRunContext
 
 from components.align.config import AlignConfig
-from components.align.stage import load_ad_words, run_align
 from components.catalogue.pyfunc import log_search_model
 from components.config import Params, load_params
 from components.data.build import build_dataset
@@ -52,10 +55,9 @@ from components.data.format import dataset_hash, read_dataset
 from components.data.validate import ValidationError, validate_dataset
 from components.evaluate.stage import choose_system, run_evaluate
 from components.match.config import MatchConfig
-from components.match.stage import run_train_matcher
 from components.outputs import atomic_dir, is_scratch
 from components.registry.config import RegistryConfig
-from components.registry.lightning import RunLogger
+from components.registry.tracking import client as mlflow_client
 from components.registry.tracking import (
     code_version,
     configure_mlflow,
@@ -73,8 +75,6 @@ from components.search.bundle import build_bundle
 from components.stages import files_version, module_code, stage_code_version
 from components.systems import IMAGE_SYSTEMS
 from components.vision.config import PartsConfig
-from components.vision.stage import load_features
-from flows.compute import extract_features
 from flows.runtime import setup_runtime
 
 log = logging.getLogger(__name__)
@@ -263,6 +263,8 @@ def validate(key: str, dataset_dir: str, validation: dict, report_dir: str) -> d
 def features(key: str, vision: dict, dataset_dir: str, out_dir: str, cache_dir: str,
              compute: dict | None = None) -> dict:
     """In-process, or as shard tasks on Dask when `compute` asks (flows/compute.py): same file."""
+    # torch-bound: imported once setup_runtime has set torch's kernel settings (see module notes)
+    from flows.compute import extract_features
 
     if (done := _reused(Path(out_dir))) is not None:
         return done
@@ -274,6 +276,10 @@ def features(key: str, vision: dict, dataset_dir: str, out_dir: str, cache_dir: 
 @task(name="align", **STAGE_TASK)
 def align(key: str, align_cfg: dict, dataset_dir: str, features_path: str, out_dir: str, cache_dir: str,
           gallery_size: int, fraction: float, query_seed: int) -> dict:
+
+    # torch-bound: imported once setup_runtime has set torch's kernel settings (see module notes)
+    from components.align.stage import run_align
+    from components.vision.stage import load_features
 
     if (done := _reused(Path(out_dir))) is not None:
         return done
@@ -293,6 +299,11 @@ def train_matcher(key: str, match_cfg: dict, system: str, dataset_dir: str, feat
                   words_path: str, out_dir: str, mlflow_run_id: str | None = None,
                   tracking_uri: str | None = None) -> dict:
 
+    # torch-bound: imported once setup_runtime has set torch's kernel settings (see module notes)
+    from components.align.stage import load_ad_words
+    from components.match.stage import run_train_matcher
+    from components.vision.stage import load_features
+
     if (done := _reused(Path(out_dir))) is not None:
         return done
     words, word_logits = load_ad_words(Path(words_path))
@@ -308,6 +319,10 @@ def train_matcher(key: str, match_cfg: dict, system: str, dataset_dir: str, feat
 @task(name="evaluate", **STAGE_TASK)
 def evaluate(key: str, match_cfg: dict, seed: int, dataset_dir: str, scorer_dir: str, features_path: str,
              words_path: str, out_dir: str) -> dict:
+
+    # torch-bound: imported once setup_runtime has set torch's kernel settings (see module notes)
+    from components.align.stage import load_ad_words
+    from components.vision.stage import load_features
 
     if (done := _reused(Path(out_dir))) is not None:
         return done
@@ -330,6 +345,9 @@ def register(run_id: str, model_key: str, registry: dict, vision: dict, index: d
     (`implicit_fusion_words`), which encodes the catalogue from it; None for the others."""
     import mlflow
 
+    # torch-bound: imported once setup_runtime has set torch's kernel settings (see module notes)
+    from components.align.stage import load_ad_words
+    from components.vision.stage import load_features
 
     cfg = RegistryConfig(**registry)
     existing = find_by_key(cfg.model_name, model_key)
@@ -352,6 +370,9 @@ def register(run_id: str, model_key: str, registry: dict, vision: dict, index: d
 
 def _lightning_logger(prefix: str, run_id: str | None, tracking_uri: str | None):
     """Lightning's MLflow logger writing into the flow's run (keys prefixed by the stage)."""
+    # torch-bound: imported once setup_runtime has set torch's kernel settings (see module notes)
+    from components.registry.lightning import RunLogger
+
     if run_id is None:
         return None
 
@@ -399,11 +420,10 @@ def retrain_flow(params: dict[str, Any]) -> dict:
 def _retrain(cfg: Params, params: dict[str, Any]) -> dict:
     import mlflow
 
-
     started = time.perf_counter()
     logger = get_run_logger()
     experiment_id = configure_mlflow(cfg.registry)
-    client = mlflow.MlflowClient()
+    client = mlflow_client()
     uri = mlflow.get_tracking_uri()
     # The whole code base, for the run page; each stage's key uses only the code it runs.
     code = code_version([REPO_ROOT / "components", Path(__file__)])

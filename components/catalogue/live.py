@@ -28,8 +28,8 @@ from components.catalogue import versions
 from components.catalogue.encode import encode_ads
 from components.catalogue.validate import read_new_ads, validate_new_ads
 from components.registry.config import RegistryConfig
-from components.registry.models import ModelRef, open_model, version_of_run
-from components.registry.versions import training_dataset_dir
+from components.registry.models import ModelRef, open_model
+from components.registry.versions import training_dataset_dir, version_of_run
 from components.search.bundle import bundle_catalogue
 from components.search.catalogue import Catalogue
 from components.search.engine import SearchEngine

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -38,14 +39,6 @@ INPUT_EXAMPLE = pd.DataFrame({"query": ["red sports car", "christmas tree"], "k"
 
 class AlignSearchModel(PythonModel):
     """pyfunc wrapper of `components.search.engine.SearchEngine`."""
-
-    @classmethod
-    def from_engine(cls, engine: SearchEngine) -> AlignSearchModel:
-        """The model over an engine opened in this process (`alignsearch serve`: the engine from
-        `components.catalogue.live.open_engine`, with its cached ONNX query tower)."""
-        model = cls()
-        model.engine = engine
-        return model
 
     def load_context(self, context) -> None:
         bundle = Path(context.artifacts[BUNDLE_ARTIFACT])
@@ -99,11 +92,14 @@ def log_search_model(bundle_dir: Path, *, name: str = "model", example_output: p
 
     if example_output is None:
         example_output = SearchEngine(bundle_dir).search_frame(INPUT_EXAMPLE)
-    inferred = infer_signature(INPUT_EXAMPLE, example_output, params={"k": 10})
-    # `k` per row is optional (the `k` param, default 10, applies where it is missing).
-    inputs = Schema([ColSpec("string", "query"), ColSpec("long", "k", required=False)])
-    signature = ModelSignature(inputs=inputs, outputs=inferred.outputs, params=inferred.params)
-    return mlflow.pyfunc.log_model(
-        name=name, python_model=str(MODEL_CODE), artifacts={BUNDLE_ARTIFACT: str(bundle_dir)},
-        code_paths=[str(COMPONENTS_DIR)], signature=signature, input_example=INPUT_EXAMPLE,
-        pip_requirements=pip_requirements())
+    with warnings.catch_warnings():
+        # MLflow hints that integer columns cannot hold missing values: `rank` is never missing,
+        # and `k` is declared optional below (the `k` param, default 10, applies where it is).
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
+        inferred = infer_signature(INPUT_EXAMPLE, example_output, params={"k": 10})
+        inputs = Schema([ColSpec("string", "query"), ColSpec("long", "k", required=False)])
+        signature = ModelSignature(inputs=inputs, outputs=inferred.outputs, params=inferred.params)
+        return mlflow.pyfunc.log_model(
+            name=name, python_model=str(MODEL_CODE), artifacts={BUNDLE_ARTIFACT: str(bundle_dir)},
+            code_paths=[str(COMPONENTS_DIR)], signature=signature, input_example=INPUT_EXAMPLE,
+            pip_requirements=pip_requirements())

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from components.outputs import atomic_dir
 from components.registry.tracking import client, sqlite_path, use_store
-from components.registry.versions import describe, is_absent, registry_error, training_dataset_dir
+from components.registry.versions import describe, registry_error, training_dataset_dir
 from components.search import onnx_query
 from components.search.bundle import SCORER_DIR, is_bundle
 
@@ -144,16 +144,3 @@ def open_model(model_uri: str, cache_dir: Path, *, tracking_uri: str | None = No
     elif not (target / SCORER_DIR / onnx_query.EXPORT_DIR).is_dir():  # cached before towers were exported
         _export_query_tower(target)
     return ModelRef(name, version, target, training_dataset_dir(found), run_id, dict(found.tags or {}))
-
-
-def version_of_run(run_id: str):
-    """The newest registered version logged by `run_id`, or None (a model that is not a
-    registered version of this store)."""
-    try:
-        found = client().search_model_versions(f"run_id = '{run_id}'")
-    except Exception as exc:
-        if is_absent(exc):
-            return None
-        raise registry_error(f"looking up the version of run {run_id}", exc) from exc
-    return max(found, key=lambda v: int(v.version)) if found else None
-

@@ -186,13 +186,17 @@ def log_dataset_input(client, run_id: str, dataset_dir: Path, digest: str, count
     dataset and as input tags `<table>.<split>`)."""
     import pandas as pd
     from mlflow.data import from_pandas
+    from mlflow.data.dataset_source_registry import get_registered_sources
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     frame = pd.DataFrame([{"table": table, **{s: int(n) for s, n in per_split.items()}}
                           for table, per_split in counts.items()])
     source = Path(dataset_dir).resolve()
-    dataset = from_pandas(frame, source=str(source), name=name or source.name, digest=digest)
+    # An explicit source: MLflow registers its local-files source twice, so a bare path
+    # "can be interpreted in multiple ways" (a UserWarning on every run) though both are the same.
+    local = next(s for s in get_registered_sources() if s.__name__ == "LocalArtifactDatasetSource")
+    dataset = from_pandas(frame, source=local(str(source)), name=name or source.name, digest=digest)
     tags = [InputTag(MLFLOW_DATASET_CONTEXT, context)]
     tags += [InputTag(f"{table}.{split}", str(n)) for table, per_split in counts.items() for split, n in per_split.items()]
     client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)])

@@ -43,17 +43,30 @@ def registry_error(what: str, exc: BaseException) -> RegistryError:
                          "stopped, nothing was changed")
 
 
-def find_by_key(name: str, model_key: str):
-    """The newest version of `name` tagged with `model_key`, or None (also when `name` does not
-    exist yet). Any other registry error raises `RegistryError`: a lookup that failed must not
-    read as "not registered", or the same model would be registered twice."""
+def _newest(filter_string: str, what: str):
+    """The newest version matching `filter_string`, or None (also when the model does not exist
+    yet). Any other registry error raises `RegistryError`: a lookup that failed must not read
+    as "not there"."""
     try:
-        found = _client().search_model_versions(f"name = '{name}' and tags.`{MODEL_KEY_TAG}` = '{model_key}'")
+        found = _client().search_model_versions(filter_string)
     except Exception as exc:
         if is_absent(exc):
             return None
-        raise registry_error(f"looking up {name} versions with {MODEL_KEY_TAG}={model_key}", exc) from exc
+        raise registry_error(what, exc) from exc
     return max(found, key=lambda v: int(v.version)) if found else None
+
+
+def find_by_key(name: str, model_key: str):
+    """The newest version of `name` tagged with `model_key`, or None: a failed lookup raises, or
+    the same model would be registered twice."""
+    return _newest(f"name = '{name}' and tags.`{MODEL_KEY_TAG}` = '{model_key}'",
+                   f"looking up {name} versions with {MODEL_KEY_TAG}={model_key}")
+
+
+def version_of_run(run_id: str):
+    """The newest registered version logged by `run_id`, or None (a model that is not a
+    registered version of this store)."""
+    return _newest(f"run_id = '{run_id}'", f"looking up the version of run {run_id}")
 
 
 def register(model_uri: str, name: str, *, model_key: str, tags: dict[str, str]) -> RegisteredVersion:

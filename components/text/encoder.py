@@ -10,7 +10,6 @@ import copy
 import functools
 import hashlib
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from components.device import resolve_device
+from components.outputs import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,5 @@ class TextEncoder:
     def _save_cache(self, texts: list[str], embeddings: np.ndarray) -> None:
         path = self._cache_path(texts)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-            np.save(tmp, embeddings)
-            os.replace(tmp, path)  # a killed run leaves no half-written cache entry
+            with atomic_file(path, suffix=".npy") as tmp:  # a killed run leaves no half-written entry
+                np.save(tmp, embeddings)

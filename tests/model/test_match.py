@@ -12,13 +12,9 @@ from components.match.config import MatchConfig
 from components.match.data import QuerySide, match_data
 from components.match.encoder import TextTower, TowerConfig
 from components.match.module import MatcherModule
-from components.match.systems import (
-    SYSTEMS,
-    TWO_TOWER_SYSTEMS,
-    load_scorer,
-    select_learning_rate,
-    train_system,
-)
+from components.match.scorers import load_scorer
+from components.match.systems import select_learning_rate, train_system
+from components.systems import SYSTEMS, TWO_TOWER_SYSTEMS
 
 pytestmark = pytest.mark.slow
 

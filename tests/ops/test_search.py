@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from ops_helpers import free_port, fresh_env, ops_params
 from typer.testing import CliRunner
 
-from components.catalogue.pyfunc import AlignSearchModel
+from components.catalogue.serving import EngineModel
 from components.registry.models import open_model
 from components.registry.tracking import configure_mlflow
 from components.search.config import ServeConfig
@@ -90,7 +90,7 @@ def client(trained_template, synthetic_dataset_dir, tmp_path_factory):
     """The service over the template store's model: read only (nothing registered or moved)."""
     root, _ = trained_template
     configure_mlflow(ops_params(root, synthetic_dataset_dir).registry)
-    model = AlignSearchModel.from_engine(SearchEngine(open_model(URI, tmp_path_factory.mktemp("cache")).bundle_dir))
+    model = EngineModel(SearchEngine(open_model(URI, tmp_path_factory.mktemp("cache")).bundle_dir))
     return TestClient(create_app(model, ServeConfig(max_k=20, max_query_chars=50), model_uri=URI,
                                  info={"version": "1"}))
 
