@@ -15,7 +15,6 @@ compare-and-set on the pointer (`versions.publish`).
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import pandas as pd
 
 from components.catalogue import versions
 from components.catalogue.encode import encode_ads
+from components.catalogue.images import fill_own_ref, image_name, own_image_ref, resolve_image
 from components.catalogue.validate import read_new_ads, validate_new_ads
 from components.registry.config import RegistryConfig
 from components.registry.models import ModelRef, open_model
@@ -35,9 +35,6 @@ from components.search.catalogue import Catalogue
 from components.search.engine import SearchEngine
 
 log = logging.getLogger(__name__)
-
-SELF_REF = "run:SELF/"  # an image of the version being published (its run id is not known yet)
-
 
 @dataclass
 class ChangeResult:
@@ -76,11 +73,6 @@ def open_engine(model_uri: str, *, cache_dir: Path, tracking_uri: str | None = N
     return SearchEngine(ref.bundle_dir, catalogue=chosen), ref
 
 
-def _image_name(path: Path) -> str:
-    digest = hashlib.md5(path.read_bytes()).hexdigest()[:20]
-    return digest + path.suffix.lower()
-
-
 def _encoded_rows(encoded, image_refs: list[str]) -> pd.DataFrame:
     return pd.DataFrame({"ad_id": encoded.ad_ids, "title": encoded.titles,
                          "words": [[w for w, _ in ws] for ws in encoded.words],
@@ -101,8 +93,8 @@ def add_ads(model_uri: str, ads_dir: Path, *, validate_cfg, cache_dir: Path, exp
     encoded = encode_ads(engine, ads, ads_dir, cache_dir=cache_dir, progress=progress,
                          known_word_vectors=engine.catalogue.word_vectors)
     files = [ads_dir / str(p) for p in ads["image_path"]]
-    names = [_image_name(f) for f in files]
-    rows = _encoded_rows(encoded, [SELF_REF + f"images/{n}" for n in names])
+    names = [image_name(f) for f in files]
+    rows = _encoded_rows(encoded, [own_image_ref(n) for n in names])
     images = dict(zip(names, files, strict=True))
     with versions.catalogue_lock(ref.name):
         base = current_catalogue(ref, cache_dir)
@@ -129,7 +121,7 @@ def _publish(catalogue: Catalogue, images, experiment: str, expected_run_id, met
     original = catalogue.ads["image_ref"].copy()
 
     def fill(run_id: str) -> None:
-        catalogue.ads["image_ref"] = original.str.replace(SELF_REF, f"run:{run_id}/", regex=False)
+        catalogue.ads["image_ref"] = original.map(lambda ref: fill_own_ref(ref, run_id))
 
     return versions.publish(catalogue, experiment=experiment, images=images, metrics=metrics,
                             expected_run_id=expected_run_id, before_save=fill)
@@ -152,7 +144,7 @@ def reindex(name: str, from_version: str | None, to_version: str, *, cache_dir: 
     already = current_catalogue(target_ref, cache_dir)
     if any(str(source.run_id) in item for item in already.change.get("reindexed_from", [])):
         return already  # done by an earlier attempt of this promotion
-    files = [versions.resolve_image(str(r), cache_dir) for r in source.ads["image_ref"]]
+    files = [resolve_image(str(r), cache_dir) for r in source.ads["image_ref"]]
     lost = [a for a, f in zip(source.ads["ad_id"], files, strict=True) if f is None]
     if lost:
         raise FileNotFoundError(f"re-indexing catalogue {source.label} of {name} v{from_version} for v{to_version}: "

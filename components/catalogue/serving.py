@@ -11,8 +11,8 @@ from pathlib import Path
 import pandas as pd
 from fastapi import FastAPI
 
+from components.catalogue.images import resolve_image
 from components.catalogue.live import CatalogueWatcher, open_engine
-from components.catalogue.versions import resolve_image
 from components.search.config import ServeConfig
 from components.search.engine import SearchEngine
 from components.search.service import create_app

@@ -27,7 +27,7 @@ from components.outputs import atomic_dir
 from components.registry.lock import store_lock
 from components.registry.tracking import client as _client
 from components.registry.versions import registry_error
-from components.search.catalogue import IMAGES_DIR, Catalogue, is_saved
+from components.search.catalogue import Catalogue, is_saved
 
 log = logging.getLogger(__name__)
 
@@ -145,23 +145,3 @@ def fetch(run_id: str, cache_dir: Path) -> Path:
 
 def load_version(run_id: str, cache_dir: Path) -> Catalogue:
     return Catalogue.load(fetch(run_id, cache_dir), run_id=run_id)
-
-
-def resolve_image(ref: str, cache_dir: Path) -> Path | None:
-    """The local file of an ad's `image_ref` (downloaded from its run when needed), or None."""
-    if ref.startswith("file:"):
-        path = Path(ref.removeprefix("file:"))
-        return path if path.is_file() else None
-    if ref.startswith("run:"):
-        run_id, _, rel = ref.removeprefix("run:").partition("/")
-        if not rel.startswith(IMAGES_DIR + "/") or ".." in Path(rel).parts:
-            return None
-        path = local_dir(cache_dir, run_id) / rel
-        if not path.is_file():
-            try:
-                path = Path(fetch(run_id, cache_dir)) / rel
-            except Exception as exc:  # a run that is gone: the ad has no image to show
-                log.warning("image %s: %s", ref, exc)
-                return None
-        return path if path.is_file() else None
-    return None
