@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 from components.catalogue.versions import fetch, local_dir
+from components.data.validate import FORMAT_NAMES, IMAGE_FORMATS, image_format
 from components.search.catalogue import IMAGES_DIR
 
 log = logging.getLogger(__name__)
@@ -18,9 +19,14 @@ SELF_REF = "run:SELF/"  # an image of the version being published (its run id is
 
 
 def image_name(path: Path) -> str:
-    """The file name an added ad's image is stored under: its content hash and suffix."""
+    """The file name an added ad's image is stored under: its content hash and the suffix of the
+    format detected in it (a PNG named x.html is stored as .png); `ValueError` for a file that
+    is no PNG, JPEG or WebP (validation refuses those first)."""
+    found = image_format(path)
+    if found is None:
+        raise ValueError(f"{path}: not a {FORMAT_NAMES} image")
     digest = hashlib.md5(Path(path).read_bytes()).hexdigest()[:20]
-    return digest + Path(path).suffix.lower()
+    return digest + IMAGE_FORMATS[found].suffix
 
 
 def own_image_ref(name: str) -> str:

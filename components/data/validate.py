@@ -45,6 +45,39 @@ JSON_REPORT = "validation.json"
 MARKDOWN_REPORT = "validation.md"
 
 
+@dataclass(frozen=True)
+class ImageFormat:
+    media_type: str  # what /image answers it as
+    suffix: str  # what an added ad's image is stored under
+
+
+# The formats an ad image may have, by Pillow's name: validation opens images with these
+# decoders only (Pillow reads many more, EPS through Ghostscript among them), an added image
+# is stored under the suffix of the format detected in it (never the name it came with), and
+# the service answers with the media type of that format.
+IMAGE_FORMATS = {"PNG": ImageFormat("image/png", ".png"), "JPEG": ImageFormat("image/jpeg", ".jpg"),
+                 "WEBP": ImageFormat("image/webp", ".webp")}
+FORMAT_NAMES = "PNG, JPEG or WebP"
+
+
+def open_image(path: Path):
+    """`PIL.Image.open` restricted to IMAGE_FORMATS (another format raises
+    `PIL.UnidentifiedImageError`); reads the header only."""
+    from PIL import Image
+
+    return Image.open(path, formats=list(IMAGE_FORMATS))
+
+
+def image_format(path: Path) -> str | None:
+    """The IMAGE_FORMATS name of the image at `path` from its header, or None (another format,
+    not an image, unreadable)."""
+    try:
+        with open_image(path) as image:
+            return image.format
+    except Exception:  # Pillow raises many types for files it cannot identify
+        return None
+
+
 @dataclass
 class RuleFailure:
     """One failed rule: where, what, how many rows and a few offenders.
@@ -306,9 +339,8 @@ def _splits_suite(gx, ads: pd.DataFrame, queries: pd.DataFrame, qrels: pd.DataFr
 
 
 def _check_image(root: Path, image_path: Any) -> tuple[bool, bool | None, int | None, int | None]:
-    """(exists under root, decodes, width, height) of one image; None where not applicable."""
-    from PIL import Image
-
+    """(exists under root, decodes as one of IMAGE_FORMATS, width, height) of one image; None
+    where not applicable."""
     if not isinstance(image_path, str) or not image_path or os.path.isabs(image_path):
         return False, None, None, None
     normalised = os.path.normpath(image_path)
@@ -318,9 +350,9 @@ def _check_image(root: Path, image_path: Any) -> tuple[bool, bool | None, int | 
     if not path.is_file():
         return False, None, None, None
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             image.verify()  # structure and checksums
-        with Image.open(path) as image:  # verify() leaves the file unusable: reopen to decode pixels
+        with open_image(path) as image:  # verify() leaves the file unusable: reopen to decode pixels
             image.load()
             width, height = image.size
     except Exception:  # Pillow raises many types for broken files
@@ -351,7 +383,7 @@ def _images_suite(gx, root: Path, ads: pd.DataFrame, min_side: int) -> tuple[_Su
     suite.rules = [
         _Rule("image_path must exist under the dataset directory", "image_path",
               E.ExpectColumnValuesToBeInSet(column="image_exists", value_set=[True])),
-        _Rule("image must decode (Pillow verify + load)", "image_path",
+        _Rule(f"image must decode as {FORMAT_NAMES} (Pillow verify + load)", "image_path",
               E.ExpectColumnValuesToBeInSet(column="image_decodes", value_set=[True])),
         _Rule(f"image sides must be >= {min_side} px", "image_path",
               E.ExpectColumnValuesToBeBetween(column="image_min_side", min_value=min_side),

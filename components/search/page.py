@@ -1,14 +1,14 @@
 """The search page `alignsearch serve` shows at `/`: one self-contained HTML document (inline CSS
 and JavaScript, no build step, no CDN). It calls the service's own GET /search and /health,
-and loads ad images from /image."""
+and loads ad images from /image.
 
-PAGE = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>alignsearch</title>
-<style>
+`CONTENT_SECURITY_POLICY` is served with it: its own inline style and script (by hash) and
+nothing else, requests to the service only, no framing."""
+
+import base64
+import hashlib
+
+STYLE = """
   body { font-family: system-ui, sans-serif; margin: 0; background: #f6f7f9; color: #1d2330; }
   header { background: #1d2330; color: #fff; padding: 14px 24px; display: flex; align-items: baseline; gap: 24px; }
   header h1 { font-size: 20px; margin: 0; }
@@ -28,17 +28,9 @@ PAGE = """<!doctype html>
           background: #e9ecf1; color: #39414f; }
   .word.matched { background: #ffd85c; color: #1d2330; font-weight: 600; }
   .error { color: #b3261e; }
-</style>
-</head>
-<body>
-<header><h1>alignsearch</h1><span id="versions">loading&hellip;</span></header>
-<main>
-  <form id="form"><input id="q" name="q" placeholder="Search ads, e.g. christmas tree" autofocus
-         autocomplete="off" maxlength="256"><button type="submit" id="go">Search</button></form>
-  <div id="status"></div>
-  <ol id="results"></ol>
-</main>
-<script>
+"""
+
+SCRIPT = """
 const $ = (id) => document.getElementById(id);
 function versions(model, catalogue, uri) {
   $("versions").textContent = "model " + (model ? "v" + model : "?") + " \\u00b7 catalogue " + (catalogue || "?") +
@@ -90,7 +82,34 @@ $("form").addEventListener("submit", (e) => {
   const q = $("q").value.trim();
   if (q) search(q).catch(err => { $("status").textContent = String(err); $("status").className = "error"; });
 });
-</script>
+"""
+
+PAGE = f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>alignsearch</title>
+<style>{STYLE}</style>
+</head>
+<body>
+<header><h1>alignsearch</h1><span id="versions">loading&hellip;</span></header>
+<main>
+  <form id="form"><input id="q" name="q" placeholder="Search ads, e.g. christmas tree" autofocus
+         autocomplete="off" maxlength="256"><button type="submit" id="go">Search</button></form>
+  <div id="status"></div>
+  <ol id="results"></ol>
+</main>
+<script>{SCRIPT}</script>
 </body>
 </html>
 """
+
+
+def _sha256(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+CONTENT_SECURITY_POLICY = (f"default-src 'none'; script-src {_sha256(SCRIPT)}; style-src {_sha256(STYLE)}; "
+                           "img-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+                           "frame-ancestors 'none'")

@@ -10,7 +10,8 @@ all in the same process as the CLI, with no per-model environment to build.
     GET  /search?q=red+car&k=5      -> {"query": ..., "k": ..., "catalogue_version": ..., "results": [...]}
     POST /search {"query": ..., "k": 5}
     GET  /                          -> the search page (`page.py`: one HTML file, no CDN, no build)
-    GET  /image?ad_id=...           -> an ad's image (from the catalogue version that holds it)
+    GET  /image?ad_id=...           -> an ad's image (from the catalogue version that holds it), as
+                                       the PNG/JPEG/WebP detected in it, nosniff, sandboxed
 
 With an `engine` (the pyfunc's `SearchEngine`) and a `watcher` (`CatalogueWatcher`), the
 service follows the model version's live catalogue: a new version is loaded beside the old
@@ -39,13 +40,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from components.data.validate import IMAGE_FORMATS, image_format
 from components.search.batching import MicroBatcher
 from components.search.config import ServeConfig
-from components.search.page import PAGE
+from components.search.page import CONTENT_SECURITY_POLICY, PAGE
 
 log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-ID"
+# An ad image is the advertiser's file: answered as the image format detected in it (never by
+# its name), not sniffed, and if opened on its own, a sandboxed document that loads nothing.
+IMAGE_HEADERS = {"Cache-Control": "private, max-age=3600",
+                 "Content-Security-Policy": "default-src 'none'; img-src 'self'; sandbox"}
 
 
 class Hit(BaseModel):
@@ -77,7 +83,8 @@ async def _send_json(send, status: int, body: dict, request_id: str) -> None:
     payload = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                            (REQUEST_ID_HEADER.lower().encode(), request_id.encode())]})
+                            (REQUEST_ID_HEADER.lower().encode(), request_id.encode()),
+                            (b"x-content-type-options", b"nosniff")]})
     await send({"type": "http.response.body", "body": payload})
 
 
@@ -145,7 +152,8 @@ class _Guard:
             if message["type"] == "http.response.start":
                 started = True
                 message = {**message, "headers": [*message.get("headers", []),
-                                                  (REQUEST_ID_HEADER.lower().encode(), request_id.encode())]}
+                                                  (REQUEST_ID_HEADER.lower().encode(), request_id.encode()),
+                                                  (b"x-content-type-options", b"nosniff")]}
             await send(message)
 
         if is_search:
@@ -233,16 +241,16 @@ def create_app(model: Any, cfg: ServeConfig, *, model_uri: str, info: dict | Non
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> HTMLResponse:
-
-        return HTMLResponse(PAGE)
+        return HTMLResponse(PAGE, headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY})
 
     @app.get("/image")
     def image(ad_id: Annotated[str, Query(max_length=1000)]) -> FileResponse:
         ref = engine.image_ref(ad_id) if engine is not None else None
         path = image_file(ref) if ref and image_file is not None else None
-        if path is None:
+        found = image_format(path) if path is not None else None
+        if found is None:
             raise HTTPException(status_code=404, detail="no image for this ad")
-        return FileResponse(path, headers={"Cache-Control": "max-age=3600"})
+        return FileResponse(path, media_type=IMAGE_FORMATS[found].media_type, headers=IMAGE_HEADERS)
 
     @app.post("/search", response_model=SearchResponse)
     def search_post(body: SearchRequest, request: Request) -> SearchResponse:

@@ -7,17 +7,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from pathlib import Path
 
 import httpx
 import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
+from test_catalogue_images import png_with_script
 
 from components.search.config import ServeConfig
 from components.search.load import BAD_INPUTS  # the sweep bench-serve runs against a real server
 from components.search.service import create_app
 
 URI = "models:/alignsearch@champion"
+BASE = "http://127.0.0.1:8080"  # the Host a loopback service on the default port answers
 
 
 class ToyModel:
@@ -104,6 +108,60 @@ def test_requests_beyond_the_in_flight_limit_get_429():
     refused, done, after = asyncio.run(go())
     assert refused.status_code == 429 and "limit 2" in refused.json()["detail"]
     assert [r.status_code for r in done] == [200, 200] and after.status_code == 200
+
+
+class ImageEngine:
+    """What /image asks of an engine: an ad's image reference (here, the file's own path)."""
+
+    def __init__(self, files: dict[str, Path]):
+        self.files = files
+
+    def image_ref(self, ad_id: str) -> str | None:
+        return str(self.files[ad_id]) if ad_id in self.files else None
+
+
+def _image_client(files: dict[str, Path], **kw) -> TestClient:
+    engine = ImageEngine(files)
+    return TestClient(create_app(ToyModel(), ServeConfig(), model_uri=URI, engine=engine,
+                                 image_file=lambda ref: Path(ref), **kw), base_url=BASE)
+
+
+def test_an_image_is_served_as_its_detected_format_never_as_its_name(tmp_path):
+    """A PNG named x.html (with <script> in a text chunk) is image/png, not sniffed, and
+    sandboxed if opened on its own; a file that is no PNG, JPEG or WebP is not served."""
+    page = png_with_script(tmp_path / "x.html")
+    (tmp_path / "notes.png").write_text("<html><script>alert(1)</script></html>")
+    gif = tmp_path / "anim.gif"
+    Image.new("RGB", (40, 40), "red").save(gif, format="GIF")
+    client = _image_client({"html": page, "text": tmp_path / "notes.png", "gif": gif})
+    served = client.get("/image", params={"ad_id": "html"})
+    assert served.status_code == 200 and served.content == page.read_bytes()
+    assert served.headers["content-type"] == "image/png"
+    assert served.headers["x-content-type-options"] == "nosniff"
+    policy = served.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "sandbox" in policy
+    for ad_id in ("text", "gif", "nope"):
+        assert client.get("/image", params={"ad_id": ad_id}).status_code == 404, ad_id
+
+
+def test_the_page_has_a_content_security_policy_that_allows_only_itself():
+    """No inline script but the page's own (by hash), no other origin; every answer nosniff."""
+    import base64
+    import hashlib
+    import re
+
+    from components.search.page import PAGE
+
+    response = _client().get("/")
+    assert response.status_code == 200 and response.headers["x-content-type-options"] == "nosniff"
+    policy = dict(part.strip().split(" ", 1) for part in response.headers["content-security-policy"].split(";"))
+    assert policy["default-src"] == "'none'" and policy["connect-src"] == "'self'"
+    assert policy["frame-ancestors"] == "'none'" and "unsafe-inline" not in response.headers["content-security-policy"]
+    for tag, directive in (("script", "script-src"), ("style", "style-src")):
+        [body] = re.findall(f"<{tag}>(.*?)</{tag}>", PAGE, flags=re.S)
+        digest = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
+        assert policy[directive] == f"'sha256-{digest}'"
+    assert _client().get("/health").headers["x-content-type-options"] == "nosniff"
 
 
 def test_api_key_is_enforced_when_set():

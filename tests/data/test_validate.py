@@ -25,6 +25,7 @@ from components.data.validate import (
 )
 
 CFG = ValidateConfig(min_image_side=32, max_examples=5)
+DECODE_RULE = "image must decode as PNG, JPEG or WebP (Pillow verify + load)"
 
 
 def _edit(root: Path, file_name: str, change: Callable[[pd.DataFrame], pd.DataFrame]) -> None:
@@ -147,15 +148,26 @@ def test_image_path_outside_dataset_dir_is_missing(dataset):
 
 def test_corrupt_image(dataset):
     (dataset / "images" / "a4.png").write_bytes(b"this is not a png at all")
-    failure = _only_failure(validate_dataset(dataset, CFG), "image must decode (Pillow verify + load)")
+    failure = _only_failure(validate_dataset(dataset, CFG), DECODE_RULE)
     assert failure.examples == ["images/a4.png"]
 
 
 def test_truncated_image(dataset):
     path = dataset / "images" / "a5.png"
     path.write_bytes(path.read_bytes()[:60])  # a valid header, no pixel data
-    failure = _only_failure(validate_dataset(dataset, CFG), "image must decode (Pillow verify + load)")
+    failure = _only_failure(validate_dataset(dataset, CFG), DECODE_RULE)
     assert failure.examples == ["images/a5.png"]
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF"])
+def test_image_of_another_format_than_png_jpeg_webp(dataset, fmt):
+    """Pillow reads many formats (EPS through Ghostscript among them): only PNG, JPEG and WebP
+    are ad images; the file's name says nothing (a PNG named .html passes, a GIF named .png not)."""
+    Image.new("RGB", (40, 40), "red").save(dataset / "images" / "a2.png", format=fmt)
+    Image.new("RGB", (40, 40), "red").save(dataset / "images" / "a3.html", format="PNG")
+    _edit(dataset, ADS_FILE, _set("ad_id", "a3", "image_path", "images/a3.html"))
+    failure = _only_failure(validate_dataset(dataset, CFG), DECODE_RULE)
+    assert failure.examples == ["images/a2.png"]
 
 
 def test_too_small_image(dataset):
