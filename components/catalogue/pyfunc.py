@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -44,19 +43,29 @@ class AlignSearchModel(PythonModel):
         bundle = Path(context.artifacts[BUNDLE_ARTIFACT])
         self.engine = SearchEngine(bundle)
         # Answer from the live catalogue of the registered version this model is;
-        # model_config={"catalogue": "bundle"} keeps the ads it was registered with.
+        # model_config={"catalogue": "bundle"} keeps the ads it was registered with,
+        # model_config={"cache_dir": ...} says where catalogue versions are cached.
         config = getattr(context, "model_config", None) or {}
         self.registered = None
         if config.get("catalogue", "current") == "current":
             run_id = _logged_run(bundle.parents[1])
             if run_id:
-                cache_dir = Path(config.get("cache_dir") or Path(tempfile.gettempdir()) / "alignsearch-catalogue")
-                self.registered = attach_current(self.engine, run_id, cache_dir)
+                self.registered = attach_current(self.engine, run_id, catalogue_cache_dir(config))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         default_k = int((params or {}).get("k", 10))
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         return self.engine.search_frame(frame, default_k=default_k)
+
+
+def catalogue_cache_dir(model_config: dict) -> Path:
+    """Where the model keeps the catalogue versions it downloads: `model_config["cache_dir"]`
+    (serving passes params' `data.cache_dir`), else the user's own cache directory
+    ($XDG_CACHE_HOME/alignsearch or ~/.cache/alignsearch). Never a fixed path in the shared
+    temporary directory: what another user put there would be read as a catalogue."""
+    if model_config.get("cache_dir"):
+        return Path(model_config["cache_dir"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "alignsearch"
 
 
 def _logged_run(model_dir: Path) -> str | None:

@@ -46,5 +46,6 @@ def build_service(model_uri: str, cfg: ServeConfig, *, cache_dir: Path, tracking
     watcher = CatalogueWatcher(engine, ref.name, ref.version, cache_dir=cache_dir,
                                interval_s=cfg.catalogue_poll_s if poll_s is None else poll_s)
     app = create_app(EngineModel(engine), cfg, model_uri=model_uri, info=info, api_key=api_key,
-                     engine=engine, watcher=watcher, image_file=lambda image_ref: resolve_image(image_ref, cache_dir))
+                     engine=engine, watcher=watcher,
+                     image_file=lambda image_ref: resolve_image(image_ref, cache_dir, dataset_dir=ref.dataset_dir))
     return Service(app, engine, watcher, info)

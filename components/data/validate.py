@@ -17,7 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -338,17 +338,34 @@ def _splits_suite(gx, ads: pd.DataFrame, queries: pd.DataFrame, qrels: pd.DataFr
 # --------------------------------------------------------------------------- images
 
 
-def _check_image(root: Path, image_path: Any) -> tuple[bool, bool | None, int | None, int | None]:
-    """(exists under root, decodes as one of IMAGE_FORMATS, width, height) of one image; None
-    where not applicable."""
+class _ImageFacts(NamedTuple):
+    """What validation learns of one image; None where it does not apply (a missing file has no
+    size). `linked`: the path goes through a symlink (refused wherever it points)."""
+
+    exists: bool
+    linked: bool | None = None
+    decodes: bool | None = None
+    width: int | None = None
+    height: int | None = None
+
+
+_MISSING = _ImageFacts(False)
+
+
+def _check_image(real_root: str, image_path: Any) -> _ImageFacts:
+    """The facts of one image at `image_path` under `real_root` (the directory's real path)."""
     if not isinstance(image_path, str) or not image_path or os.path.isabs(image_path):
-        return False, None, None, None
+        return _MISSING
     normalised = os.path.normpath(image_path)
     if normalised == ".." or normalised.startswith(".." + os.sep):
-        return False, None, None, None  # outside the dataset directory
-    path = root / image_path
-    if not path.is_file():
-        return False, None, None, None
+        return _MISSING  # outside the dataset directory
+    path = os.path.join(real_root, normalised)
+    if not os.path.lexists(path):
+        return _MISSING
+    if os.path.realpath(path) != path:  # a symlink, here or in a folder on the way
+        return _ImageFacts(True, linked=True)
+    if not os.path.isfile(path):
+        return _MISSING
     try:
         with open_image(path) as image:
             image.verify()  # structure and checksums
@@ -356,8 +373,8 @@ def _check_image(root: Path, image_path: Any) -> tuple[bool, bool | None, int | 
             image.load()
             width, height = image.size
     except Exception:  # Pillow raises many types for broken files
-        return True, False, None, None
-    return True, True, int(width), int(height)
+        return _ImageFacts(True, False, False)
+    return _ImageFacts(True, False, True, int(width), int(height))
 
 
 def _images_suite(gx, root: Path, ads: pd.DataFrame, min_side: int) -> tuple[_Suite | None, dict[str, Any]]:
@@ -370,19 +387,22 @@ def _images_suite(gx, root: Path, ads: pd.DataFrame, min_side: int) -> tuple[_Su
     paths = [p for p in dict.fromkeys(frame["image_path"].tolist()) if not _isnull(p)]
     # Pillow decodes with the GIL released, so threads scale over cores without pickling.
     workers = min(32, 4 * (os.cpu_count() or 1))
+    real_root = os.path.realpath(root)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        checked = dict(zip(paths, pool.map(lambda p: _check_image(root, p), paths), strict=True))
-    missing = (False, None, None, None)
-    facts = [checked.get(p, missing) if not _isnull(p) else missing for p in frame["image_path"].tolist()]
-    frame["image_exists"] = pd.Series([f[0] for f in facts], dtype=object)
-    frame["image_decodes"] = pd.Series([f[1] for f in facts], dtype=object)
-    frame["image_width"] = pd.to_numeric(pd.Series([f[2] for f in facts], dtype=object), errors="coerce")
-    frame["image_height"] = pd.to_numeric(pd.Series([f[3] for f in facts], dtype=object), errors="coerce")
+        checked = dict(zip(paths, pool.map(lambda p: _check_image(real_root, p), paths), strict=True))
+    facts = [checked.get(p, _MISSING) if not _isnull(p) else _MISSING for p in frame["image_path"].tolist()]
+    frame["image_exists"] = pd.Series([f.exists for f in facts], dtype=object)
+    frame["image_not_linked"] = pd.Series([None if f.linked is None else not f.linked for f in facts], dtype=object)
+    frame["image_decodes"] = pd.Series([f.decodes for f in facts], dtype=object)
+    frame["image_width"] = pd.to_numeric(pd.Series([f.width for f in facts], dtype=object), errors="coerce")
+    frame["image_height"] = pd.to_numeric(pd.Series([f.height for f in facts], dtype=object), errors="coerce")
     frame["image_min_side"] = frame[["image_width", "image_height"]].min(axis=1, skipna=False)
     suite = _Suite("images", IMAGES_TABLE, frame, _id_of("image_path"))
     suite.rules = [
         _Rule("image_path must exist under the dataset directory", "image_path",
               E.ExpectColumnValuesToBeInSet(column="image_exists", value_set=[True])),
+        _Rule("image_path must not be a symlink (nor lead out of the directory through one)", "image_path",
+              E.ExpectColumnValuesToBeInSet(column="image_not_linked", value_set=[True])),
         _Rule(f"image must decode as {FORMAT_NAMES} (Pillow verify + load)", "image_path",
               E.ExpectColumnValuesToBeInSet(column="image_decodes", value_set=[True])),
         _Rule(f"image sides must be >= {min_side} px", "image_path",
@@ -392,8 +412,9 @@ def _images_suite(gx, root: Path, ads: pd.DataFrame, min_side: int) -> tuple[_Su
     sides = frame["image_min_side"].dropna()
     stats = {
         "files": len(paths),
-        "missing": int(sum(1 for f in checked.values() if not f[0])),
-        "undecodable": int(sum(1 for f in checked.values() if f[1] is False)),
+        "missing": int(sum(1 for f in checked.values() if not f.exists)),
+        "linked": int(sum(1 for f in checked.values() if f.linked)),
+        "undecodable": int(sum(1 for f in checked.values() if f.decodes is False)),
         "min_side": int(sides.min()) if len(sides) else None,
         "max_side": int(max(frame["image_width"].max(), frame["image_height"].max())) if len(sides) else None,
         "workers": workers,

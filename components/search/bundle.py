@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -124,6 +125,25 @@ def build_bundle(out_dir: Path, *, align_dir: Path, scorer_dir: Path, dataset_di
     return out_dir
 
 
+def _image_refs(dataset_dir: Path, ad_ids: list[str], image_paths: list) -> dict[str, str]:
+    """`file:<absolute path>` of each ad's image, for the paths that name a file inside the
+    dataset directory (a table read at serve time: an absolute path, one leading out, or no
+    path gives the ad no image). Whether the file is really there, and reached through no
+    symlink, is checked when it is served (`catalogue.images.resolve_image`)."""
+    root = Path(os.path.realpath(dataset_dir))
+    refs, refused = {}, 0
+    for ad_id, path in zip(ad_ids, image_paths, strict=True):
+        normalised = os.path.normpath(path) if isinstance(path, str) and path else ""
+        if not normalised or os.path.isabs(normalised) or normalised.split(os.sep)[0] in ("..", "."):
+            refused += bool(normalised)
+            continue
+        refs[ad_id] = f"file:{root / normalised}"
+    if refused:
+        log.warning("%s: %d image paths lead out of the dataset directory; those ads have no image", dataset_dir,
+                    refused)
+    return refs
+
+
 def bundle_catalogue(bundle_dir: Path, *, model_name: str = "", model_version: str = "",
                      dataset_dir: Path | None = None, index_cfg: IndexConfig | None = None) -> Catalogue:
     """Version 0 of a model version's catalogue: the ads its bundle was built over.
@@ -139,9 +159,12 @@ def bundle_catalogue(bundle_dir: Path, *, model_name: str = "", model_version: s
     images: dict[str, str] = {}
     ads_file = None if dataset_dir is None else Path(dataset_dir) / ADS_FILE
     if ads_file is not None and ads_file.is_file():
+        if not Path(dataset_dir).is_absolute():
+            log.warning("catalogue v0 of %s v%s: training dataset %s is recorded relative to the working "
+                        "directory; its images are looked for under %s", model_name, model_version, dataset_dir,
+                        Path(dataset_dir).resolve())
         source = pd.read_parquet(ads_file, columns=["ad_id", "image_path"])
-        root = Path(dataset_dir).resolve()
-        images = {str(a): f"file:{root / str(p)}" for a, p in zip(source["ad_id"], source["image_path"], strict=True)}
+        images = _image_refs(Path(dataset_dir), source["ad_id"].astype(str).tolist(), source["image_path"].tolist())
     elif dataset_dir is not None:
         log.warning("catalogue v0 of %s v%s: training dataset %s not found; its ads have no images",
                     model_name, model_version, dataset_dir)

@@ -178,7 +178,7 @@ def test_the_pyfunc_answers_from_the_current_catalogue(store, synthetic_dataset_
     live.add_ads(URI, new_ads_dir(synthetic_dataset_dir, tmp_path / "new",
                                   [("new:heart", "heart heart", _image_ad(synthetic_dataset_dir, "heart"))]),
                  validate_cfg=cfg.validation, cache_dir=cache, experiment=cfg.registry.experiment, progress=False)
-    model = mlflow.pyfunc.load_model(URI)
+    model = mlflow.pyfunc.load_model(URI, model_config={"cache_dir": str(cache)})
     frame = model.predict(pd.DataFrame({"query": ["heart"], "k": [10]}))
     assert set(frame["catalogue_version"]) == {"v1"} and "new:heart" in frame["ad_id"].tolist()
 

@@ -26,6 +26,7 @@ from components.data.validate import (
 
 CFG = ValidateConfig(min_image_side=32, max_examples=5)
 DECODE_RULE = "image must decode as PNG, JPEG or WebP (Pillow verify + load)"
+SYMLINK_RULE = "image_path must not be a symlink (nor lead out of the directory through one)"
 
 
 def _edit(root: Path, file_name: str, change: Callable[[pd.DataFrame], pd.DataFrame]) -> None:
@@ -301,3 +302,37 @@ def test_synthetic_source_writes_a_valid_dataset(synthetic_dataset_dir, tmp_path
     result = validate_dataset(synthetic_dataset_dir, CFG, report_dir=tmp_path / "reports")
     assert result.success, format_report(result)
     assert result.stats["images"]["files"] == result.stats["ads"]["rows"] > 0
+
+
+@pytest.mark.parametrize("link", ["outside", "inside", "folder"])
+def test_image_path_through_a_symlink_is_refused(dataset, link):
+    """A symlink is refused wherever it points (validation would read a file the dataset does
+    not hold, and serving would later follow it): a file, a file inside, a folder."""
+    outside = dataset.parent / f"outside-{dataset.name}"
+    outside.mkdir()
+    Image.new("RGB", (40, 40), "red").save(outside / "a2.png")
+    target = {"outside": outside / "a2.png", "inside": dataset / "images" / "a1.png"}.get(link)
+    if target is None:
+        (dataset / "linked").symlink_to(outside, target_is_directory=True)
+        _edit(dataset, ADS_FILE, _set("ad_id", "a2", "image_path", "linked/a2.png"))
+    else:
+        (dataset / "images" / "a2.png").unlink()
+        (dataset / "images" / "a2.png").symlink_to(target)
+    failure = _only_failure(validate_dataset(dataset, CFG), SYMLINK_RULE)
+    assert failure.examples == ["linked/a2.png" if link == "folder" else "images/a2.png"]
+
+
+def test_new_ads_folder_with_a_symlinked_image_is_refused_by_name(tmp_path):
+    from components.catalogue.validate import validate_new_ads
+
+    folder = tmp_path / "new"
+    (folder / "images").mkdir(parents=True)
+    Image.new("RGB", (40, 40), "red").save(folder / "images" / "ok.png")
+    (folder / "images" / "secret.png").symlink_to("/etc/passwd")
+    pd.DataFrame({"ad_id": ["ok", "sneaky"], "title": ["a", "b"],
+                  "image_path": ["images/ok.png", "images/secret.png"]}).to_parquet(folder / ADS_FILE, index=False)
+    result = validate_new_ads(folder, CFG)
+    failure = _only_failure(result, SYMLINK_RULE)
+    assert failure.examples == ["images/secret.png"]
+    with pytest.raises(ValidationError, match="images/secret.png"):
+        result.raise_if_failed()

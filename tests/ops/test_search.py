@@ -48,7 +48,8 @@ def test_pyfunc_in_a_fresh_process_ranks_as_in_process(trained_store, tmp_path):
     expected = engine.search_frame(pd.DataFrame({"query": QUERIES}))
 
     out = subprocess.run([sys.executable, "-c", FRESH_PROCESS, URI, json.dumps(QUERIES)], cwd=tmp_path,
-                         env=fresh_env(root), capture_output=True, text=True, timeout=300)
+                         env={**fresh_env(root), "XDG_CACHE_HOME": str(tmp_path / "user-cache")},
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     answered = pd.DataFrame(json.loads(out.stdout.strip().splitlines()[-1]))
 
