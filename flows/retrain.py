@@ -66,6 +66,8 @@ from components.registry.tracking import (
     log_metrics,
     log_params,
     numeric_metrics,
+    redact_params,
+    redact_uri,
     source_tags,
 )
 from components.registry.versions import find_by_key
@@ -436,7 +438,7 @@ def _retrain(cfg: Params, params: dict[str, Any]) -> dict:
                                   "alignsearch.holder": f"pid {os.getpid()} on {socket.gethostname()}"})
     run_id = run.info.run_id
     log_params(client, run_id, params)
-    client.log_dict(run_id, params, "params.json")
+    client.log_dict(run_id, redact_params(params), "params.json")
     root, cache_dir = Path(cfg.paths.flow_dir), str(cfg.data.cache_dir)
     timings: dict[str, float] = {}
     cached: list[str] = []
@@ -535,7 +537,7 @@ def _retrain(cfg: Params, params: dict[str, Any]) -> dict:
         client.set_tag(run_id, "alignsearch.model_version", registered["version"])
         client.set_terminated(run_id, "FINISHED")
     except BaseException as exc:
-        client.set_tag(run_id, "alignsearch.failure", f"{type(exc).__name__}: {exc}"[:5000])
+        client.set_tag(run_id, "alignsearch.failure", redact_uri(f"{type(exc).__name__}: {exc}")[:5000])
         client.set_terminated(run_id, "FAILED")
         logger.error("retraining failed; nothing registered (MLflow run %s)", run_id)
         raise

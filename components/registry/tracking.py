@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -37,6 +38,18 @@ def tracking_uri(cfg: RegistryConfig) -> str:
     elif from_env != _user_uri[0]:
         _user_uri[0] = None  # unset, or a value we wrote for some params
     return _user_uri[0] or cfg.tracking_uri
+
+
+# `scheme://user:password@` (or `scheme://user@`): what `redact_uri` drops. The user part stops
+# at the first '/', so an '@' later in a path is left alone.
+_CREDENTIALS = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact_uri(uri: str) -> str:
+    """`uri` without its user and password (`postgresql://u:pw@db/mlflow` -> `postgresql://db/mlflow`);
+    also every URI inside a longer text (an error message). What is shown, logged, tagged or
+    logged as a param goes through this."""
+    return _CREDENTIALS.sub(r"\g<scheme>", uri)
 
 
 def sqlite_path(uri: str | None) -> Path | None:
@@ -90,7 +103,8 @@ def configure_mlflow(cfg: RegistryConfig) -> str:
 
 
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested params as MLflow params: dotted keys (`match.lr`), JSON values, capped length."""
+    """Nested params as MLflow params: dotted keys (`match.lr`), JSON values without credentials
+    (`redact_uri`), capped length."""
     out: dict[str, str] = {}
     for key, value in params.items():
         name = f"{prefix}{key}"
@@ -98,8 +112,18 @@ def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str
             out.update(flatten_params(value, f"{name}."))
         else:
             text = value if isinstance(value, str) else json.dumps(value, default=str)
-            out[name] = text[:MAX_PARAM_CHARS]
+            out[name] = redact_uri(text)[:MAX_PARAM_CHARS]
     return out
+
+
+def redact_params(params: Any) -> Any:
+    """`params` (nested dicts and lists) with every string through `redact_uri`: what a run may
+    record of them (its params.json)."""
+    if isinstance(params, Mapping):
+        return {key: redact_params(value) for key, value in params.items()}
+    if isinstance(params, list | tuple):
+        return [redact_params(value) for value in params]
+    return redact_uri(params) if isinstance(params, str) else params
 
 
 def metric_key(name: str) -> str:

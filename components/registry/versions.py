@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from components.registry.tracking import client as _client
-from components.registry.tracking import registry_uri
+from components.registry.tracking import redact_uri, registry_uri
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,8 @@ def is_absent(exc: BaseException) -> bool:
 def registry_error(what: str, exc: BaseException) -> RegistryError:
     code = getattr(exc, "error_code", type(exc).__name__)
     message = getattr(exc, "message", None) or str(exc)
-    return RegistryError(f"{what} failed at {registry_uri()} ({code}: {message}); "
-                         "stopped, nothing was changed")
+    return RegistryError(redact_uri(f"{what} failed at {registry_uri()} ({code}: {message}); "
+                                    "stopped, nothing was changed"))
 
 
 def _newest(filter_string: str, what: str):

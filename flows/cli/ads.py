@@ -11,7 +11,7 @@ import typer
 from components.catalogue.live import add_ads, open_engine, remove_ads
 from components.catalogue.versions import CatalogueConflict
 from components.data.validate import ValidationError
-from components.registry.tracking import configure_mlflow
+from components.registry.tracking import configure_mlflow, redact_uri
 from flows.cli.options import (
     PARAMS_FILE,
     ModelUriOption,
@@ -49,7 +49,7 @@ def ads_add(
         err_console.print(f"[red]Refused, nothing added:[/red]\n{exc}", soft_wrap=True, markup=False)
         raise typer.Exit(1) from exc
     except (LookupError, CatalogueConflict) as exc:
-        err_console.print(f"[red]{exc}[/red]", soft_wrap=True)
+        err_console.print(f"[red]{redact_uri(str(exc))}[/red]", soft_wrap=True)
         raise typer.Exit(1) from exc
     console.print(f"Added {len(result.added)}, replaced {len(result.replaced)} ads "
                   f"({result.ads_per_second:.1f} ads/s encoding, {result.encode_seconds:.1f} s).")
@@ -70,7 +70,7 @@ def ads_remove(
         result = remove_ads(model_uri or cfg.serve.model_uri, ad_ids, cache_dir=cfg.data.cache_dir,
                             experiment=cfg.registry.experiment)
     except (KeyError, ValueError, LookupError, CatalogueConflict) as exc:
-        err_console.print(f"[red]Refused, nothing removed:[/red] {exc}", soft_wrap=True, markup=False)
+        err_console.print(f"[red]Refused, nothing removed:[/red] {redact_uri(str(exc))}", soft_wrap=True, markup=False)
         raise typer.Exit(1) from exc
     console.print(f"Removed {len(result.removed)} ads.")
     console.print(_catalogue_line(result.catalogue))
@@ -85,6 +85,6 @@ def ads_status(model_uri: ModelUriOption = None, params: ParamsOption = PARAMS_F
     try:
         engine, _ = open_engine(model_uri or cfg.serve.model_uri, cache_dir=cfg.data.cache_dir)
     except LookupError as exc:
-        err_console.print(f"[red]{exc}[/red]", soft_wrap=True)
+        err_console.print(f"[red]{redact_uri(str(exc))}[/red]", soft_wrap=True)
         raise typer.Exit(1) from exc
     console.print(_catalogue_line(engine.catalogue))

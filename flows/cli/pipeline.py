@@ -18,7 +18,7 @@ from rich.table import Table
 from components.config import Params
 from components.data.format import DatasetFormatError
 from components.data.validate import ValidationError
-from components.registry.tracking import tracking_uri
+from components.registry.tracking import redact_uri, tracking_uri
 from components.registry.versions import CHAMPION, RegistryError, by_alias
 from flows.cli.options import (
     PARAMS_FILE,
@@ -49,7 +49,7 @@ def _retrain(cfg: Params) -> dict:
         err_console.print(f"[red]Dataset validation failed: nothing trained, nothing registered.[/red]\n{exc}",
                           soft_wrap=True)
     except (DatasetFormatError, FileNotFoundError, ValueError, RegistryError, RetrainAlreadyRunning) as exc:
-        err_console.print(f"[red]Retraining failed, nothing registered:[/red] {exc}", soft_wrap=True)
+        err_console.print(f"[red]Retraining failed, nothing registered:[/red] {redact_uri(str(exc))}", soft_wrap=True)
     raise typer.Exit(1)
 
 
@@ -126,7 +126,7 @@ def promote(
     try:
         decision = promote_flow(cfg.model_dump(mode="json", by_alias=True), dataset_dir=str(data) if data else None)
     except (RegistryError, ValueError) as exc:
-        err_console.print(f"[red]Promotion stopped, champion unchanged:[/red] {exc}", soft_wrap=True)
+        err_console.print(f"[red]Promotion stopped, champion unchanged:[/red] {redact_uri(str(exc))}", soft_wrap=True)
         raise typer.Exit(1) from exc
     _print_decision(decision)
 
@@ -142,7 +142,7 @@ def run(params: ParamsOption = PARAMS_FILE, set_: SetOption = None) -> None:
     decision = promote_flow(cfg.model_dump(mode="json", by_alias=True), dataset_dir=result["dataset_dir"])
     _print_decision(decision)
     console.rule("Where to look")
-    console.print(f"MLflow UI:   make ui   (then http://127.0.0.1:5000; store {tracking_uri(cfg.registry)})")
+    console.print(f"MLflow UI:   make ui   (then http://127.0.0.1:5000; store {redact_uri(tracking_uri(cfg.registry))})")
     console.print(f"MLflow run:  experiment {cfg.registry.experiment!r}, run {result['run_id']} "
                   "(params, metrics, validation report, gallery, plots, model)")
     champion = _champion_version(cfg)

@@ -63,9 +63,7 @@ class TeamState:
     startup_seconds: float | None = None
 
     def save(self) -> None:
-        path = Path(self.root) / STATE_FILE
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        path.chmod(0o600)
+        write_private(Path(self.root) / STATE_FILE, json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def load(cls, root: Path) -> TeamState | None:
@@ -75,6 +73,20 @@ class TeamState:
         raw = json.loads(path.read_text())
         raw["services"] = {k: Service(**v) for k, v in raw["services"].items()}
         return cls(**raw)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `text` to `path`, readable by its owner only from the first byte: a scratch file
+    created with mode 0600 (not chmod-ed after the write), then renamed over `path`."""
+    path = Path(path)
+    scratch = path.with_name(f".{path.name}.tmp")
+    fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # a leftover scratch file keeps the mode it was created with
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+    os.replace(scratch, path)
 
 
 # --------------------------------------------------------------------------- processes
@@ -243,10 +255,9 @@ def _start_postgres(state: TeamState, root: Path) -> None:
                             "closed to other users? use a state dir under a world-searchable path)")
     if not (data / "PG_VERSION").exists():
         pwfile = pg_dir / "pwfile"
-        pwfile.write_text(state.secrets["postgres_password"] + "\n")
+        write_private(pwfile, state.secrets["postgres_password"] + "\n")
         if os.geteuid() == 0:
             shutil.chown(pwfile, "postgres", "postgres")
-        pwfile.chmod(0o600)
         done = subprocess.run(_as_postgres([initdb, "-D", str(data), "-U", "postgres", "--auth=scram-sha-256",
                                             f"--pwfile={pwfile}", "-E", "UTF8", "--no-sync"]),
                               capture_output=True, text=True, timeout=120)
@@ -395,11 +406,12 @@ def _start_servers(state: TeamState, root: Path, base_env: dict[str, str], timeo
                         " or on PATH") from exc
     mlflow.health = f"http://{HOST}:{mlflow.port}/health"
     prefect.health = f"http://{HOST}:{prefect.port}/api/health"
+    # The database URI (with its password) goes through the environment, never argv: any user
+    # sees a command line in `ps`. MLflow reads --backend-store-uri from MLFLOW_BACKEND_STORE_URI.
     mlflow_process = _spawn(mlflow, [
         mlflow_bin, "server", "--host", HOST, "--port", str(mlflow.port), "--workers", "1",
-        "--backend-store-uri", _pg_uri(state, "mlflow"),
         "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--serve-artifacts",
-    ], {**base_env, **s3_env(state)}, root)
+    ], {**base_env, **s3_env(state), "MLFLOW_BACKEND_STORE_URI": _pg_uri(state, "mlflow")}, root)
     prefect_env = {**base_env, "PREFECT_API_DATABASE_CONNECTION_URL": _pg_uri(state, "prefect", "postgresql+asyncpg")}
     prefect_env.pop("PREFECT_API_URL", None)
     prefect_process = _spawn(prefect, [prefect_bin, "server", "start", "--host", HOST, "--port", str(prefect.port)],
@@ -497,10 +509,15 @@ def up(root: Path = Path(".team"), ports: dict[str, int] | None = None, timeout:
         raise
     state.startup_seconds = round(time.monotonic() - start, 1)
     state.save()
-    env_path = root / ENV_FILE
-    env_path.write_text("".join(f"export {k}={v}\n" for k, v in team_env(state).items()))
-    env_path.chmod(0o600)
+    write_env(state)
     return state
+
+
+def write_env(state: TeamState) -> Path:
+    """`.team/env` (`team_env` as shell exports; it holds the S3 secret key): private to its owner."""
+    path = Path(state.root) / ENV_FILE
+    write_private(path, "".join(f"export {k}={v}\n" for k, v in team_env(state).items()))
+    return path
 
 
 def _running(service: Service) -> bool:

@@ -33,8 +33,14 @@ def test_compose_has_every_service_and_no_secret_in_it():
     assert "healthcheck" in services["postgres"] and "healthcheck" in services["mlflow"]
     assert services["create-bucket"]["restart"] == "no"
     mlflow = " ".join(services["mlflow"]["command"])
-    for flag in ("--backend-store-uri", "--artifacts-destination", "--serve-artifacts", "--workers"):
+    for flag in ("--artifacts-destination", "--serve-artifacts", "--workers"):
         assert flag in mlflow
+    # the database URI holds the password: MLflow reads it from its environment, never argv (`ps`)
+    assert "--backend-store-uri" not in mlflow and "BACKEND_STORE_URI" not in mlflow
+    assert "${POSTGRES_PASSWORD}" in services["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"]
+    for name, service in services.items():
+        command = json.dumps(service.get("command", "")) + json.dumps(service.get("entrypoint", ""))
+        assert "PASSWORD" not in command and "S3_SECRET" not in command, name
     assert services["prefect-server"]["environment"]["PREFECT_API_DATABASE_MIGRATE_ON_START"] == "true"
     assert services["prefect-worker"]["build"]["dockerfile"] == "infra/Dockerfile"
     assert services["dask-scheduler"]["command"][:2] == ["dask", "scheduler"]

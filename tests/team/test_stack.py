@@ -61,6 +61,23 @@ def test_team_up_every_service_healthy(team_stack, team_root):
 
 
 @pytest.mark.timeout(120)
+def test_no_secret_on_any_command_line(team_stack):
+    """What `ps` shows every user: no process of the machine carries the stack's database
+    password or S3 secret key in its arguments (MLflow gets its backend URI from the environment)."""
+    secrets = [team_stack.secrets["postgres_password"], team_stack.secrets["s3_secret_key"]]
+    assert team._running(team_stack.services["mlflow"])
+    leaking = []
+    for entry in Path("/proc").iterdir():
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # not a process, or gone
+        if any(secret in command for secret in secrets):
+            leaking.append(f"{entry.name}: {command[:200]}")
+    assert not leaking
+
+
+@pytest.mark.timeout(120)
 def test_env_file_exports_every_url(team_stack, team_root):
     names = ["MLFLOW_TRACKING_URI", "PREFECT_API_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
              "AWS_SECRET_ACCESS_KEY", "ALIGNSEARCH_DVC_REMOTE_URL", "ALIGNSEARCH_DASK_ADDRESS"]
