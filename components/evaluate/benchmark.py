@@ -285,6 +285,8 @@ def run_benchmark(cfg: BenchmarkConfig, *, dataset_dir: Path, out_dir: Path, cac
     if work_dir.exists():
         shutil.rmtree(work_dir)
     work_dir.mkdir(parents=True)
+    if cfg.lr_grid:
+        match_cfg = match_cfg.model_copy(update={"lr_grid": cfg.lr_grid})
     if quick:
         cfg = cfg.model_copy(update={"seeds": cfg.seeds[:1], "fractions": sorted({0.5, 1.0} & set(cfg.fractions)) or [1.0],
                                      "bootstrap_samples": 200})

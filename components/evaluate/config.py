@@ -26,6 +26,9 @@ class BenchmarkConfig(BaseModel):
     claim_alpha: float = Field(0.05, gt=0, lt=1, description="a claim holds when its one-sided p is below this")
     non_inferiority_margin: float = Field(0.01, ge=0, description='"not worse": the 95% interval of the delta '
                                           "stays above -margin")
+    lr_grid: list[float] | None = Field(
+        None, description="learning rates every trained system searches in the benchmark (its seed-0, full-data "
+        "run; the others reuse the pick); None = match.lr_grid, what the flow trains at")
     # --quick: a small configuration that finishes in minutes on a CPU.
     quick_max_steps: int = Field(40, ge=1)
 
