@@ -12,6 +12,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from components.search.config import API_KEY_ENV
 from components.search.load import bad_input_sweep, run_load
 
 # Queries a user might type (the catalogue is clip art); the load cycles through them.
@@ -25,6 +26,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def key_headers(env: dict | None = None) -> dict[str, str]:
+    """The API key header of a service started with `env` (every route but the page needs it)."""
+    key = (env or {}).get(API_KEY_ENV) or os.environ.get(API_KEY_ENV)
+    return {"X-API-Key": key} if key else {}
+
+
 def start_server(serve_args: list[str], port: int, log_path: Path, *, env: dict | None = None,
                  wait_s: float = 300) -> subprocess.Popen:
     """`alignsearch serve` in a child process; returns once /health answers 200."""
@@ -35,10 +42,11 @@ def start_server(serve_args: list[str], port: int, log_path: Path, *, env: dict 
     process = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--host", "127.0.0.1",
                                 "--port", str(port), *serve_args], stdout=log, stderr=subprocess.STDOUT,
                                env={**os.environ, **(env or {})}, start_new_session=True)
+    headers = key_headers(env)
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}/health", headers=headers, timeout=2).status_code == 200:
                 return process
         except httpx.TransportError:
             pass
@@ -71,9 +79,8 @@ def bench_serve(serve_args: list[str], out_dir: Path, *, requests: int = 2000, c
     process = start_server(serve_args, port, out_dir / "serve.log", env=env)
     try:
         up_s = time.perf_counter() - started
-        health = httpx.get(f"{base}/health", timeout=5).json()
-        key = (env or {}).get("ALIGNSEARCH_API_KEY") or os.environ.get("ALIGNSEARCH_API_KEY")
-        headers = {"X-API-Key": key} if key else None
+        headers = key_headers(env) or None
+        health = httpx.get(f"{base}/health", headers=headers, timeout=5).json()
         run_load(base, queries or DEFAULT_QUERIES, requests=min(50, requests), concurrency=concurrency, k=k,
                  headers=headers)  # warm-up, not reported
         load = run_load(base, queries or DEFAULT_QUERIES, requests=requests, concurrency=concurrency, k=k,

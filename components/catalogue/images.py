@@ -20,6 +20,7 @@ from pathlib import Path
 
 from components.catalogue.versions import ARTIFACT_PATH, local_dir
 from components.data.validate import FORMAT_NAMES, IMAGE_FORMATS, image_format
+from components.registry.tracking import redact_uri
 from components.search.catalogue import IMAGES_DIR
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def _run_file(run_id: str, name: str, cache_dir: Path) -> Path | None:
                 return None
             os.replace(got, run_dir / IMAGES_DIR / name)  # whole or not at all
     except Exception as exc:  # a run or image that is gone: the ad has no image to show
-        log.warning("image run:%s/%s/%s: %s", run_id, IMAGES_DIR, name, type(exc).__name__)
+        log.warning("image run:%s/%s/%s: %s", run_id, IMAGES_DIR, name, redact_uri(f"{type(exc).__name__}: {exc}"))
         return None
     return _file_under(run_dir, os.path.join(IMAGES_DIR, name))
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# The environment variable the service's API key is read from (by `alignsearch serve` and the
+# clients that ask it; the service itself is given the key).
+API_KEY_ENV = "ALIGNSEARCH_API_KEY"
+
 
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -16,7 +20,10 @@ class ServeConfig(BaseModel):
     max_k: int = Field(100, ge=1)
     max_query_chars: int = Field(256, ge=1)
     max_body_bytes: int = Field(4096, ge=64, description="larger request bodies get 413")
-    max_in_flight: int = Field(16, ge=1, description="searches answered at once; more get 429 at once")
+    max_in_flight: int = Field(16, ge=1, description="requests in flight at once, body reading included, "
+                               "per kind (searches, images, the rest); more get 429 at once")
+    body_timeout_s: float = Field(5.0, gt=0, description="a request body not received in full within this "
+                                  "long gets 408")
     batch_max: int = Field(16, ge=1, description="concurrent searches answered by one model call "
                            "(micro-batching; 1 = a call per request)")
     batch_wait_ms: float = Field(2.0, ge=0, description="how long the first waiting search waits for "

@@ -1,13 +1,15 @@
 """Load and robustness checks of a running search service (`alignsearch bench-serve`): N
 requests at a given concurrency (latency percentiles, throughput, errors), and a sweep of bad
-inputs each of which must be answered 4xx, never 5xx."""
+inputs each of which must be answered 4xx: never 5xx, never left unanswered."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -39,7 +41,17 @@ BAD_INPUTS: list[tuple[str, str, dict]] = [
     ("GET k=10^6", "get", {"params": {"q": "tree", "k": 10**6}}),
     ("GET k text", "get", {"params": {"q": "tree", "k": "x"}}),
     ("GET 10 kB q", "get", {"params": {"q": "x" * 10_000}}),
+    # Beyond /search: a page elsewhere reaching a loopback service by a rebound name (answered
+    # only with an API key, which such a page cannot send), and /image asked for files.
+    ("wrong Host header (DNS rebinding)", "get", {"url": "/health",
+                                                  "headers": {"host": "rebind.example", "x-api-key": ""}}),
+    ("/image of a file path", "get", {"url": "/image?ad_id=/etc/passwd"}),
+    ("/image of a path out of the dataset", "get", {"url": "/image?ad_id=../../../../etc/passwd"}),
+    ("/image of no ad", "get", {"url": "/image?ad_id=no-such-ad"}),
 ]
+# Sent over a raw socket (a client library finishes what it starts): a body announced and
+# never completed must be answered (408), not wait forever holding a place in flight.
+SLOW_BODY = "slow body (announced, never completed)"
 # Valid but unusual: must be answered (2xx), never 5xx.
 ODD_INPUTS: list[tuple[str, str, dict]] = [
     ("unicode query", "post", {"json": {"query": "árbol 🎄 ёлка 木", "k": 3}}),
@@ -95,8 +107,25 @@ def run_load(base_url: str, queries: list[str], *, requests: int = 2000, concurr
                        "max": round(float(latencies.max()), 2), "mean": round(float(latencies.mean()), 2)})
 
 
+def slow_body_status(base_url: str, *, headers: dict[str, str] | None = None, wait_s: float = 60.0) -> int | str:
+    """POST /search announcing a 100-byte body, sending 10 bytes of it, then nothing: the status
+    the service answers within `wait_s` (or what went wrong instead, e.g. "no answer")."""
+    url = urlsplit(base_url)
+    lines = ["POST /search HTTP/1.1", f"Host: {url.netloc}", "Content-Type: application/json", "Content-Length: 100",
+             *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    try:
+        with socket.create_connection((url.hostname, url.port or 80), timeout=wait_s) as sock:
+            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + b'{"query": ')
+            answer = sock.recv(4096)
+    except OSError as exc:
+        return type(exc).__name__
+    status_line = answer.split(b"\r\n", 1)[0].split()
+    return int(status_line[1]) if len(status_line) > 1 and status_line[1].isdigit() else "no answer"
+
+
 def bad_input_sweep(base_url: str, *, headers: dict[str, str] | None = None) -> list[dict]:
-    """Every case of BAD_INPUTS (expect 4xx) and ODD_INPUTS (expect 2xx): name, status, ok."""
+    """Every case of BAD_INPUTS and SLOW_BODY (expect 4xx) and ODD_INPUTS (expect 2xx): name,
+    status, ok."""
     import httpx
 
     out = []
@@ -107,4 +136,7 @@ def bad_input_sweep(base_url: str, *, headers: dict[str, str] | None = None) -> 
                 status = client.request(method.upper(), kwargs.pop("url", "/search"), **kwargs).status_code
                 ok = 400 <= status < 500 if expected == "4xx" else 200 <= status < 300
                 out.append({"name": name, "expected": expected, "status": status, "ok": ok})
+    status = slow_body_status(base_url, headers=headers)
+    out.append({"name": SLOW_BODY, "expected": "4xx", "status": status,
+                "ok": isinstance(status, int) and 400 <= status < 500})
     return out

@@ -1,6 +1,7 @@
 """The search page `alignsearch serve` shows at `/`: one self-contained HTML document (inline CSS
 and JavaScript, no build step, no CDN). It calls the service's own GET /search and /health,
-and loads ad images from /image.
+and loads ad images from /image. The page holds no data: with an API key set it asks for the
+key when the service answers 401, and sends it with every call.
 
 `CONTENT_SECURITY_POLICY` is served with it: its own inline style and script (by hash) and
 nothing else, requests to the service only, no framing."""
@@ -15,7 +16,8 @@ STYLE = """
   #versions { font-size: 13px; opacity: .85; }
   main { max-width: 1000px; margin: 0 auto; padding: 20px 24px; }
   form { display: flex; gap: 8px; margin-bottom: 16px; }
-  #q { flex: 1; font-size: 17px; padding: 9px 12px; border: 1px solid #b8bfcc; border-radius: 6px; }
+  [hidden] { display: none !important; }
+  #q, #key { flex: 1; font-size: 17px; padding: 9px 12px; border: 1px solid #b8bfcc; border-radius: 6px; }
   button { font-size: 16px; padding: 9px 18px; border: 0; border-radius: 6px; background: #2f6fde; color: #fff; }
   #status { font-size: 13px; color: #5b6475; margin-bottom: 12px; min-height: 1em; }
   ol { list-style: none; padding: 0; margin: 0; display: grid; gap: 10px; }
@@ -32,30 +34,59 @@ STYLE = """
 
 SCRIPT = """
 const $ = (id) => document.getElementById(id);
+// With ALIGNSEARCH_API_KEY set, every call but this page needs the key: asked for on a 401,
+// kept for this tab only, sent as X-API-Key (images too: fetched, then shown as blobs).
+const KEY = "alignsearch-api-key";
+let lastQuery = "";
+let imageUrls = [];
+function api(path) {
+  const key = sessionStorage.getItem(KEY);
+  return fetch(path, {headers: key ? {"X-API-Key": key} : {}});
+}
+function say(text, cls) {
+  $("status").textContent = text;
+  $("status").className = cls || "";
+}
+function askForKey() {
+  $("keyform").hidden = false;
+  $("key").focus();
+  say("This service needs its API key.", "error");
+}
 function versions(model, catalogue, uri) {
   $("versions").textContent = "model " + (model ? "v" + model : "?") + " \\u00b7 catalogue " + (catalogue || "?") +
     (uri ? " \\u00b7 " + uri : "");
 }
-fetch("/health").then(r => r.json()).then(h => versions(h.version, h.catalogue_version, h.model_uri))
-  .catch(() => { $("versions").textContent = "service not ready"; });
+function health() {
+  api("/health").then(async (r) => {
+    if (r.status === 401) return askForKey();
+    const h = await r.json();
+    versions(h.version, h.catalogue_version, h.model_uri);
+  }).catch(() => { $("versions").textContent = "service not ready"; });
+}
 function el(tag, cls, text) {
   const e = document.createElement(tag);
   if (cls) e.className = cls;
   if (text !== undefined) e.textContent = text;
   return e;
 }
+async function showImage(img, adId) {
+  const r = await api("/image?ad_id=" + encodeURIComponent(adId));
+  if (!r.ok) return;
+  const url = URL.createObjectURL(await r.blob());
+  imageUrls.push(url);
+  img.src = url;
+}
 async function search(q) {
-  $("status").textContent = "searching\\u2026";
-  $("status").className = "";
-  const r = await fetch("/search?k=10&q=" + encodeURIComponent(q));
+  lastQuery = q;
+  say("searching\\u2026");
+  const r = await api("/search?k=10&q=" + encodeURIComponent(q));
+  if (r.status === 401) return askForKey();
   const body = await r.json();
-  if (!r.ok) {
-    $("status").textContent = "error " + r.status + ": " + JSON.stringify(body.detail);
-    $("status").className = "error";
-    return;
-  }
+  if (!r.ok) return say("error " + r.status + ": " + JSON.stringify(body.detail), "error");
   versions(body.model_version, body.catalogue_version, body.model_uri);
-  $("status").textContent = body.results.length + " ads in " + body.took_ms + " ms";
+  say(body.results.length + " ads in " + body.took_ms + " ms");
+  imageUrls.forEach((url) => URL.revokeObjectURL(url));
+  imageUrls = [];
   const list = $("results");
   list.replaceChildren();
   for (const hit of body.results) {
@@ -64,7 +95,7 @@ async function search(q) {
     li.append(el("span", "rank", hit.rank));
     const img = el("img");
     img.alt = hit.title || hit.ad_id;
-    img.src = "/image?ad_id=" + encodeURIComponent(hit.ad_id);
+    showImage(img, hit.ad_id).catch(() => {});
     li.append(img);
     const text = el("div");
     text.append(el("div", "title", hit.title || "(no title)"));
@@ -77,11 +108,24 @@ async function search(q) {
     list.append(li);
   }
 }
+function run(q) {
+  search(q).catch((err) => say(String(err), "error"));
+}
 $("form").addEventListener("submit", (e) => {
   e.preventDefault();
   const q = $("q").value.trim();
-  if (q) search(q).catch(err => { $("status").textContent = String(err); $("status").className = "error"; });
+  if (q) run(q);
 });
+$("keyform").addEventListener("submit", (e) => {
+  e.preventDefault();
+  sessionStorage.setItem(KEY, $("key").value.trim());
+  $("key").value = "";
+  $("keyform").hidden = true;
+  say("");
+  health();
+  if (lastQuery) run(lastQuery);
+});
+health();
 """
 
 PAGE = f"""<!doctype html>
@@ -95,6 +139,8 @@ PAGE = f"""<!doctype html>
 <body>
 <header><h1>alignsearch</h1><span id="versions">loading&hellip;</span></header>
 <main>
+  <form id="keyform" hidden><input id="key" type="password" placeholder="API key (ALIGNSEARCH_API_KEY)"
+         autocomplete="off"><button type="submit" id="usekey">Use key</button></form>
   <form id="form"><input id="q" name="q" placeholder="Search ads, e.g. christmas tree" autofocus
          autocomplete="off" maxlength="256"><button type="submit" id="go">Search</button></form>
   <div id="status"></div>
@@ -111,5 +157,5 @@ def _sha256(text: str) -> str:
 
 
 CONTENT_SECURITY_POLICY = (f"default-src 'none'; script-src {_sha256(SCRIPT)}; style-src {_sha256(STYLE)}; "
-                           "img-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+                           "img-src 'self' blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
                            "frame-ancestors 'none'")

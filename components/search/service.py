@@ -17,18 +17,25 @@ With an `engine` (the pyfunc's `SearchEngine`) and a `watcher` (`CatalogueWatche
 service follows the model version's live catalogue: a new version is loaded beside the old
 one and swapped in, so no request is dropped or answered from a half-loaded catalogue.
 
-Behaving like a service: every response carries an `X-Request-ID`; an internal error is a
-generic 500 naming that id (the traceback goes to the log, not to the client); bodies over
-`max_body_bytes` get 413, searches beyond `max_in_flight` at once get 429; with an API key
-set, /search needs `X-API-Key: <key>` (or `Authorization: Bearer <key>`), else 401. Concurrent
-searches are micro-batched into one model call (`batching.py`, `batch_max`, `batch_wait_ms`).
+Behaving like a service: every response carries an `X-Request-ID` (and `nosniff`); an
+internal error is a generic 500 naming that id (the traceback goes to the log, not to the
+client); bodies over `max_body_bytes` get 413, bodies not received within `body_timeout_s`
+408, requests beyond `max_in_flight` at once (per kind: searches, images, the rest; counted
+from acceptance, body reading included) 429. With an API key set, every route but the page
+needs `X-API-Key: <key>` (or `Authorization: Bearer <key>`), else 401; the page holds no
+data and asks for the key. Without a key, only requests whose Host names the bind address
+are answered (421 otherwise: DNS rebinding). Concurrent searches are micro-batched into one
+model call (`batching.py`, `batch_max`, `batch_wait_ms`).
 """
 
 # No `from __future__ import annotations`: FastAPI must see the request model built inside
 # `create_app` (its limits come from the config) as a class, not as a string.
+import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
+import re
 import secrets
 import time
 import uuid
@@ -88,14 +95,66 @@ async def _send_json(send, status: int, body: dict, request_id: str) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
+# Without an API key, a loopback service answers only requests that name it: a page on
+# rebind.example whose name then resolves to 127.0.0.1 reaches the service from the user's
+# browser (DNS rebinding) with `Host: rebind.example`.
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+
+
+def allowed_hosts(bind: str, port: int) -> frozenset[str] | None:
+    """The Host header values a service bound to `bind`:`port` answers when it has no API key;
+    None: any (a wildcard bind, 0.0.0.0 or ::, has no one name to check against)."""
+    try:
+        address = ipaddress.ip_address(bind.strip("[]"))
+    except ValueError:
+        address = None
+    if bind.lower() == "localhost" or (address is not None and address.is_loopback):
+        names: tuple[str, ...] = LOOPBACK_NAMES
+    elif address is not None and address.is_unspecified:
+        return None
+    elif address is not None:
+        names = (f"[{address}]" if address.version == 6 else str(address), *LOOPBACK_NAMES)
+    else:
+        names = (bind.lower(), *LOOPBACK_NAMES)
+    return frozenset({f"{name}:{port}" for name in names} | (set(names) if port == 80 else set()))
+
+
+# What is shown of an error text (a catalogue reload's, on /health): URIs without their user
+# and password, signed URLs without their secrets. The same rule as the registry's
+# `redact_uri`, which the search layer sits below.
+_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+_SECRET_PARAM = re.compile(r"(?i)([?&][\w.-]*(?:password|passwd|pwd|secret|token|signature|credential|key)[\w.-]*=)"
+                           r"[^&\s]+")
+
+
+def without_credentials(text: str) -> str:
+    return _SECRET_PARAM.sub(r"\1***", _USERINFO.sub(r"\1", text))
+
+
+def _lane(path: str) -> str:
+    """Which in-flight count a request joins: searches, images (each may take a download) and
+    the rest, each capped at `max_in_flight`."""
+    path = path.rstrip("/")
+    return path.lstrip("/") if path in ("/search", "/image") else "other"
+
+
+class _TooLarge(Exception):
+    pass
+
+
 class _Guard:
-    """Pure ASGI middleware: request ids, body-size and in-flight limits, API key, and the last
-    word on errors (a generic 500, traceback logged). Runs on the event loop, so the in-flight
-    counter needs no lock."""
+    """Pure ASGI middleware: request ids, the Host check, the API key, body-size, body-time and
+    in-flight limits, and the last word on errors (a generic 500, traceback logged). Runs on the
+    event loop, so the in-flight counts need no lock.
+
+    A request counts as in flight from the moment it is accepted until it is answered, its body
+    reading included: a client that sends its body slowly holds a place (until
+    `body_timeout_s`: 408), so slow clients cannot pile up past the limit unseen."""
 
     def __init__(self, app, cfg: ServeConfig, api_key: str | None):
         self.app, self.cfg, self.api_key = app, cfg, api_key
-        self.in_flight = 0
+        self.hosts = None if api_key else allowed_hosts(cfg.host, cfg.port)
+        self.in_flight = {"search": 0, "image": 0, "other": 0}
 
     def _authorised(self, headers: dict[bytes, bytes]) -> bool:
         given = headers.get(b"x-api-key", b"").decode("latin-1")
@@ -104,39 +163,65 @@ class _Guard:
             given = bearer[7:].strip()
         return bool(given) and secrets.compare_digest(given.encode(), self.api_key.encode())
 
+    def _refusal(self, scope, headers: dict[bytes, bytes]) -> tuple[int, str] | None:
+        if self.hosts is not None and headers.get(b"host", b"").decode("latin-1").lower() not in self.hosts:
+            return 421, "this service answers only at its own address (the Host header names another)"
+        # The page is static (no data in it) and asks for the key; everything else needs it.
+        if self.api_key and scope["path"] != "/" and not self._authorised(headers):
+            return 401, "missing or wrong API key (header X-API-Key)"
+        limit = self.cfg.max_body_bytes
+        declared = headers.get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            return 413, f"request body larger than {limit} bytes"
+        return None
+
+    async def _body(self, receive) -> bytes | None:
+        """The whole body (small by definition), counted as it arrives: a body sent without
+        Content-Length (chunked) is refused as soon as it passes the limit. None: the client left."""
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.cfg.max_body_bytes:
+                raise _TooLarge
+        return b"".join(chunks)
+
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         request_id = uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         headers = dict(scope.get("headers") or [])
-        is_search = scope["path"].rstrip("/") == "/search"
-        limit = self.cfg.max_body_bytes
-        declared = headers.get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            return await _send_json(send, 413, {"detail": f"request body larger than {limit} bytes",
-                                                "request_id": request_id}, request_id)
-        if self.api_key and is_search and not self._authorised(headers):
-            return await _send_json(send, 401, {"detail": "missing or wrong API key (header X-API-Key)",
-                                                "request_id": request_id}, request_id)
-        if is_search and self.in_flight >= self.cfg.max_in_flight:
-            return await _send_json(send, 429, {"detail": f"too many requests in flight (limit "
-                                                f"{self.cfg.max_in_flight}); retry shortly",
-                                                "request_id": request_id}, request_id)
-        # Read the whole body first (it is small by definition), counting: a body sent without
-        # Content-Length (chunked) is refused as soon as it passes the limit.
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
+
+        async def refuse(status: int, detail: str) -> None:
+            await _send_json(send, status, {"detail": detail, "request_id": request_id}, request_id)
+
+        refusal = self._refusal(scope, headers)
+        if refusal is not None:
+            return await refuse(*refusal)
+        lane = _lane(scope["path"])
+        if self.in_flight[lane] >= self.cfg.max_in_flight:
+            return await refuse(429, f"too many requests in flight (limit {self.cfg.max_in_flight}); retry shortly")
+        self.in_flight[lane] += 1
+        try:
+            try:
+                async with asyncio.timeout(self.cfg.body_timeout_s):
+                    body = await self._body(receive)
+            except TimeoutError:
+                return await refuse(408, f"request body not received within {self.cfg.body_timeout_s:g} s")
+            except _TooLarge:
+                return await refuse(413, f"request body larger than {self.cfg.max_body_bytes} bytes")
+            if body is None:
                 return  # the client went away
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            more = message.get("more_body", False)
-            if size > limit:
-                return await _send_json(send, 413, {"detail": f"request body larger than {limit} bytes",
-                                                    "request_id": request_id}, request_id)
-        body = b"".join(chunks)
+            await self._answer(scope, receive, send, body, request_id)
+        finally:
+            self.in_flight[lane] -= 1
+
+    async def _answer(self, scope, receive, send, body: bytes, request_id: str) -> None:
         replayed = False
         started = False
 
@@ -156,24 +241,20 @@ class _Guard:
                                                   (b"x-content-type-options", b"nosniff")]}
             await send(message)
 
-        if is_search:
-            self.in_flight += 1
         try:
             await self.app(scope, replay_receive, tagged_send)
         except Exception:
             log.exception("request %s (%s %s) failed", request_id, scope.get("method"), scope["path"])
             if not started:
                 await _send_json(send, 500, {"detail": "internal error", "request_id": request_id}, request_id)
-        finally:
-            if is_search:
-                self.in_flight -= 1
 
 
 def create_app(model: Any, cfg: ServeConfig, *, model_uri: str, info: dict | None = None,
                api_key: str | None = None, engine: Any = None, watcher: Any = None,
                image_file=None) -> FastAPI:
     """The app over `model` (anything with `predict(DataFrame) -> DataFrame`, e.g. a pyfunc;
-    None: not loaded, /health and /search answer 503). `api_key`: required on /search when set.
+    None: not loaded, /health and /search answer 503). `api_key`: required on every route but
+    the page when set (else `cfg.host`/`cfg.port` name the Host values answered).
     `engine`: the model's `SearchEngine` (catalogue version and images on /health, /image);
     `watcher`: its `CatalogueWatcher` (reload errors on /health); `image_file(ref) -> Path|None`
     resolves an ad's image reference."""
@@ -194,6 +275,7 @@ def create_app(model: Any, cfg: ServeConfig, *, model_uri: str, info: dict | Non
             return value
 
     version = (info or {}).get("version")
+    model_uri = without_credentials(model_uri)  # shown on /health, in answers and the API docs
     # Concurrent searches share one model call (batching.py); batch_max 1 = one call each.
     batcher = (MicroBatcher(model.predict, cfg.batch_max, cfg.batch_wait_ms)
                if model is not None and cfg.batch_max > 1 else None)
@@ -228,7 +310,8 @@ def create_app(model: Any, cfg: ServeConfig, *, model_uri: str, info: dict | Non
     @app.get("/health")
     def health() -> dict:
         if model is None:
-            raise HTTPException(status_code=503, detail={"status": "no model loaded", "model_uri": model_uri})
+            raise HTTPException(status_code=503, detail={"status": "no model loaded",
+                                                         "model_uri": model_uri})
         out = {"status": "ok", "model_uri": model_uri, "version": version, **(info or {})}
         if engine is not None:
             out.update(engine.catalogue.describe())
@@ -236,7 +319,7 @@ def create_app(model: Any, cfg: ServeConfig, *, model_uri: str, info: dict | Non
             out["batches"], out["batched_queries"] = batcher.batches, batcher.queries
         if watcher is not None:
             out["catalogue_reloads"] = watcher.reloads
-            out["catalogue_reload_error"] = watcher.last_error
+            out["catalogue_reload_error"] = without_credentials(watcher.last_error)
         return out
 
     @app.get("/", response_class=HTMLResponse)

@@ -21,7 +21,8 @@ from rich.table import Table
 
 from components.catalogue.live import open_engine
 from components.config import Params
-from components.registry.tracking import configure_mlflow, tracking_uri
+from components.registry.tracking import configure_mlflow, redact_uri, tracking_uri
+from components.search.config import API_KEY_ENV
 from flows.bench_index import bench_index as measure_index
 from flows.bench_serve import bench_serve as measure_service
 from flows.cli.options import (
@@ -33,8 +34,6 @@ from flows.cli.options import (
     err_console,
     load_config,
 )
-
-API_KEY_ENV = "ALIGNSEARCH_API_KEY"
 
 
 def _print_hits(title: str, frame: pd.DataFrame) -> None:
@@ -55,7 +54,7 @@ def search_table(cfg: Params, query: str, k: int, model_uri: str) -> None:
     try:
         engine, ref = open_engine(model_uri, cache_dir=cfg.data.cache_dir, tracking_uri=tracking_uri(cfg.registry))
     except LookupError as exc:
-        err_console.print(f"[red]{exc}[/red]", soft_wrap=True)
+        err_console.print(f"[red]{redact_uri(str(exc))}[/red]", soft_wrap=True)
         raise typer.Exit(1) from exc
     info = {"version": ref.version, "catalogue_version": engine.catalogue_version}
     engine.query_tower  # noqa: B018 - load it now, so the timing below says what loading cost
@@ -124,7 +123,8 @@ def serve(
 ) -> None:
     """Serve search over HTTP (FastAPI): a search page at /, GET/POST /search, GET /health, docs at /docs.
     Follows the model version's live catalogue (`alignsearch ads add`): new versions are swapped in.
-    With ALIGNSEARCH_API_KEY set, /search needs the header X-API-Key."""
+    With ALIGNSEARCH_API_KEY set, every route but the page needs the header X-API-Key (the page
+    asks for it); without it, only requests naming the bind address (Host) are answered."""
     from components.catalogue.serving import build_service  # FastAPI: only the service needs it
 
     cfg = load_config(params, set_)
@@ -140,19 +140,21 @@ def serve(
         err_console.print(f"[yellow]Warning: serving on {bind}, reachable from other machines; {auth}.[/yellow]",
                           soft_wrap=True)
     uri = model_uri or cfg.serve.model_uri
+    port_ = port or cfg.serve.port
+    # The app checks Host headers against the address it is bound to (no key: DNS rebinding).
+    serve_cfg = cfg.serve.model_copy(update={"host": bind, "port": port_})
     configure_mlflow(cfg.registry)
     try:
-        service = build_service(uri, cfg.serve, cache_dir=cfg.data.cache_dir, tracking_uri=tracking_uri(cfg.registry),
+        service = build_service(uri, serve_cfg, cache_dir=cfg.data.cache_dir, tracking_uri=tracking_uri(cfg.registry),
                                 api_key=api_key)
     except LookupError as exc:
-        err_console.print(f"[red]{exc}[/red]", soft_wrap=True)
+        err_console.print(f"[red]{redact_uri(str(exc))}[/red]", soft_wrap=True)
         raise typer.Exit(1) from exc
     service.watcher.start()  # follow the version's live catalogue (a new version is swapped in)
     engine, app_ = service.engine, service.app
-    port_ = port or cfg.serve.port
-    console.print(f"Serving {uri} (catalogue {engine.catalogue_version}, {len(engine)} ads) on "
+    console.print(f"Serving {redact_uri(uri)} (catalogue {engine.catalogue_version}, {len(engine)} ads) on "
                   f"http://{bind}:{port_} (search page at /, docs at /docs)"
-                  + (f"; API key required ({API_KEY_ENV})" if api_key else ""))
+                  + (f"; API key required on every route but the page ({API_KEY_ENV})" if api_key else ""))
     uvicorn.run(app_, host=bind, port=port_, log_level="info")
 
 
@@ -174,7 +176,7 @@ def bench_serve(
     try:
         report = measure_service(serve_args, out, requests=requests, concurrency=concurrency, k=k)
     except RuntimeError as exc:
-        err_console.print(f"[red]{exc}[/red]", soft_wrap=True)
+        err_console.print(f"[red]{redact_uri(str(exc))}[/red]", soft_wrap=True)
         raise typer.Exit(1) from exc
     console.print((out / "bench_serve.md").read_text(), markup=False, soft_wrap=True)
     console.print(f"Report: {out / 'bench_serve.json'}")
@@ -203,7 +205,7 @@ def bench_index(
                                sizes=[int(s) for s in sizes.split(",") if s.strip()], encode_ads=encode_ads,
                                threads=threads, skip=set((skip or "").split(",")) - {""}, console=console)
     except LookupError as exc:
-        err_console.print(f"[red]{exc}[/red]", soft_wrap=True)
+        err_console.print(f"[red]{redact_uri(str(exc))}[/red]", soft_wrap=True)
         raise typer.Exit(1) from exc
     console.print(result["paths"]["markdown"].read_text(), markup=False, soft_wrap=True)
     console.print(f"Report: {result['paths']['markdown']}, plot: {result['paths']['plot']}")

@@ -72,7 +72,7 @@ class LiveServer:
     """A real uvicorn server on 127.0.0.1 in a thread, over the service `alignsearch serve`
     builds (`components.catalogue.serving.build_service`)."""
 
-    def __init__(self, cfg, model_uri: str = URI, poll_s: float = 0.2):
+    def __init__(self, cfg, model_uri: str = URI, poll_s: float = 0.2, api_key: str | None = None):
         import threading
 
         import uvicorn
@@ -80,11 +80,13 @@ class LiveServer:
 
         from components.catalogue.serving import build_service
 
-        serve_cfg = cfg.serve.model_copy(update={"max_in_flight": 64, "max_k": 1000})
-        service = build_service(model_uri, serve_cfg, cache_dir=cfg.data.cache_dir, poll_s=poll_s)
-        self.engine, self.watcher, app = service.engine, service.watcher, service.app
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.headers = {"X-API-Key": api_key} if api_key else {}
+        serve_cfg = cfg.serve.model_copy(update={"max_in_flight": 64, "max_k": 1000, "host": "127.0.0.1",
+                                                 "port": self.port})
+        service = build_service(model_uri, serve_cfg, cache_dir=cfg.data.cache_dir, poll_s=poll_s, api_key=api_key)
+        self.engine, self.watcher, app = service.engine, service.watcher, service.app
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -98,7 +100,7 @@ class LiveServer:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                if httpx.get(self.url + "/health", headers=self.headers, timeout=2).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass

@@ -33,10 +33,14 @@ def _driver():
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                  "--window-size=1100,1400", "--no-first-run", "--disable-extensions"):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # CSP violations are logged there
     return webdriver.Chrome(service=Service(driver), options=options)
 
 
-def test_search_page_shows_ranked_ads_with_images(store, synthetic_dataset_dir, tmp_path):
+@pytest.mark.parametrize("api_key", [None, "page-key"], ids=["no key", "API key"])
+def test_search_page_shows_ranked_ads_with_images(store, synthetic_dataset_dir, tmp_path, api_key):
+    """Under the page's own Content-Security-Policy (nothing blocked); with an API key the page
+    asks for it, then sends it with every call, images included."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as ec
@@ -49,9 +53,13 @@ def test_search_page_shows_ranked_ads_with_images(store, synthetic_dataset_dir, 
                  progress=False)
     browser = _driver()
     try:
-        with LiveServer(cfg) as server:
+        with LiveServer(cfg, api_key=api_key) as server:
             browser.get(server.url + "/")
             wait = WebDriverWait(browser, 60)
+            if api_key:
+                wait.until(ec.visibility_of_element_located((By.ID, "key")))
+                assert "API key" in browser.find_element(By.ID, "status").text
+                browser.find_element(By.ID, "key").send_keys(api_key, Keys.ENTER)
             wait.until(ec.text_to_be_present_in_element((By.ID, "versions"), "catalogue v1"))
             box = browser.find_element(By.ID, "q")
             box.send_keys("heart", Keys.ENTER)
@@ -73,8 +81,10 @@ def test_search_page_shows_ranked_ads_with_images(store, synthetic_dataset_dir, 
             origins = browser.execute_script(
                 "return performance.getEntriesByType('resource').map(e => new URL(e.name).origin)")
             assert set(origins) <= {server.url}, origins
+            blocked = [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
+            assert blocked == []
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
-            shot = ARTIFACTS / "search_page.png"
+            shot = ARTIFACTS / f"search_page{'_key' if api_key else ''}.png"
             assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
     finally:
         browser.quit()

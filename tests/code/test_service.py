@@ -45,7 +45,8 @@ class ToyModel:
 
 def _client(model=None, **cfg) -> TestClient:
     return TestClient(create_app(ToyModel() if model is None else model, ServeConfig(**cfg), model_uri=URI,
-                                 info={"name": "alignsearch", "version": "7", "run_id": "r"}, **cfg.pop("_kw", {})))
+                                 info={"name": "alignsearch", "version": "7", "run_id": "r"}, **cfg.pop("_kw", {})),
+                      base_url=BASE)
 
 
 def test_answers_with_a_request_id_and_health_names_the_version():
@@ -59,7 +60,7 @@ def test_answers_with_a_request_id_and_health_names_the_version():
 
 
 def test_no_model_loaded_is_503():
-    client = TestClient(create_app(None, ServeConfig(), model_uri=URI))
+    client = TestClient(create_app(None, ServeConfig(), model_uri=URI), base_url=BASE)
     assert client.get("/health").status_code == 503
     assert client.post("/search", json={"query": "tree"}).status_code == 503
 
@@ -96,7 +97,7 @@ def test_requests_beyond_the_in_flight_limit_get_429():
 
     async def go():
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        async with httpx.AsyncClient(transport=transport, base_url=BASE) as client:
             slow = [asyncio.create_task(client.post("/search", json={"query": "slow"})) for _ in range(2)]
             await asyncio.sleep(0.5)  # both are in the model now
             refused = await client.post("/search", json={"query": "tree"})
@@ -111,10 +112,17 @@ def test_requests_beyond_the_in_flight_limit_get_429():
 
 
 class ImageEngine:
-    """What /image asks of an engine: an ad's image reference (here, the file's own path)."""
+    """What the service asks of an engine: an ad's image reference (here, the file's own path),
+    the catalogue version and its description."""
+
+    catalogue_version = "v0"
 
     def __init__(self, files: dict[str, Path]):
         self.files = files
+        self.catalogue = self
+
+    def describe(self) -> dict:
+        return {"catalogue_version": self.catalogue_version, "num_ads": len(self.files)}
 
     def image_ref(self, ad_id: str) -> str | None:
         return str(self.files[ad_id]) if ad_id in self.files else None
@@ -122,7 +130,7 @@ class ImageEngine:
 
 def _image_client(files: dict[str, Path], **kw) -> TestClient:
     engine = ImageEngine(files)
-    return TestClient(create_app(ToyModel(), ServeConfig(), model_uri=URI, engine=engine,
+    return TestClient(create_app(ToyModel(), ServeConfig(), model_uri=URI, info={"version": "7"}, engine=engine,
                                  image_file=lambda ref: Path(ref), **kw), base_url=BASE)
 
 
@@ -164,15 +172,132 @@ def test_the_page_has_a_content_security_policy_that_allows_only_itself():
     assert _client().get("/health").headers["x-content-type-options"] == "nosniff"
 
 
-def test_api_key_is_enforced_when_set():
-    client = TestClient(create_app(ToyModel(), ServeConfig(), model_uri=URI, api_key="s3cret"))
+def test_api_key_is_enforced_on_every_route_but_the_page(tmp_path):
+    """/health (it names the model and store), /image, the API docs: all need the key; the page
+    itself is static (no data in it) and asks for the key when the service answers 401."""
+    png = png_with_script(tmp_path / "x.png")
+    client = _image_client({"ad": png}, api_key="s3cret")
     assert client.post("/search", json={"query": "tree"}).status_code == 401
     assert client.post("/search", json={"query": "tree"}, headers={"X-API-Key": "wrong"}).status_code == 401
     assert client.post("/search", json={"query": "tree"}, headers={"X-API-Key": "s3cret"}).status_code == 200
     assert client.get("/search", params={"q": "tree"}, headers={"Authorization": "Bearer s3cret"}).status_code == 200
-    assert client.get("/health").status_code == 200  # probes need no key
+    for path in ("/health", "/image?ad_id=ad", "/docs", "/openapi.json", "/nowhere"):
+        refused = client.get(path)
+        assert refused.status_code == 401 and "models:/" not in refused.text, path
+    assert client.get("/health", headers={"X-API-Key": "s3cret"}).json()["version"] == "7"
+    assert client.get("/image?ad_id=ad", headers={"X-API-Key": "s3cret"}).content == png.read_bytes()
+    page = client.get("/")
+    assert page.status_code == 200 and URI not in page.text and "X-API-Key" in page.text
 
 
+class StubWatcher:
+    reloads = 3
+    last_error = ("OperationalError: (psycopg2.OperationalError) connection to server at "
+                  "postgresql://mlflow:hunter2@db.internal:5432/mlflow failed; "
+                  "https://minio:9000/bucket/x?X-Amz-Credential=AKIA123&X-Amz-Signature=abc123 expired")
+
+
+def test_health_never_shows_credentials():
+    """A catalogue reload error quotes the store's URI as the driver said it: /health shows it
+    without the user, password and signed-URL secrets."""
+    client = TestClient(create_app(ToyModel(), ServeConfig(), model_uri=URI, info={"version": "7"},
+                                   watcher=StubWatcher()), base_url=BASE)
+    body = client.get("/health").json()
+    shown = body["catalogue_reload_error"]
+    assert "db.internal:5432/mlflow" in shown and "minio:9000/bucket/x" in shown
+    for secret in ("hunter2", "mlflow:", "AKIA123", "abc123"):
+        assert secret not in shown, secret
+
+
+def test_image_requests_beyond_the_in_flight_limit_get_429(tmp_path):
+    """An image can take a download: at most `max_in_flight` at once, like searches."""
+    png = png_with_script(tmp_path / "x.png")
+    release = threading.Event()
+
+    def slow_file(ref):
+        release.wait(10)
+        return Path(ref)
+
+    app = create_app(ToyModel(), ServeConfig(max_in_flight=2), model_uri=URI, engine=ImageEngine({"ad": png}),
+                     image_file=slow_file)
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=BASE) as client:
+            slow = [asyncio.create_task(client.get("/image", params={"ad_id": "ad"})) for _ in range(2)]
+            await asyncio.sleep(0.5)
+            refused = await client.get("/image", params={"ad_id": "ad"})
+            searched = await client.post("/search", json={"query": "tree"})  # images have their own count
+            release.set()
+            return refused, searched, await asyncio.gather(*slow)
+
+    refused, searched, done = asyncio.run(go())
+    assert refused.status_code == 429 and searched.status_code == 200
+    assert [r.status_code for r in done] == [200, 200]
+
+
+async def _asgi(app, path: str = "/search", chunks: tuple[bytes, ...] = (b'{"query": "tree"}',), *,
+                stall: bool = False, method: str = "POST", host: str | None = "127.0.0.1:8080") -> int:
+    """One request straight through the ASGI app, as a server hands it over; `stall`: the client
+    sends `chunks`, then nothing more (its body never ends); `host` None: no Host header.
+    Returns the status answered."""
+    pending = list(chunks)
+
+    async def receive():
+        if pending:
+            return {"type": "http.request", "body": pending.pop(0), "more_body": bool(pending) or stall}
+        if stall:
+            await asyncio.Event().wait()  # never set: a client that went quiet
+        return {"type": "http.disconnect"}
+
+    answered = []
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            answered.append(message["status"])
+
+    headers = [(b"content-type", b"application/json")] + ([(b"host", host.encode())] if host is not None else [])
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": headers,
+             "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8080)}
+    await app(scope, receive, send)
+    return answered[0]
+
+
+@pytest.mark.parametrize(("bind", "host", "status"), [
+    ("127.0.0.1", "127.0.0.1:8080", 200), ("127.0.0.1", "localhost:8080", 200), ("127.0.0.1", "[::1]:8080", 200),
+    ("127.0.0.1", "LOCALHOST:8080", 200), ("localhost", "127.0.0.1:8080", 200), ("::1", "[::1]:8080", 200),
+    ("127.0.0.1", "rebind.example:8080", 421), ("127.0.0.1", "127.0.0.1:9999", 421), ("127.0.0.1", "127.0.0.1", 421),
+    ("127.0.0.1", "", 421), ("10.0.0.5", "10.0.0.5:8080", 200), ("10.0.0.5", "rebind.example:8080", 421),
+    ("0.0.0.0", "search.example:8080", 200),
+])
+def test_without_a_key_only_the_bind_address_is_answered(bind, host, status):
+    """DNS rebinding: a page on rebind.example whose name then resolves to 127.0.0.1 reaches a
+    loopback service from the user's browser, with Host: rebind.example. Without an API key
+    only Host values naming the bind address are answered (a wildcard bind names none: any)."""
+    app = create_app(ToyModel(), ServeConfig(host=bind, port=8080), model_uri=URI)
+    assert asyncio.run(_asgi(app, "/health", (b"",), method="GET", host=host or None)) == status
+    headers = {"host": host} if host else {}
+    keyed = TestClient(create_app(ToyModel(), ServeConfig(host=bind, port=8080), model_uri=URI, api_key="k"),
+                       base_url=BASE)
+    assert keyed.get("/health", headers={**headers, "X-API-Key": "k"}).status_code == 200  # the key is the check
+
+
+def test_slow_bodies_count_as_in_flight_and_time_out_with_408():
+    """A request is in flight from the moment it is accepted, body reading included, so clients
+    that send a body slowly cannot pile up past the limit; a body not complete in
+    `body_timeout_s` gets 408."""
+    app = create_app(ToyModel(), ServeConfig(max_in_flight=2, body_timeout_s=1.0), model_uri=URI)
+
+    async def go():
+        slow = [asyncio.create_task(_asgi(app, chunks=(b'{"query": ',), stall=True)) for _ in range(2)]
+        await asyncio.sleep(0.3)  # both are reading their bodies now
+        refused = await _asgi(app)
+        timed_out = await asyncio.wait_for(asyncio.gather(*slow), timeout=10)
+        return refused, timed_out, await _asgi(app)
+
+    refused, timed_out, after = asyncio.run(go())
+    assert refused == 429 and timed_out == [408, 408] and after == 200
 
 
 @pytest.mark.parametrize(("name", "method", "kwargs"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
@@ -208,7 +333,7 @@ def test_concurrent_searches_share_model_calls_and_each_gets_its_own_answer():
 
     async def go():
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        async with httpx.AsyncClient(transport=transport, base_url=BASE) as client:
             first = asyncio.create_task(client.post("/search", json={"query": "q0", "k": 1}))
             await asyncio.sleep(0.3)
             rest = [asyncio.create_task(client.post("/search", json={"query": f"q{i % 3 + 1}", "k": 1 + i % 3}))
@@ -240,3 +365,31 @@ def test_a_failing_batch_fails_its_requests_and_the_next_batch_is_answered():
         batcher.close()
     with pytest.raises(RuntimeError, match="closed"):
         batcher.submit("tree", 1)
+
+
+def test_the_bench_serve_sweep_against_a_real_server_on_the_toy_model():
+    """The sweep `alignsearch bench-serve` runs, over a socket to a real uvicorn (a slow body
+    cannot be sent through the test client): every bad input 4xx, every odd one 2xx."""
+    import socket
+
+    import uvicorn
+
+    from components.search.load import ODD_INPUTS, SLOW_BODY, bad_input_sweep
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    app = create_app(ToyModel(), ServeConfig(port=port, body_timeout_s=1.0), model_uri=URI)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            thread.join(0.05)
+        sweep = {case["name"]: case for case in bad_input_sweep(f"http://127.0.0.1:{port}")}
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    assert set(sweep) == {name for name, _, _ in BAD_INPUTS + ODD_INPUTS} | {SLOW_BODY}
+    assert [case for case in sweep.values() if not case["ok"]] == []
+    assert sweep[SLOW_BODY]["status"] == 408 and sweep["wrong Host header (DNS rebinding)"]["status"] == 421

@@ -93,7 +93,7 @@ def client(trained_template, synthetic_dataset_dir, tmp_path_factory):
     configure_mlflow(ops_params(root, synthetic_dataset_dir).registry)
     model = EngineModel(SearchEngine(open_model(URI, tmp_path_factory.mktemp("cache")).bundle_dir))
     return TestClient(create_app(model, ServeConfig(max_k=20, max_query_chars=50), model_uri=URI,
-                                 info={"version": "1"}))
+                                 info={"version": "1"}), base_url="http://127.0.0.1:8080")
 
 
 def test_service_answers(client):
@@ -157,7 +157,7 @@ def test_serve_command_over_http(trained_store, tmp_path):
 def test_bench_serve_against_a_real_server(trained_store, tmp_path):
     """`alignsearch bench-serve`, tiny: 50 requests at concurrency 8 (0 errors) and the full
     bad-input sweep against a real `alignsearch serve` (each 4xx, none 5xx)."""
-    from components.search.load import BAD_INPUTS, ODD_INPUTS
+    from components.search.load import BAD_INPUTS, ODD_INPUTS, SLOW_BODY
 
     root, _, _ = trained_store
     out = tmp_path / "bench"
@@ -171,8 +171,9 @@ def test_bench_serve_against_a_real_server(trained_store, tmp_path):
     assert 0 < report["load"]["latency_ms"]["p50"] <= report["load"]["latency_ms"]["p99"]
     assert report["model"]["version"] == "1"
     sweep = {c["name"]: c["status"] for c in report["bad_inputs"]}
-    assert set(sweep) == {c[0] for c in BAD_INPUTS + ODD_INPUTS}
+    assert set(sweep) == {c[0] for c in BAD_INPUTS + ODD_INPUTS} | {SLOW_BODY}
     assert all(400 <= sweep[name] < 500 for name, _, _ in BAD_INPUTS), sweep
+    assert sweep[SLOW_BODY] == 408 and sweep["wrong Host header (DNS rebinding)"] == 421, sweep
     assert all(sweep[name] == 200 for name, _, _ in ODD_INPUTS), sweep
     assert "p99" in (out / "bench_serve.md").read_text()
 
