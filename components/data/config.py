@@ -58,5 +58,8 @@ class ValidateConfig(_Section):
     """Great Expectations validation (`alignsearch data validate`, DVC stage `validate`)."""
 
     min_image_side: int = Field(32, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1, description="larger images (width x height, read from the "
+                                  "header) are refused before any pixel is decoded: validation decodes many at "
+                                  "once, and a small file can hold a huge image")
     report_dir: Path = Path("reports/validation")
     max_examples: int = Field(5, ge=1)

@@ -340,20 +340,25 @@ def _splits_suite(gx, ads: pd.DataFrame, queries: pd.DataFrame, qrels: pd.DataFr
 
 class _ImageFacts(NamedTuple):
     """What validation learns of one image; None where it does not apply (a missing file has no
-    size). `linked`: the path goes through a symlink (refused wherever it points)."""
+    size). `linked`: the path goes through a symlink (refused wherever it points); `too_large`:
+    more pixels than allowed (then it is not decoded)."""
 
     exists: bool
     linked: bool | None = None
     decodes: bool | None = None
     width: int | None = None
     height: int | None = None
+    too_large: bool | None = None
 
 
 _MISSING = _ImageFacts(False)
 
 
-def _check_image(real_root: str, image_path: Any) -> _ImageFacts:
-    """The facts of one image at `image_path` under `real_root` (the directory's real path)."""
+def _check_image(real_root: str, image_path: Any, max_pixels: int) -> _ImageFacts:
+    """The facts of one image at `image_path` under `real_root` (the directory's real path).
+    Its size is read from the header first: one of more than `max_pixels` is not decoded."""
+    from PIL import Image
+
     if not isinstance(image_path, str) or not image_path or os.path.isabs(image_path):
         return _MISSING
     normalised = os.path.normpath(image_path)
@@ -368,16 +373,21 @@ def _check_image(real_root: str, image_path: Any) -> _ImageFacts:
         return _MISSING
     try:
         with open_image(path) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                return _ImageFacts(True, False, None, int(width), int(height), too_large=True)
             image.verify()  # structure and checksums
         with open_image(path) as image:  # verify() leaves the file unusable: reopen to decode pixels
             image.load()
             width, height = image.size
+    except Image.DecompressionBombError:  # Pillow's own ceiling (2 x MAX_IMAGE_PIXELS), met on open
+        return _ImageFacts(True, False, None, too_large=True)
     except Exception:  # Pillow raises many types for broken files
         return _ImageFacts(True, False, False)
-    return _ImageFacts(True, False, True, int(width), int(height))
+    return _ImageFacts(True, False, True, int(width), int(height), too_large=False)
 
 
-def _images_suite(gx, root: Path, ads: pd.DataFrame, min_side: int) -> tuple[_Suite | None, dict[str, Any]]:
+def _images_suite(gx, root: Path, ads: pd.DataFrame, cfg: ValidateConfig) -> tuple[_Suite | None, dict[str, Any]]:
     if "image_path" not in ads.columns:
         return None, {}
     E = gx.expectations
@@ -389,11 +399,14 @@ def _images_suite(gx, root: Path, ads: pd.DataFrame, min_side: int) -> tuple[_Su
     workers = min(32, 4 * (os.cpu_count() or 1))
     real_root = os.path.realpath(root)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        checked = dict(zip(paths, pool.map(lambda p: _check_image(real_root, p), paths), strict=True))
+        checked = dict(zip(paths, pool.map(lambda p: _check_image(real_root, p, cfg.max_image_pixels), paths),
+                           strict=True))
     facts = [checked.get(p, _MISSING) if not _isnull(p) else _MISSING for p in frame["image_path"].tolist()]
     frame["image_exists"] = pd.Series([f.exists for f in facts], dtype=object)
     frame["image_not_linked"] = pd.Series([None if f.linked is None else not f.linked for f in facts], dtype=object)
     frame["image_decodes"] = pd.Series([f.decodes for f in facts], dtype=object)
+    frame["image_pixels_within_limit"] = pd.Series([None if f.too_large is None else not f.too_large for f in facts],
+                                                   dtype=object)
     frame["image_width"] = pd.to_numeric(pd.Series([f.width for f in facts], dtype=object), errors="coerce")
     frame["image_height"] = pd.to_numeric(pd.Series([f.height for f in facts], dtype=object), errors="coerce")
     frame["image_min_side"] = frame[["image_width", "image_height"]].min(axis=1, skipna=False)
@@ -405,8 +418,11 @@ def _images_suite(gx, root: Path, ads: pd.DataFrame, min_side: int) -> tuple[_Su
               E.ExpectColumnValuesToBeInSet(column="image_not_linked", value_set=[True])),
         _Rule(f"image must decode as {FORMAT_NAMES} (Pillow verify + load)", "image_path",
               E.ExpectColumnValuesToBeInSet(column="image_decodes", value_set=[True])),
-        _Rule(f"image sides must be >= {min_side} px", "image_path",
-              E.ExpectColumnValuesToBeBetween(column="image_min_side", min_value=min_side),
+        _Rule(f"image must have at most {cfg.max_image_pixels:,} pixels (validate.max_image_pixels)", "image_path",
+              E.ExpectColumnValuesToBeInSet(column="image_pixels_within_limit", value_set=[True]),
+              show=("image_width", "image_height")),
+        _Rule(f"image sides must be >= {cfg.min_image_side} px", "image_path",
+              E.ExpectColumnValuesToBeBetween(column="image_min_side", min_value=cfg.min_image_side),
               show=("image_width", "image_height")),
     ]
     sides = frame["image_min_side"].dropna()
@@ -415,6 +431,7 @@ def _images_suite(gx, root: Path, ads: pd.DataFrame, min_side: int) -> tuple[_Su
         "missing": int(sum(1 for f in checked.values() if not f.exists)),
         "linked": int(sum(1 for f in checked.values() if f.linked)),
         "undecodable": int(sum(1 for f in checked.values() if f.decodes is False)),
+        "too_large": int(sum(1 for f in checked.values() if f.too_large)),
         "min_side": int(sides.min()) if len(sides) else None,
         "max_side": int(max(frame["image_width"].max(), frame["image_height"].max())) if len(sides) else None,
         "workers": workers,
@@ -555,7 +572,7 @@ def validate_dataset(root: Path, cfg: ValidateConfig, report_dir: Path | None = 
 
     ads, queries, qrels = dataset.ads, dataset.queries, dataset.qrels
     suites = [_ads_suite(gx, ads), _queries_suite(gx, queries), _qrels_suite(gx, qrels)]
-    images_suite, image_stats = _images_suite(gx, root, ads, cfg.min_image_side)
+    images_suite, image_stats = _images_suite(gx, root, ads, cfg)
     if images_suite is not None:
         suites.append(images_suite)
     splits_suite = _splits_suite(gx, ads, queries, qrels)
@@ -604,7 +621,7 @@ def validate_ads(root: Path, ads: pd.DataFrame, cfg: ValidateConfig,
 
     context = _new_context(gx, None)
     suites = [_ads_suite(gx, ads)]
-    images_suite, image_stats = _images_suite(gx, Path(root), ads, cfg.min_image_side)
+    images_suite, image_stats = _images_suite(gx, Path(root), ads, cfg)
     if images_suite is not None:
         suites.append(images_suite)
     failures = _run_suites(gx, context, "alignsearch_new_ads", suites, cfg.max_examples) + list(extra_failures)
@@ -665,8 +682,9 @@ def _markdown_report(result: ValidationResult) -> str:
         lines.append(f"| {name} | {table['rows']} | {splits} |")
     images = result.stats.get("images") or {}
     if images:
-        lines += ["", f"Images: {images['files']} files, {images['missing']} missing, "
-                      f"{images['undecodable']} undecodable, smallest side {images['min_side']} px, "
+        lines += ["", f"Images: {images['files']} files, {images['missing']} missing, {images['linked']} through "
+                      f"symlinks, {images['undecodable']} undecodable, {images['too_large']} with too many pixels, "
+                      f"smallest side {images['min_side']} px, "
                       f"checked in {images['seconds']:.2f} s with {images['workers']} threads."]
     if "data_docs" in result.report_paths:
         lines += ["", f"Great Expectations Data Docs: `{result.report_paths['data_docs']}`"]

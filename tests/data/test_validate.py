@@ -178,6 +178,33 @@ def test_too_small_image(dataset):
     assert failure.details == ["image_width=16, image_height=16"]
 
 
+def test_image_with_too_many_pixels_is_refused_before_it_is_decoded(dataset):
+    """A small file can hold a huge image (a one-colour PNG compresses ~1000:1): its size is read
+    from the header and compared with validate.max_image_pixels before any pixel is decoded,
+    so validating many on many threads cannot run out of memory."""
+    import time
+
+    Image.new("1", (8000, 8000)).save(dataset / "images" / "a4.png")  # 64 MP in ~10 kB
+    assert (dataset / "images" / "a4.png").stat().st_size < 100_000
+    started = time.perf_counter()
+    failure = _only_failure(validate_dataset(dataset, CFG), "image must have at most 40,000,000 pixels "
+                                                           "(validate.max_image_pixels)")
+    assert failure.examples == ["images/a4.png"] and failure.details == ["image_width=8000, image_height=8000"]
+    assert time.perf_counter() - started < 30
+    small = _only_failure(validate_dataset(dataset, ValidateConfig(max_image_pixels=1000)),
+                          "image must have at most 1,000 pixels (validate.max_image_pixels)")
+    assert small.count == 6 and small.details[0] == "image_width=40, image_height=40"
+
+
+def test_image_beyond_pillows_own_ceiling_is_named_by_the_same_rule(dataset, monkeypatch):
+    """Pillow refuses to open an image of more than 2 x Image.MAX_IMAGE_PIXELS (a decompression
+    bomb): that is the pixel rule too, not a decoding failure."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 40 x 40 = 1600 > 2 x 500
+    failure = _only_failure(validate_dataset(dataset, CFG), "image must have at most 40,000,000 pixels "
+                                                           "(validate.max_image_pixels)")
+    assert failure.count == 6
+
+
 @pytest.mark.parametrize(
     ("file_name", "key", "key_value", "example"),
     [(ADS_FILE, "ad_id", "a6", "a6"), (QUERIES_FILE, "query_id", "q2", "q2")],
