@@ -70,8 +70,8 @@ from components.registry.tracking import (
     redact_uri,
     source_tags,
 )
-from components.registry.versions import find_by_key
 from components.registry.versions import register as register_version
+from components.registry.versions import registered
 from components.retrieve.config import IndexConfig
 from components.search.bundle import build_bundle
 from components.stages import files_version, module_code, stage_code_version
@@ -352,10 +352,10 @@ def register(run_id: str, model_key: str, registry: dict, vision: dict, index: d
     from components.vision.stage import load_features
 
     cfg = RegistryConfig(**registry)
-    existing = find_by_key(cfg.model_name, model_key)
+    existing = registered(cfg.model_name, model_key)  # made challenger unless champion (a retried run)
     if existing is not None:
         get_run_logger().info("identical model already registered: %s v%s", cfg.model_name, existing.version)
-        return {"version": str(existing.version), "created": False}
+        return {"version": existing.version, "created": False}
     words, word_logits = load_ad_words(Path(words_path))
     with tempfile.TemporaryDirectory() as scratch:
         bundle = build_bundle(Path(scratch) / "bundle", align_dir=Path(align_dir), scorer_dir=Path(scorer_dir),

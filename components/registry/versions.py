@@ -1,5 +1,5 @@
-"""Registered-model versions: register with the `challenger` alias, find by content key,
-resolve aliases; "absent" kept apart from "error" in one helper (`is_absent`)."""
+"""Registered-model versions: register with the `challenger` alias (a retry completes a
+registration whose alias never landed), find by content key, resolve aliases; "absent" kept apart from "error" in one helper (`is_absent`)."""
 
 from __future__ import annotations
 
@@ -69,14 +69,48 @@ def version_of_run(run_id: str):
     return _newest(f"run_id = '{run_id}'", f"looking up the version of run {run_id}")
 
 
+def registered(name: str, model_key: str) -> RegisteredVersion | None:
+    """The version of `name` already registered under `model_key`, made `challenger` unless it
+    is `champion`; None when there is none. A registration whose alias never landed (the
+    process died between creating the version and aliasing it) is completed here, so its
+    retry does not leave `challenger` on the previous version."""
+    found = find_by_key(name, model_key)
+    if found is None:
+        return None
+    version = str(found.version)
+    aliases = _aliases(name)
+    if version not in (aliases.get(CHAMPION), aliases.get(CHALLENGER)):
+        try:
+            _client().set_registered_model_alias(name, CHALLENGER, version)
+        except Exception as exc:
+            raise registry_error(f"pointing {name}@{CHALLENGER} at v{version}", exc) from exc
+        log.info("%s v%s (registered before, its alias never set) is now %s", name, version, CHALLENGER)
+    return RegisteredVersion(name, version, found.run_id, False)
+
+
+def _aliases(name: str) -> dict[str, str]:
+    """alias -> version of `name` ({} when the model does not exist)."""
+    try:
+        model = _client().get_registered_model(name)
+    except Exception as exc:
+        if is_absent(exc):
+            return {}
+        raise registry_error(f"reading registered model {name}", exc) from exc
+    return {alias: str(version) for alias, version in dict(model.aliases or {}).items()}
+
+
 def register(model_uri: str, name: str, *, model_key: str, tags: dict[str, str]) -> RegisteredVersion:
-    """Register `model_uri` as a new version of `name` with alias `challenger`.
+    """Register `model_uri` as a new version of `name` with alias `challenger`, unless a
+    version with `model_key` is already registered (`registered`: that one, made challenger).
 
     All or nothing: if tagging or aliasing fails, the new version is deleted again, so a
     failed run leaves the registry (and its champion) as it was.
     """
     import mlflow
 
+    existing = registered(name, model_key)
+    if existing is not None:
+        return existing
     client = _client()
     version = mlflow.register_model(model_uri, name, tags={MODEL_KEY_TAG: model_key, **tags})
     try:
@@ -95,18 +129,11 @@ def by_alias(name: str, alias: str):
     alias is INVALID_PARAMETER_VALUE in MLflow, like a real error); any registry error raises
     `RegistryError`.
     """
-    client = _client()
-    try:
-        model = client.get_registered_model(name)
-    except Exception as exc:
-        if is_absent(exc):
-            return None
-        raise registry_error(f"reading registered model {name}", exc) from exc
-    version = dict(model.aliases or {}).get(alias)
+    version = _aliases(name).get(alias)
     if version is None:
         return None
     try:
-        return client.get_model_version(name, str(version))
+        return _client().get_model_version(name, version)
     except Exception as exc:
         if is_absent(exc):
             return None
