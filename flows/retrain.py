@@ -233,7 +233,9 @@ def resolve_dataset(data: dict) -> dict:
     """Build `data.source` into `data/<source>` (beside `data.out_dir`), or take `data.path`."""
 
     cfg = DataConfig(**data)
-    dataset_dir = flow_dataset_dir(cfg)
+    # Absolute: the run and version record it, and a server or `promote` started from another
+    # working directory opens it from there.
+    dataset_dir = flow_dataset_dir(cfg).resolve()
     if cfg.path is None:
         build_dataset(cfg, dataset_dir)
     dataset = read_dataset(dataset_dir, strict=False)

@@ -94,3 +94,17 @@ def test_a_retrain_retried_after_a_failed_alias_leaves_challenger_on_the_new_ver
     again = retrain_flow(changed)
     assert again["version"] == "2" and not again["version_created"]
     assert str(by_alias(NAME, CHALLENGER).version) == "2"
+
+
+@pytest.mark.slow
+def test_a_relative_dataset_path_is_recorded_absolute(trained_store, monkeypatch):
+    """`dataset_dir` on the run (and a version's tags) is what a server started elsewhere, or
+    `promote` from another directory, opens: an absolute path, whatever `data.path` said."""
+    from flows.retrain import retrain_flow
+
+    root, cfg, _ = trained_store
+    dataset = cfg.data.path.resolve()
+    monkeypatch.chdir(dataset.parent)
+    done = retrain_flow(as_flow_params(ops_params(root, cfg.data.path, f"data.path={dataset.name}")))
+    assert done["dataset_dir"] == str(dataset)
+    assert MlflowClient().get_run(done["run_id"]).data.tags["dataset_dir"] == str(dataset)
