@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from components.data import raster
 from components.data.format import IMAGES_DIR, Dataset, write_dataset
 
 # Two ads and two queries per split; each query has one positive qrel, and one explicit
@@ -62,3 +63,17 @@ def tiny_dataset_dir(tmp_path) -> Callable[..., Path]:
         return write_tiny_dataset(root or tmp_path / f"tiny_dataset_{next(counter)}")
 
     return make
+
+
+@pytest.fixture
+def counting_renderer(monkeypatch) -> list[Path]:
+    """Wrap the real renderer and record every SVG it is asked to render."""
+    calls: list[Path] = []
+    real = raster.render_svg
+
+    def counted(svg_path, image_size, timeout_s):
+        calls.append(Path(svg_path))
+        return real(svg_path, image_size, timeout_s)
+
+    monkeypatch.setattr(raster, "render_svg", counted)
+    return calls

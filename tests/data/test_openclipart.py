@@ -28,7 +28,6 @@ from svg_fixtures import (
 )
 
 from components.data import openclipart as oc
-from components.data import raster
 from components.data.build import build_dataset
 from components.data.config import DataConfig
 from components.data.format import README_FILE, SPLITS, read_dataset
@@ -74,18 +73,6 @@ def tiny_tree(tmp_path) -> Path:
     return write_tiny_tree(tmp_path / "svg")
 
 
-@pytest.fixture
-def counting_renderer(monkeypatch) -> list[Path]:
-    """Wrap the real renderer and record every SVG it is asked to render."""
-    calls: list[Path] = []
-    real = raster.render_svg
-
-    def counted(svg_path, image_size, timeout_s):
-        calls.append(Path(svg_path))
-        return real(svg_path, image_size, timeout_s)
-
-    monkeypatch.setattr(raster, "render_svg", counted)
-    return calls
 
 
 # --- metadata --------------------------------------------------------------------------

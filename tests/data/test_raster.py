@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -17,18 +16,6 @@ from components.data import raster
 IMAGE_SIZE = 64
 
 
-@pytest.fixture
-def counting_renderer(monkeypatch) -> list[Path]:
-    """Wrap the real renderer and record every SVG it is asked to render."""
-    calls: list[Path] = []
-    real = raster.render_svg
-
-    def counted(svg_path, image_size, timeout_s):
-        calls.append(Path(svg_path))
-        return real(svg_path, image_size, timeout_s)
-
-    monkeypatch.setattr(raster, "render_svg", counted)
-    return calls
 
 
 def test_rasterise_fits_on_a_white_square(tmp_path):
