@@ -21,14 +21,16 @@ def promote_task(params: dict[str, Any], dataset_dir: str | None) -> dict:
     cfg = Params.model_validate(params)
     configure_mlflow(cfg.registry)
     decision = promote(cfg.registry, cfg.promote, dataset_dir=Path(dataset_dir) if dataset_dir else None,
-                       cache_dir=cfg.data.cache_dir, carry_catalogue=catalogue_carrier(cfg.registry, cfg.data.cache_dir))
+                       cache_dir=cfg.data.cache_dir, carry_catalogue=catalogue_carrier(cfg.registry, cfg.data.cache_dir),
+                       validation=cfg.validation)
     return asdict(decision)
 
 
 @flow(name="alignsearch-promote", log_prints=True)
 def promote_flow(params: dict[str, Any], dataset_dir: str | None = None) -> dict:
     """Evaluate challenger and champion on the current test split of `dataset_dir` (default: the
-    dataset the challenger was trained on, as its run recorded); move `champion` if the rule allows."""
+    dataset the challenger was trained on, as its run recorded; other data must pass validation
+    first); move `champion` if the rule allows."""
     setup_runtime()
     decision = promote_task(params, dataset_dir)
     get_run_logger().info("promotion: %s (%s)", decision["outcome"], decision["reason"])

@@ -25,13 +25,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from components.data.config import ValidateConfig
 from components.data.format import dataset_hash, read_dataset
+from components.data.validate import validate_dataset
 from components.evaluate.subsets import TITLE_OVERLAP
 from components.registry.config import PromoteConfig, RegistryConfig
 from components.registry.lock import store_lock
@@ -73,7 +76,8 @@ class Decision:
 
 def compare(challenger: dict[str, float], champion: dict[str, float] | None, rule: PromoteConfig,
             guardrail_void: str | None = None) -> tuple[bool, str]:
-    """The rule itself: (promote?, why). `champion` None means there is no champion yet.
+    """The rule itself: (promote?, why). `champion` None means there is no champion yet. A
+    metric the rule reads that is not a finite number (NaN, inf) on either side refuses, by name.
 
     A guardrail metric missing from either side refuses, unless `guardrail_void` says why the
     evaluation data cannot have it (`void_guardrail`: a title-overlap guardrail on a dataset
@@ -86,6 +90,13 @@ def compare(challenger: dict[str, float], champion: dict[str, float] | None, rul
             if metrics is not None and guard not in metrics:
                 return False, (f"refused: guardrail metric {guard!r} is missing from the {who}'s metrics "
                                f"(have {sorted(metrics)}); the guardrail is never skipped")
+    # NaN compares false with everything: a NaN challenger would be "not worse" and a NaN
+    # guardrail "not dropped". A metric the rule reads must be a finite number on both sides.
+    for who, metrics in (("challenger", challenger), ("champion", champion)):
+        for name in (rule.metric, guard if guardrail_void is None else None):
+            if metrics is not None and name in metrics and not math.isfinite(metrics[name]):
+                return False, (f"refused: the {who}'s {name} is {metrics[name]} (not a finite number); "
+                               "the evaluation failed to measure it")
     held = f"guardrail {guard} held" if guardrail_void is None else f"guardrail {guard} void: {guardrail_void}"
     if champion is None:
         return True, "no champion yet: the first valid challenger is promoted" + (
@@ -170,21 +181,38 @@ PROMOTION_LOCK_TIMEOUT_S = 3600.0
 
 
 def promote(registry: RegistryConfig, rule: PromoteConfig, *, dataset_dir: Path | None, cache_dir: Path,
-            carry_catalogue: CarryCatalogue) -> Decision:
+            carry_catalogue: CarryCatalogue, validation: ValidateConfig) -> Decision:
     """Compare `challenger` with `champion` on the current split and move `champion` if the
     rule says so. Idempotent and safe to retry or run concurrently (see module docstring).
 
-    `dataset_dir` None: the dataset the challenger was trained on (its run records it).
+    `dataset_dir` None: the dataset the challenger was trained on (its run records it). A
+    dataset given that is not that one (by DVC hash) must pass `validation` first (the
+    training data passed it in the challenger's run), and the decision's reason says which
+    data it was.
     `carry_catalogue(champion, challenger)`: runs before the alias moves (the live catalogue's
     `carry_catalogue` in the flows; required, so no caller forgets the champion's ads).
     """
     with store_lock(registry.model_name, "promotion", timeout_s=PROMOTION_LOCK_TIMEOUT_S):
         return _promote(registry, rule, dataset_dir=dataset_dir, cache_dir=cache_dir,
-                        carry_catalogue=carry_catalogue)
+                        carry_catalogue=carry_catalogue, validation=validation)
+
+
+def _other_data(dataset_dir: Path, dhash: str, challenger, validation: ValidateConfig) -> str | None:
+    """None when `dataset_dir` is the data the challenger was trained on (same DVC hash as its
+    `dataset_hash` tag); else validate it (`ValidationError` stops the promotion) and say what
+    it is, for the log and the decision's reason."""
+    trained_on = (challenger.tags or {}).get("dataset_hash")
+    if trained_on == dhash:
+        return None
+    validate_dataset(Path(dataset_dir), validation).raise_if_failed()
+    note = (f"evaluated on {dataset_dir} (dataset {dhash}), not the dataset v{challenger.version} was trained on "
+            f"({trained_on or 'not recorded'})")
+    log.warning("%s", note)
+    return note
 
 
 def _promote(registry: RegistryConfig, rule: PromoteConfig, *, dataset_dir: Path | None, cache_dir: Path,
-             carry_catalogue: CarryCatalogue) -> Decision:
+             carry_catalogue: CarryCatalogue, validation: ValidateConfig) -> Decision:
     client = mlflow_client()
     name = registry.model_name
     challenger = by_alias(name, CHALLENGER)
@@ -196,6 +224,7 @@ def _promote(registry: RegistryConfig, rule: PromoteConfig, *, dataset_dir: Path
     if champion_version == challenger_version:
         return Decision(UNCHANGED, f"version {challenger_version} is already {CHAMPION}",
                         challenger_version, champion_version)
+    given = dataset_dir is not None
     if dataset_dir is None:
         dataset_dir = training_dataset_dir(challenger)
         if dataset_dir is None:
@@ -203,6 +232,7 @@ def _promote(registry: RegistryConfig, rule: PromoteConfig, *, dataset_dir: Path
                              "pass the dataset to evaluate on (alignsearch promote --data DIR)")
         log.info("evaluating on the dataset v%s was trained on: %s", challenger_version, dataset_dir)
     dhash = dataset_hash(dataset_dir)
+    other_data = _other_data(dataset_dir, dhash, challenger, validation) if given else None
     key = decision_key(challenger_version, champion_version, dhash, rule)
     tags = challenger.tags or {}
     if tags.get(f"{TAG}.key") == key:
@@ -220,6 +250,8 @@ def _promote(registry: RegistryConfig, rule: PromoteConfig, *, dataset_dir: Path
     champion_metrics = (evaluate_version(f"models:/{name}/{champion_version}", dataset_dir, rule, cache_dir)
                         if champion is not None else None)
     promote_it, reason = compare(challenger_metrics, champion_metrics, rule, void_guardrail(rule, Path(dataset_dir)))
+    if other_data:
+        reason = f"{reason}; {other_data}"
     decision = Decision(PROMOTED if promote_it else KEPT, reason, challenger_version, champion_version,
                         challenger_metrics, champion_metrics or {}, rule.model_dump(), dhash, key,
                         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))

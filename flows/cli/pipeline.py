@@ -125,6 +125,10 @@ def promote(
     cfg = load_config(params, overrides)
     try:
         decision = promote_flow(cfg.model_dump(mode="json", by_alias=True), dataset_dir=str(data) if data else None)
+    except ValidationError as exc:
+        err_console.print(f"[red]Dataset validation failed ({data}): champion unchanged.[/red]\n{exc}",
+                          soft_wrap=True)
+        raise typer.Exit(1) from exc
     except (RegistryError, ValueError) as exc:
         err_console.print(f"[red]Promotion stopped, champion unchanged:[/red] {redact_uri(str(exc))}", soft_wrap=True)
         raise typer.Exit(1) from exc

@@ -77,6 +77,23 @@ def test_title_overlap_guardrail_is_void_only_on_a_title_less_split(synthetic_da
     assert void_guardrail(PromoteConfig(guardrail_metric="title_overlp/auc"), title_less) is None
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(("challenger", "champion", "named"), [
+    ({"ndcg@10": NAN, G: 0.9}, {"ndcg@10": 0.6, G: 0.9}, "challenger's ndcg@10"),  # NaN is not better
+    ({"ndcg@10": NAN, G: 0.9}, None, "challenger's ndcg@10"),                     # not even the first
+    ({"ndcg@10": 0.7, G: NAN}, {"ndcg@10": 0.6, G: 0.9}, f"challenger's {G}"),    # a NaN guardrail never holds
+    ({"ndcg@10": 0.7, G: 0.9}, {"ndcg@10": NAN, G: 0.9}, "champion's ndcg@10"),   # nothing to be better than
+    ({"ndcg@10": 0.7, G: 0.9}, {"ndcg@10": 0.6, G: NAN}, f"champion's {G}"),
+    ({"ndcg@10": INF, G: 0.9}, {"ndcg@10": 0.6, G: 0.9}, "challenger's ndcg@10"),
+])
+def test_a_metric_that_is_not_a_number_refuses_and_is_named(challenger, champion, named):
+    promote, reason = compare(challenger, champion, PromoteConfig())
+    assert promote is False, reason
+    assert named in reason and "not a finite number" in reason
+
+
 def test_rule_needs_the_metric():
     with pytest.raises(ValueError, match="recall@10"):
         compare({"ndcg@10": 0.5}, None, PromoteConfig(metric="recall@10"))
@@ -225,7 +242,7 @@ def test_registry_outage_stops_promotion_and_changes_nothing(trained_store, monk
     monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", flaky_alias)
     with pytest.raises(RegistryError, match="TEMPORARILY_UNAVAILABLE"):
         promote(cfg.registry, cfg.promote, dataset_dir=None, cache_dir=root / "cache",
-            carry_catalogue=catalogue_carrier(cfg.registry, root / "cache"))
+            carry_catalogue=catalogue_carrier(cfg.registry, root / "cache"), validation=cfg.validation)
     monkeypatch.undo()
     assert _state(client) == before and "champion" not in before["aliases"]
 
@@ -267,18 +284,18 @@ def test_rerun_after_a_crash_converges_to_one_champion_and_one_record(trained_st
                             else real(self, name, alias, version))
     with pytest.raises(KeyboardInterrupt):
         promote(cfg.registry, cfg.promote, dataset_dir=None, cache_dir=root / "cache",
-            carry_catalogue=catalogue_carrier(cfg.registry, root / "cache"))
+            carry_catalogue=catalogue_carrier(cfg.registry, root / "cache"), validation=cfg.validation)
     monkeypatch.undo()
 
     again = promote(cfg.registry, cfg.promote, dataset_dir=None, cache_dir=root / "cache",
-            carry_catalogue=catalogue_carrier(cfg.registry, root / "cache"))
+            carry_catalogue=catalogue_carrier(cfg.registry, root / "cache"), validation=cfg.validation)
     assert again.outcome == "promoted"
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
     [recorded] = _decisions(1)
     assert recorded["outcome"] == "promoted"
     assert client.get_model_version(NAME, "1").tags["alignsearch.promotion.key"] == recorded["key"]
     assert promote(cfg.registry, cfg.promote, dataset_dir=None, cache_dir=root / "cache",
-            carry_catalogue=catalogue_carrier(cfg.registry, root / "cache")).outcome == "unchanged"
+            carry_catalogue=catalogue_carrier(cfg.registry, root / "cache"), validation=cfg.validation).outcome == "unchanged"
     assert len(_decisions(1)) == 1
 
 
@@ -296,7 +313,7 @@ configure_mlflow(cfg.registry)
 while not go.exists():  # both processes start promoting at the same moment
     time.sleep(0.05)
 print(json.dumps({"outcome": promote(cfg.registry, cfg.promote, dataset_dir=None, cache_dir=root / "cache",
-            carry_catalogue=catalogue_carrier(cfg.registry, root / "cache")).outcome}))
+            carry_catalogue=catalogue_carrier(cfg.registry, root / "cache"), validation=cfg.validation).outcome}))
 """
 
 
@@ -340,3 +357,40 @@ def test_promote_without_a_dataset_uses_the_one_the_challenger_was_trained_on(tr
     from components.data.format import dataset_hash
 
     assert decision["dataset_hash"] == dataset_hash(cfg.data.path)
+
+
+@pytest.mark.slow
+def test_promote_on_other_data_validates_it_and_says_it_is_not_the_training_data(trained_store, tmp_path):
+    """`promote --data DIR`: a DIR that breaks the dataset rules stops the promotion before
+    anything is recorded; a valid DIR other than the challenger's training data (by DVC hash) is
+    used, and the decision's reason says so."""
+    import shutil
+
+    import pandas as pd
+
+    from components.data.format import dataset_hash
+    from components.data.validate import ValidationError
+
+    root, cfg, _ = trained_store
+    client = MlflowClient()
+    trained_on = client.get_model_version(NAME, "1").tags["dataset_hash"]
+    broken, other = tmp_path / "broken", tmp_path / "other"
+    for copy in (broken, other):
+        shutil.copytree(cfg.data.path, copy)
+    ads = pd.read_parquet(broken / "ads.parquet")
+    ads.loc[1, "ad_id"] = ads.loc[0, "ad_id"]  # a duplicated id
+    ads.to_parquet(broken / "ads.parquet", index=False)
+    before = _state(client)
+    with pytest.raises(ValidationError, match="ad_id"):
+        promote_flow(as_flow_params(cfg), dataset_dir=str(broken))
+    assert _state(client) == before
+
+    ads = pd.read_parquet(other / "ads.parquet")
+    ads.loc[0, "title"] = ads.loc[0, "title"] + " sale"  # still valid, other content
+    ads.to_parquet(other / "ads.parquet", index=False)
+    assert dataset_hash(other) != trained_on
+    decision = promote_flow(as_flow_params(cfg), dataset_dir=str(other))
+    assert decision["outcome"] == "promoted" and decision["dataset_hash"] == dataset_hash(other)
+    assert f"not the dataset v1 was trained on ({trained_on})" in decision["reason"]
+    assert "not the dataset v1 was trained on" in client.get_model_version(NAME, "1").tags[
+        "alignsearch.promotion.reason"]
