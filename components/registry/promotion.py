@@ -4,8 +4,9 @@ guardrail metric that is missing refuses the promotion).
 
 Every decision is recorded on the challenger version: a JSON artifact in its logged model
 (`promotion/decision-<key>.json`) with both versions' metrics, the rule and the outcome, then
-tags (`alignsearch.promotion.*`, the key last). A decision is keyed by (challenger, champion,
-dataset hash, rule); asking again with the same key changes nothing.
+tags (`alignsearch.promotion.*`: the previous key removed first, the new key last). A decision
+is keyed by (challenger, champion, dataset hash, rule); asking again with the same key changes
+nothing. A metric the rule reads that is not a finite number refuses.
 
 Safe to retry and to run twice at once:
 - the record is written before the alias moves, and a recorded "promoted" whose alias move
@@ -45,6 +46,7 @@ from components.registry.versions import (
     CHAMPION,
     RegistryError,
     by_alias,
+    is_absent,
     registry_error,
     training_dataset_dir,
 )
@@ -144,8 +146,9 @@ def logged_model_id(version) -> str | None:
 
 
 def _record(client, name: str, version, decision: Decision) -> None:
-    """The decision on the challenger version: the JSON artifact, then the tags with the key
-    last, so a record with a key tag is complete."""
+    """The decision on the challenger version: the JSON artifact, then the tags: the previous
+    decision's key removed first, this one's written last, so a key tag always belongs to the
+    tags beside it (a crash in between leaves no key, and the next run decides again)."""
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch) / "promotion"
         folder.mkdir()
@@ -155,6 +158,12 @@ def _record(client, name: str, version, decision: Decision) -> None:
             client.log_model_artifacts(model_id, scratch)
         elif version.run_id:  # a version registered from a run's artifact path
             client.log_artifacts(version.run_id, scratch)
+    if (version.tags or {}).get(f"{TAG}.key"):
+        try:
+            client.delete_model_version_tag(name, str(version.version), f"{TAG}.key")
+        except Exception as exc:
+            if not is_absent(exc):
+                raise registry_error(f"clearing the previous decision of {name} v{version.version}", exc) from exc
     tags = {f"{TAG}.outcome": decision.outcome, f"{TAG}.reason": decision.reason[:5000],
             f"{TAG}.decided_at": decision.decided_at, f"{TAG}.champion_before": decision.champion_version or "none",
             f"{TAG}.key": decision.key}

@@ -299,6 +299,38 @@ def test_rerun_after_a_crash_converges_to_one_champion_and_one_record(trained_st
     assert len(_decisions(1)) == 1
 
 
+@pytest.mark.slow
+def test_a_crash_after_the_outcome_tag_never_completes_another_decision(trained_store, monkeypatch):
+    """v1 is kept under rule A (its guardrail metric does not exist). Rule B promotes it, but the
+    process dies right after writing outcome=promoted: the key tag must not still say A, or a
+    rerun under A would "complete" a promotion that A refused."""
+    root, cfg, _ = trained_store
+    client = MlflowClient()
+    rule_a = cfg.promote.model_copy(update={"guardrail_metric": "no_such_metric"})
+
+    def run(rule):
+        return promote(cfg.registry, rule, dataset_dir=None, cache_dir=root / "cache",
+                       carry_catalogue=catalogue_carrier(cfg.registry, root / "cache"), validation=cfg.validation)
+
+    assert run(rule_a).outcome == "kept"
+    real = MlflowClient.set_model_version_tag
+
+    def dies_after_the_outcome(self, name, version, key, value):
+        real(self, name, version, key, value)
+        if key == "alignsearch.promotion.outcome":
+            raise KeyboardInterrupt("killed after writing the outcome")
+
+    monkeypatch.setattr(MlflowClient, "set_model_version_tag", dies_after_the_outcome)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg.promote)
+    monkeypatch.undo()
+    assert client.get_model_version(NAME, "1").tags["alignsearch.promotion.outcome"] == "promoted"
+
+    again = run(rule_a)
+    assert again.outcome == "kept", again.reason
+    assert "champion" not in client.get_registered_model(NAME).aliases
+
+
 CONCURRENT_PROMOTE = """
 import json, sys, time
 from pathlib import Path
