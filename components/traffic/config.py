@@ -70,6 +70,7 @@ class TrafficConfig(_Section):
     redact_queries: Redaction = Field("none", description="applied to the query text before it is "
                                       "written: none | hash (sha256 prefix) | drop-digits")
     ipw_clip: float = Field(10.0, ge=1, description="largest inverse-propensity weight a click gets")
-    em_max_iter: int = Field(500, ge=1, description="EM iterations of the click model at most")
-    em_tol: float = Field(1e-6, gt=0, description="EM stops when no parameter moves more than this")
+    em_max_iter: int = Field(2000, ge=1, description="EM iterations of the click model at most")
+    em_tol: float = Field(1e-5, gt=0, description="EM stops when no parameter moves more than this in "
+                          "an iteration")
     simulator: SimulatorConfig = SimulatorConfig()
