@@ -441,10 +441,10 @@ def _write_parquet(table: Any, root: str | Path, relative: str) -> str:
     if filesystem.type_name == "local":
         with atomic_file(Path(path)) as scratch:  # a killed export leaves no half file
             pq.write_table(table, scratch)
-    else:  # an object store's PUT is whole or absent
-        with filesystem.open_output_stream(path) as stream:
-            pq.write_table(table, stream)
-    return path
+        return path
+    with filesystem.open_output_stream(path) as stream:  # an object store's PUT is whole or absent
+        pq.write_table(table, stream)
+    return f"{filesystem.type_name}://{path}"
 
 
 def read_exported(root: str | Path) -> Events:

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import get_args
 
@@ -168,3 +172,45 @@ def test_a_click_object_keeps_its_position(tmp_path):
     assert not store.insert_click(Click(new_id(), shown.event_id, "a3", 3, T0))
     assert store.read().clicks["position"].tolist() == [3]
     store.close()
+
+
+def test_export_to_an_object_store_reads_back(tmp_path, monkeypatch):
+    """The team stack's S3 (here moto_server, its stand-in) through a pyarrow URI."""
+    moto_server = Path(sys.executable).parent / "moto_server"
+    if not moto_server.exists():
+        pytest.skip("moto_server not installed")
+    import boto3
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for name, value in (("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"),
+                        ("AWS_EC2_METADATA_DISABLED", "true")):
+        monkeypatch.setenv(name, value)
+    server = subprocess.Popen([str(moto_server), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not _listening(port) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1").create_bucket(
+            Bucket="traffic")
+        store = EventStore(f"sqlite:///{tmp_path / 'traffic.db'}")
+        shown = impression()
+        store.append([shown, click(shown, "a2")])
+        uri = f"s3://traffic/events?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+        files = store.export_parquet(uri, T0, T0 + dt.timedelta(days=1))
+        assert [f.split("/date=")[0] for f in files] == ["s3://traffic/events/impressions",
+                                                         "s3://traffic/events/clicks"]
+        exported = read_exported(uri)
+        assert exported.impressions["event_id"].tolist() == [shown.event_id]
+        assert exported.clicks[["ad_id", "position"]].values.tolist() == [["a2", 2]]
+        store.close()
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
