@@ -21,6 +21,7 @@ from components.match.config import MatchConfig
 from components.registry.config import PromoteConfig, RegistryConfig
 from components.retrieve.config import IndexConfig
 from components.search.config import ServeConfig
+from components.traffic.config import TrafficConfig
 from components.vision.config import PartsConfig
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
@@ -74,6 +75,7 @@ class Params(BaseModel):
     promote: PromoteConfig = PromoteConfig()
     serve: ServeConfig = ServeConfig()
     compute: ComputeConfig = ComputeConfig()
+    traffic: TrafficConfig = TrafficConfig()
 
     @property
     def validation(self) -> ValidateConfig:
