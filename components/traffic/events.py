@@ -140,7 +140,7 @@ _JSON = sa.JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=Tr
 IMPRESSIONS = sa.Table(
     "impressions", METADATA,
     sa.Column("seq", _SEQ, primary_key=True, autoincrement=True),
-    sa.Column("event_id", sa.String(64), nullable=False, unique=True),
+    sa.Column("event_id", sa.String(200), nullable=False, unique=True),
     sa.Column("time_us", sa.BigInteger, nullable=False, index=True),
     sa.Column("query", sa.Text, nullable=False),
     sa.Column("k", sa.Integer, nullable=False),
@@ -155,8 +155,8 @@ IMPRESSIONS = sa.Table(
 CLICKS = sa.Table(
     "clicks", METADATA,
     sa.Column("seq", _SEQ, primary_key=True, autoincrement=True),
-    sa.Column("click_id", sa.String(64), nullable=False, unique=True),
-    sa.Column("request_id", sa.String(64), nullable=False),
+    sa.Column("click_id", sa.String(200), nullable=False, unique=True),
+    sa.Column("request_id", sa.String(200), nullable=False),
     sa.Column("ad_id", sa.String(200), nullable=False),
     sa.Column("position", sa.Integer, nullable=False),
     sa.Column("time_us", sa.BigInteger, nullable=False, index=True),
@@ -222,13 +222,13 @@ class Events:
 
 
 def _frame(rows: list[Any], columns: tuple[str, ...]) -> pd.DataFrame:
-    records = [{**row._asdict()} for row in rows]
+    records = [row._asdict() for row in rows]
     frame = pd.DataFrame.from_records(records, columns=["seq", "time_us", *[c for c in columns if c != "time"]])
     frame["time"] = pd.to_datetime(frame["time_us"].astype("int64"), unit="us", utc=True)
     return frame[["seq", *columns]].reset_index(drop=True)
 
 
-class Appended(NamedTuple):
+class EventCounts(NamedTuple):
     """Rows per table: added by a write (rows repeating an event already logged are skipped),
     deleted by retention, or held by the log."""
 
@@ -294,7 +294,7 @@ class EventStore:
 
     # --- writing
 
-    def append(self, events: Iterable[Event]) -> Appended:
+    def append(self, events: Iterable[Event]) -> EventCounts:
         """Write impressions and clicks in ONE transaction; events already in the log are skipped."""
         impressions, clicks = [], []
         for event in events:
@@ -311,7 +311,7 @@ class EventStore:
                 if rows:
                     key = table.c.event_id if table is IMPRESSIONS else table.c.click_id
                     added[name] = len(conn.execute(self._insert(table).returning(key), rows).all())
-        return Appended(**added)
+        return EventCounts(**added)
 
     def insert_click(self, click: Click) -> bool:
         """Write one click now, in its own transaction; False (nothing written) when the log
@@ -320,7 +320,7 @@ class EventStore:
             self._begin_write(conn)
             return conn.execute(self._insert(CLICKS), _click_row(click)).rowcount == 1
 
-    def delete_older_than(self, days: float, *, now: dt.datetime | None = None) -> Appended:
+    def delete_older_than(self, days: float, *, now: dt.datetime | None = None) -> EventCounts:
         """Retention: delete impressions older than `days`, with their clicks, and clicks older
         than `days` (one transaction). Returns the rows deleted."""
         cutoff = _to_us((now or utc_now()) - dt.timedelta(days=days))
@@ -330,7 +330,7 @@ class EventStore:
             clicks = conn.execute(sa.delete(CLICKS).where(
                 (CLICKS.c.time_us < cutoff) | CLICKS.c.request_id.in_(old_impressions))).rowcount
             impressions = conn.execute(sa.delete(IMPRESSIONS).where(IMPRESSIONS.c.time_us < cutoff)).rowcount
-        return Appended(impressions=impressions, clicks=clicks)
+        return EventCounts(impressions=impressions, clicks=clicks)
 
     # --- reading
 
@@ -363,9 +363,9 @@ class EventStore:
                                 for n, after in (("impressions", since.impressions), ("clicks", since.clicks))))
         return Events(out["impressions"], out["clicks"], watermark)
 
-    def counts(self) -> Appended:
+    def counts(self) -> EventCounts:
         with self.engine.connect() as conn:
-            return Appended(*(conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one()
+            return EventCounts(*(conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one()
                               for t in (IMPRESSIONS, CLICKS)))
 
     # --- export
