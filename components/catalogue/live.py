@@ -4,12 +4,17 @@ it, add, remove, re-index for a new champion, and keep a running engine on the c
     open_engine(uri)         the one way from a model URI to a SearchEngine (bundle + live ads)
     add_ads(uri, dir)        validate -> encode with that version's model -> new version (run)
     remove_ads(uri, ids)     -> new version without them
-    reindex(name, a, b)      the live ads of version a encoded by version b (promotion)
+    reindex(name, a, b)      the live ads of version a encoded by version b (promotion), and
+                             the move of `champion` under the same lock
     CatalogueWatcher         polls the version's pointer, loads a new version, swaps it in
 
-Encoding happens outside the lock, the change is applied to whatever version is current when
-the lock is held (changes are by ad id, so two additions both land), then published with a
-compare-and-set on the pointer (`versions.publish`).
+Encoding happens outside the catalogue lock; under it, the change is applied to whatever
+version is current (changes are by ad id, so two additions both land), then published with a
+compare-and-set on the pointer (`versions.publish`). A promotion holds the same lock while it
+re-reads the champion's catalogue, carries it over and moves `champion`, so a change to an
+alias (`models:/name@champion`) is checked under the lock against where the alias points now:
+when a promotion moved it meanwhile, the ads are encoded again by the new version's model and
+land in its catalogue, never in the catalogue of a version no longer served.
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import pandas as pd
 
 from components.catalogue import versions
@@ -28,10 +35,10 @@ from components.catalogue.encode import encode_ads
 from components.catalogue.images import fill_own_ref, image_name, own_image_ref, resolve_image
 from components.catalogue.validate import read_new_ads, validate_new_ads
 from components.registry.config import RegistryConfig
-from components.registry.models import ModelRef, open_model
-from components.registry.versions import training_dataset_dir, version_of_run
+from components.registry.models import ModelRef, open_model, parse_model_uri
+from components.registry.versions import by_alias, training_dataset_dir, version_of_run
 from components.search.bundle import bundle_catalogue
-from components.search.catalogue import Catalogue
+from components.search.catalogue import AD_COLUMNS, Catalogue
 from components.search.engine import SearchEngine
 
 log = logging.getLogger(__name__)
@@ -80,6 +87,27 @@ def _encoded_rows(encoded, image_refs: list[str]) -> pd.DataFrame:
                          "image_ref": image_refs})
 
 
+CHANGE_ATTEMPTS = 3  # an alias that moves under a change this often: refused, run it again
+
+
+def _still_named(model_uri: str, ref: ModelRef) -> bool:
+    """True when `model_uri` still names `ref`'s version: always for `models:/name/N`; for an
+    alias, read now (under the catalogue lock, where a promotion moves `champion`)."""
+    parsed = parse_model_uri(model_uri)
+    if parsed is None or parsed[1] is None:
+        return True
+    current = by_alias(parsed[0], parsed[1])
+    return current is not None and str(current.version) == ref.version
+
+
+def _moved(model_uri: str, ref: ModelRef, attempt: int) -> None:
+    log.info("%s moved from v%s while this change was prepared (a promotion); again for the version it names "
+             "now", model_uri, ref.version)
+    if attempt + 1 == CHANGE_ATTEMPTS:
+        raise versions.CatalogueConflict(f"{model_uri} moved {CHANGE_ATTEMPTS} times while this change was prepared; "
+                                         "nothing was changed, run it again")
+
+
 def add_ads(model_uri: str, ads_dir: Path, *, validate_cfg, cache_dir: Path, experiment: str,
             progress: bool = True) -> ChangeResult:
     """Validate, encode and add the ads of `ads_dir` (ads.parquet + images/) to the live
@@ -88,32 +116,42 @@ def add_ads(model_uri: str, ads_dir: Path, *, validate_cfg, cache_dir: Path, exp
     ads_dir = Path(ads_dir)
     validate_new_ads(ads_dir, validate_cfg).raise_if_failed()
     ads = read_new_ads(ads_dir)
-    ref = open_model(model_uri, cache_dir)
-    engine = SearchEngine(ref.bundle_dir, catalogue=current_catalogue(ref, cache_dir))
-    encoded = encode_ads(engine, ads, ads_dir, cache_dir=cache_dir, progress=progress,
-                         known_word_vectors=engine.catalogue.word_vectors)
     files = [ads_dir / str(p) for p in ads["image_path"]]
     names = [image_name(f) for f in files]
-    rows = _encoded_rows(encoded, [own_image_ref(n) for n in names])
     images = dict(zip(names, files, strict=True))
-    with versions.catalogue_lock(ref.name):
-        base = current_catalogue(ref, cache_dir)
-        new = base.changed(added=rows, added_embeddings=encoded.embeddings,
-                           added_word_vectors={**engine.catalogue.word_vectors, **encoded.word_vectors})
-        metrics = {"encode_seconds": encoded.seconds, "encode_ads_per_second": encoded.ads_per_second}
-        published = _publish(new, images, experiment, base.run_id, metrics)
-    return ChangeResult(published, published.change["added"], published.change["replaced"], [],
-                        encoded.seconds, encoded.ads_per_second, encoded.step_seconds or {})
+    for attempt in range(CHANGE_ATTEMPTS):
+        ref = open_model(model_uri, cache_dir)
+        engine = SearchEngine(ref.bundle_dir, catalogue=current_catalogue(ref, cache_dir))
+        encoded = encode_ads(engine, ads, ads_dir, cache_dir=cache_dir, progress=progress,
+                             known_word_vectors=engine.catalogue.word_vectors)
+        rows = _encoded_rows(encoded, [own_image_ref(n) for n in names])
+        with versions.catalogue_lock(ref.name):
+            if not _still_named(model_uri, ref):
+                _moved(model_uri, ref, attempt)
+                continue
+            base = current_catalogue(ref, cache_dir)
+            new = base.changed(added=rows, added_embeddings=encoded.embeddings,
+                               added_word_vectors={**engine.catalogue.word_vectors, **encoded.word_vectors})
+            metrics = {"encode_seconds": encoded.seconds, "encode_ads_per_second": encoded.ads_per_second}
+            published = _publish(new, images, experiment, base.run_id, metrics)
+        return ChangeResult(published, published.change["added"], published.change["replaced"], [],
+                            encoded.seconds, encoded.ads_per_second, encoded.step_seconds or {})
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def remove_ads(model_uri: str, ad_ids: list[str], *, cache_dir: Path, experiment: str) -> ChangeResult:
     """Take `ad_ids` out of the live catalogue (an id that is not in it: `KeyError`, nothing removed)."""
-    ref = open_model(model_uri, cache_dir)
-    with versions.catalogue_lock(ref.name):
-        base = current_catalogue(ref, cache_dir)
-        new = base.changed(removed=[str(a) for a in ad_ids])
-        published = _publish(new, None, experiment, base.run_id, {})
-    return ChangeResult(published, removed=published.change["removed"])
+    for attempt in range(CHANGE_ATTEMPTS):
+        ref = open_model(model_uri, cache_dir)
+        with versions.catalogue_lock(ref.name):
+            if not _still_named(model_uri, ref):
+                _moved(model_uri, ref, attempt)
+                continue
+            base = current_catalogue(ref, cache_dir)
+            new = base.changed(removed=[str(a) for a in ad_ids])
+            published = _publish(new, None, experiment, base.run_id, {})
+        return ChangeResult(published, removed=published.change["removed"])
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def _publish(catalogue: Catalogue, images, experiment: str, expected_run_id, metrics) -> Catalogue:
@@ -127,49 +165,119 @@ def _publish(catalogue: Catalogue, images, experiment: str, expected_run_id, met
                             expected_run_id=expected_run_id, before_save=fill)
 
 
+@dataclass
+class _Encoded:
+    """Catalogue ads encoded by one model: rows (ad_id, title, words, scores, image_ref),
+    embeddings in the same order, the query-tower vectors of their words."""
+
+    rows: pd.DataFrame
+    embeddings: np.ndarray
+    word_vectors: dict[str, np.ndarray]
+    seconds: float = 0.0
+
+    @staticmethod
+    def empty(engine: SearchEngine) -> _Encoded:
+        return _Encoded(pd.DataFrame({c: [] for c in AD_COLUMNS}),
+                        np.zeros((0, engine.catalogue.embeddings.shape[1]), np.float32), {})
+
+    @staticmethod
+    def keys(ads: pd.DataFrame) -> list[tuple[str, str, str]]:
+        """What an ad's encoding depends on: its id, title and image."""
+        return list(zip(ads["ad_id"].astype(str), ads["title"].astype(str), ads["image_ref"].astype(str), strict=True))
+
+
+def _encode_catalogue_ads(engine: SearchEngine, ads: pd.DataFrame, what: str, *, cache_dir: Path,
+                          progress: bool) -> _Encoded:
+    """`ads` (rows of a catalogue) encoded again by `engine`'s model, their images found by
+    their refs. An ad whose image cannot be found raises: a promotion must not serve a
+    catalogue another model encoded."""
+    if not len(ads):
+        return _Encoded.empty(engine)
+    files = [resolve_image(str(r), cache_dir) for r in ads["image_ref"]]
+    lost = [a for a, f in zip(ads["ad_id"], files, strict=True) if f is None]
+    if lost:
+        raise FileNotFoundError(f"re-indexing {what}: no image for {len(lost)} ads, e.g. {lost[:5]}; not switched")
+    frame = pd.DataFrame({"ad_id": ads["ad_id"].to_numpy(), "title": ads["title"].to_numpy(),
+                          "image_path": [str(f) for f in files], "split": "test"})
+    encoded = encode_ads(engine, frame, Path("/"), cache_dir=cache_dir, progress=progress)
+    return _Encoded(_encoded_rows(encoded, ads["image_ref"].astype(str).tolist()), encoded.embeddings,
+                    encoded.word_vectors, encoded.seconds)
+
+
+def _already_carried(target: Catalogue, source: Catalogue) -> bool:
+    return any(str(source.run_id) in item for item in target.change.get("reindexed_from", []))
+
+
 def reindex(name: str, from_version: str | None, to_version: str, *, cache_dir: Path, experiment: str,
-            progress: bool = False) -> Catalogue | None:
+            progress: bool = False, then: Callable[[], None] | None = None) -> Catalogue | None:
     """Make the live catalogue of `from_version` (the champion) the catalogue of `to_version`,
-    every ad encoded again by `to_version`'s model. None when there is nothing to carry over
-    (no champion, or its catalogue is still version 0: the new version serves its own ads).
-    An ad whose image cannot be found raises: a promotion must not serve a catalogue that
-    another model encoded."""
-    if from_version is None:
-        return None
-    source_ref = open_model(f"models:/{name}/{from_version}", cache_dir)
+    every ad encoded again by `to_version`'s model, then run `then` (promotion's move of
+    `champion`) under the same catalogue lock, so no catalogue change lands in between.
+
+    The champion's catalogue as it is now is encoded outside the lock (the long part); under
+    it, the catalogue is read again and only the ads that changed meanwhile are encoded.
+    Returns the carried catalogue, or None when there is nothing to carry (no champion, or its
+    catalogue is still version 0: the new version serves its own ads)."""
+    source_ref = open_model(f"models:/{name}/{from_version}", cache_dir) if from_version is not None else None
+    target_ref = open_model(f"models:/{name}/{to_version}", cache_dir)
+    engine = SearchEngine(target_ref.bundle_dir)
+    encoded: _Encoded | None = None
+    if source_ref is not None:
+        snapshot = current_catalogue(source_ref, cache_dir)
+        if snapshot.version > 0 and not _already_carried(current_catalogue(target_ref, cache_dir), snapshot):
+            encoded = _encode_catalogue_ads(engine, snapshot.ads, f"catalogue {snapshot.label} of {name} v{from_version}",
+                                            cache_dir=cache_dir, progress=progress)
+    with versions.catalogue_lock(name):
+        carried = None
+        if source_ref is not None:
+            carried = _carry(name, str(from_version), source_ref, target_ref, engine, encoded, cache_dir=cache_dir,
+                             experiment=experiment, progress=progress)
+        if then is not None:
+            then()
+        return carried
+
+
+def _carry(name: str, from_version: str, source_ref: ModelRef, target_ref: ModelRef, engine: SearchEngine,
+           encoded: _Encoded | None, *, cache_dir: Path, experiment: str, progress: bool) -> Catalogue | None:
+    """Under the catalogue lock: the champion's catalogue read now, carried to the target with
+    the encodings of `encoded` reused where an ad is unchanged."""
     source = current_catalogue(source_ref, cache_dir)
     if source.version == 0:
         return None
-    target_ref = open_model(f"models:/{name}/{to_version}", cache_dir)
-    already = current_catalogue(target_ref, cache_dir)
-    if any(str(source.run_id) in item for item in already.change.get("reindexed_from", [])):
-        return already  # done by an earlier attempt of this promotion
-    files = [resolve_image(str(r), cache_dir) for r in source.ads["image_ref"]]
-    lost = [a for a, f in zip(source.ads["ad_id"], files, strict=True) if f is None]
-    if lost:
-        raise FileNotFoundError(f"re-indexing catalogue {source.label} of {name} v{from_version} for v{to_version}: "
-                                f"no image for {len(lost)} ads, e.g. {lost[:5]}; not switched")
-    frame = pd.DataFrame({"ad_id": source.ads["ad_id"], "title": source.ads["title"],
-                          "image_path": [str(f) for f in files], "split": "test"})
-    engine = SearchEngine(target_ref.bundle_dir)
-    encoded = encode_ads(engine, frame, Path("/"), cache_dir=cache_dir, progress=progress)
-    rows = _encoded_rows(encoded, source.ads["image_ref"].astype(str).tolist())
-    with versions.catalogue_lock(name):
-        base = current_catalogue(target_ref, cache_dir)
-        vectors = {**engine.catalogue.word_vectors, **encoded.word_vectors}
-        new = Catalogue(rows, encoded.embeddings, {w: v for w, v in vectors.items()
-                                                   if w in {x for ws in rows["words"] for x in ws}},
-                        base.index_cfg, base.version + 1, name, str(to_version), None, base.run_id,
-                        {"added": [], "replaced": [], "removed": [],
-                         "reindexed_from": [f"{name} v{from_version} {source.label} ({source.run_id})"]},
-                        _previous_index=engine.catalogue.index)  # the target model's query moments
-        metrics = {"encode_seconds": encoded.seconds, "encode_ads_per_second": encoded.ads_per_second}
-        return _publish(new, None, experiment, base.run_id, metrics)
+    base = current_catalogue(target_ref, cache_dir)
+    if _already_carried(base, source):
+        return base  # done by an earlier attempt of this promotion
+    ready = encoded if encoded is not None else _Encoded.empty(engine)
+    known = set(_Encoded.keys(ready.rows))
+    keys = _Encoded.keys(source.ads)
+    fresh = _encode_catalogue_ads(engine, source.ads[[k not in known for k in keys]],
+                                  f"catalogue {source.label} of {name} v{from_version}", cache_dir=cache_dir,
+                                  progress=progress)
+    if len(fresh.rows):
+        log.info("%d ads changed in catalogue %s of %s v%s while it was re-encoded; encoded them too",
+                 len(fresh.rows), source.label, name, from_version)
+    pool_rows = pd.concat([part for part in (ready.rows, fresh.rows) if len(part)] or [ready.rows], ignore_index=True)
+    pool_embeddings = np.concatenate([ready.embeddings, fresh.embeddings])
+    at = {key: i for i, key in enumerate(_Encoded.keys(pool_rows))}
+    order = [at[key] for key in keys]
+    rows = pool_rows.iloc[order].reset_index(drop=True)
+    embeddings = pool_embeddings[order]
+    vectors = {**engine.catalogue.word_vectors, **ready.word_vectors, **fresh.word_vectors}
+    in_use = {w for ws in rows["words"] for w in ws}
+    new = Catalogue(rows, embeddings, {w: v for w, v in vectors.items() if w in in_use},
+                    base.index_cfg, base.version + 1, name, target_ref.version, None, base.run_id,
+                    {"added": [], "replaced": [], "removed": [],
+                     "reindexed_from": [f"{name} v{from_version} {source.label} ({source.run_id})"]},
+                    _previous_index=engine.catalogue.index)  # the target model's query moments
+    seconds = ready.seconds + fresh.seconds
+    metrics = {"encode_seconds": seconds, "encode_ads_per_second": len(rows) / seconds if seconds else 0.0}
+    return _publish(new, None, experiment, base.run_id, metrics)
 
 
 def catalogue_carrier(registry: RegistryConfig, cache_dir: Path, progress: bool = False):
-    """What promotion runs before `champion` moves (`promote(carry_catalogue=...)`): the
-    champion's live catalogue re-encoded by the challenger's model (`reindex`)."""
+    """What promotion runs to move `champion` (`promote(carry_catalogue=...)`): the champion's
+    live catalogue re-encoded by the challenger's model, and the move, under the catalogue
+    lock (`reindex(champion, challenger, then=move)`)."""
     return functools.partial(reindex, registry.model_name, cache_dir=cache_dir, experiment=registry.experiment,
                              progress=progress)
 

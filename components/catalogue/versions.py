@@ -4,15 +4,18 @@ Why MLflow runs and not a DVC-tracked directory: a catalogue is only meaningful 
 model version that encoded it (its embeddings come from that version's ad tower), and the
 registry is what serving already reads. A run in experiment `<experiment>-catalogue` holds
 the whole version as artifacts (`catalogue/`, see `store`), its parent run, what changed and
-how fast the encoding went; the registered model version carries the pointer
-(`alignsearch.catalogue.run_id` / `.version` tags). So an answer's `catalogue_version`
+how fast the encoding went; the registered model version carries the pointer in one tag
+(`alignsearch.catalogue` = `<run id>:<version>`, written in one call, so no reader ever sees
+half of it; stores written before hold it as two tags, `.run_id` and `.version`, still read).
+So an answer's `catalogue_version`
 traces to a run, the run to its model version, and it works unchanged against a team's
 MLflow server with S3 artifacts. DVC would need a git commit from the serving host for
 every hourly catalogue change, and would not tie a catalogue to a model version.
 
-Changes are serialised per store (`components.registry.lock`: a file lock beside a sqlite
-store, a lock model on a server) and the pointer is moved with compare-and-set: a change
-computed from a version that has since moved is refused.
+Changes are serialised per store by the catalogue lock (`catalogue_lock`: a file lock beside
+a sqlite store, a lock model on a server), which a promotion also holds while it carries the
+champion's catalogue over and moves `champion`; the pointer is moved with compare-and-set: a
+change computed from a version that has since moved is refused.
 """
 
 from __future__ import annotations
@@ -24,15 +27,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from components.outputs import atomic_dir
-from components.registry.lock import store_lock
+from components.registry.lock import CATALOGUE, store_lock
 from components.registry.tracking import client as _client
-from components.registry.versions import registry_error
+from components.registry.versions import is_absent, registry_error
 from components.search.catalogue import Catalogue, is_saved
 
 log = logging.getLogger(__name__)
 
 TAG = "alignsearch.catalogue"
-RUN_ID_TAG, VERSION_TAG = f"{TAG}.run_id", f"{TAG}.version"
+POINTER_TAG = TAG  # on the model version: "<run id>:<version>"
+RUN_ID_TAG, VERSION_TAG = f"{TAG}.run_id", f"{TAG}.version"  # the pointer before it was one tag; VERSION_TAG
+# also names a catalogue run's own version number
 ARTIFACT_PATH = "catalogue"
 EXPERIMENT_SUFFIX = "-catalogue"
 
@@ -44,18 +49,30 @@ class CatalogueConflict(RuntimeError):
 def pointer(model_name: str, model_version: str) -> tuple[str, int] | None:
     """(run id, version number) of the current catalogue of a model version; None: version 0
     (the model's own ads)."""
+    return pointer_from_tags(_version_tags(model_name, model_version))
+
+
+def _version_tags(model_name: str, model_version: str) -> dict[str, str]:
     try:
         version = _client().get_model_version(model_name, str(model_version))
     except Exception as exc:
         raise registry_error(f"reading {model_name} v{model_version}", exc) from exc
-    return pointer_from_tags(version.tags or {})
+    return dict(version.tags or {})
 
 
 def pointer_from_tags(tags: dict[str, str]) -> tuple[str, int] | None:
-    """The pointer as a model version's tags hold it (read by `pointer`, or by a fast read)."""
+    """The pointer as a model version's tags hold it (read by `pointer`, or by a fast read):
+    the one tag, else the two of a store written before it."""
+    if tags.get(POINTER_TAG):
+        run_id, _, version = tags[POINTER_TAG].rpartition(":")
+        return run_id, int(version)
     if not tags.get(RUN_ID_TAG):
         return None
     return tags[RUN_ID_TAG], int(tags.get(VERSION_TAG, "0"))
+
+
+def pointer_value(run_id: str, version: int) -> str:
+    return f"{run_id}:{version}"
 
 
 CATALOGUE_LOCK_TIMEOUT_S = 600.0
@@ -63,8 +80,9 @@ CATALOGUE_LOCK_TIMEOUT_S = 600.0
 
 @contextlib.contextmanager
 def catalogue_lock(model_name: str, timeout_s: float = CATALOGUE_LOCK_TIMEOUT_S) -> Iterator[None]:
-    """One catalogue change at a time per store (`components.registry.lock.store_lock`)."""
-    with store_lock(model_name, "catalogue", timeout_s=timeout_s):
+    """One catalogue change at a time per store, and none while a promotion carries the
+    champion's catalogue over and moves `champion` (`components.registry.lock.store_lock`)."""
+    with store_lock(model_name, CATALOGUE, timeout_s=timeout_s):
         yield
 
 
@@ -90,7 +108,8 @@ def publish(catalogue: Catalogue, *, experiment: str, images: dict[str, Path] | 
     `before_save(run_id)`: called once the run exists, before the version is written."""
     client = _client()
     name, version = catalogue.model_name, catalogue.model_version
-    current = pointer(name, version)
+    version_tags = _version_tags(name, version)
+    current = pointer_from_tags(version_tags)
     if (current[0] if current else None) != expected_run_id:
         raise CatalogueConflict(f"the catalogue of {name} v{version} moved to {current} while this change was "
                                 f"computed from {expected_run_id or 'v0'}; nothing was changed, run it again")
@@ -114,14 +133,26 @@ def publish(catalogue: Catalogue, *, experiment: str, images: dict[str, Path] | 
         client.set_terminated(run_id, "FAILED")
         raise
     catalogue.run_id = run_id
-    try:  # version number first, the run id last: a pointer with a run id is complete
-        client.set_model_version_tag(name, version, VERSION_TAG, str(catalogue.version))
-        client.set_model_version_tag(name, version, RUN_ID_TAG, run_id)
+    try:  # one tag, one call: a reader sees the old pointer or the new one
+        client.set_model_version_tag(name, version, POINTER_TAG, pointer_value(run_id, catalogue.version))
     except Exception as exc:
         raise registry_error(f"pointing {name} v{version} at catalogue run {run_id}", exc) from exc
+    _drop_two_tag_pointer(client, name, version, version_tags)
     log.info("catalogue %s of %s v%s: run %s (%d ads; %s)", catalogue.label, name, version, run_id,
              len(catalogue), catalogue.change)
     return catalogue
+
+
+def _drop_two_tag_pointer(client, name: str, version: str, tags: dict[str, str]) -> None:
+    """The pointer as two tags (a store written before the one tag) goes, once the one tag is
+    written: two pointers that disagree would only confuse whoever reads the tags."""
+    for key in (RUN_ID_TAG, VERSION_TAG):
+        if key in tags:
+            try:
+                client.delete_model_version_tag(name, version, key)
+            except Exception as exc:
+                if not is_absent(exc):
+                    raise registry_error(f"removing the old pointer tag {key} of {name} v{version}", exc) from exc
 
 
 def local_dir(cache_dir: Path, run_id: str) -> Path:

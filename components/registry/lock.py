@@ -35,6 +35,10 @@ from components.registry.versions import RegistryError, is_absent, registry_erro
 log = logging.getLogger(__name__)
 
 LOCK_SUFFIX = "-lock"
+# The purposes: one promotion at a time; one catalogue change at a time, and none while a
+# promotion carries the champion's catalogue over and moves `champion` (it holds CATALOGUE
+# then, inside PROMOTION: always in that order).
+PROMOTION, CATALOGUE = "promotion", "catalogue"
 LOCK_LEASE_S = 120.0  # renewed every lease/3 while held: a lock older than this is a dead holder's
 TAKEOVER_LEASE_S = 30.0  # a takeover model older than this is a waiter's that died mid-takeover
 POLL_S = 0.5

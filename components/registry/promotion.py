@@ -16,9 +16,12 @@ Safe to retry and to run twice at once:
 - promotions against one store take a lock (`components.registry.lock`), and the alias moves
   only if `champion` is still the version the decision compared against.
 
-Before the alias moves, the caller's `carry_catalogue(champion, challenger)` runs (the flows
-pass the live catalogue's re-indexing), so the new champion never serves ads another model
-encoded; a failure there stops the promotion before anything moved.
+The alias moves inside the caller's `carry_catalogue(champion, challenger, then=move)` (the
+flows pass the live catalogue's re-indexing): it makes the champion's live catalogue the
+challenger's and calls `then` under the catalogue lock, which every catalogue change takes
+too, so the new champion never serves ads another model encoded and no ad added meanwhile
+is left behind on the old one; a failure there stops the promotion before anything moved.
+The evaluation runs outside that lock (catalogue changes go on meanwhile).
 """
 
 from __future__ import annotations
@@ -32,13 +35,14 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from components.data.config import ValidateConfig
 from components.data.format import dataset_hash, read_dataset
 from components.data.validate import validate_dataset
 from components.evaluate.subsets import TITLE_OVERLAP
 from components.registry.config import PromoteConfig, RegistryConfig
-from components.registry.lock import store_lock
+from components.registry.lock import PROMOTION, store_lock
 from components.registry.models import open_model
 from components.registry.tracking import client as mlflow_client
 from components.registry.versions import (
@@ -185,7 +189,27 @@ def _move_champion(client, name: str, version: str, expected: str | None) -> Non
                              "promote again completes it)", exc) from exc
 
 
-CarryCatalogue = Callable[[str | None, str], None]  # (champion version or None, challenger version)
+class CarryCatalogue(Protocol):
+    """Makes the live catalogue of `champion` (None: there is none) the catalogue of
+    `challenger`, and calls `then` (the alias move) under the catalogue lock once it has."""
+
+    def __call__(self, champion: str | None, challenger: str, *, then: Callable[[], None]) -> object: ...
+
+
+def _carry_and_move(client, name: str, carry_catalogue: CarryCatalogue, champion: str | None,
+                    challenger: str) -> None:
+    moved: list[str] = []
+
+    def move() -> None:
+        _move_champion(client, name, challenger, expected=champion)
+        moved.append(challenger)
+
+    carry_catalogue(champion, challenger, then=move)
+    if not moved:
+        raise RuntimeError(f"carry_catalogue returned without moving {name}@{CHAMPION} (it must call `then` under "
+                           "the catalogue lock); the decision is recorded, promote again completes it")
+
+
 PROMOTION_LOCK_TIMEOUT_S = 3600.0
 
 
@@ -198,10 +222,11 @@ def promote(registry: RegistryConfig, rule: PromoteConfig, *, dataset_dir: Path 
     dataset given that is not that one (by DVC hash) must pass `validation` first (the
     training data passed it in the challenger's run), and the decision's reason says which
     data it was.
-    `carry_catalogue(champion, challenger)`: runs before the alias moves (the live catalogue's
-    `carry_catalogue` in the flows; required, so no caller forgets the champion's ads).
+    `carry_catalogue(champion, challenger, then=move)`: carries the champion's live catalogue
+    over and moves the alias under the catalogue lock (the live catalogue's `catalogue_carrier`
+    in the flows; required, so no caller forgets the champion's ads).
     """
-    with store_lock(registry.model_name, "promotion", timeout_s=PROMOTION_LOCK_TIMEOUT_S):
+    with store_lock(registry.model_name, PROMOTION, timeout_s=PROMOTION_LOCK_TIMEOUT_S):
         return _promote(registry, rule, dataset_dir=dataset_dir, cache_dir=cache_dir,
                         carry_catalogue=carry_catalogue, validation=validation)
 
@@ -246,8 +271,7 @@ def _promote(registry: RegistryConfig, rule: PromoteConfig, *, dataset_dir: Path
     tags = challenger.tags or {}
     if tags.get(f"{TAG}.key") == key:
         if tags.get(f"{TAG}.outcome") == PROMOTED:  # recorded, but the alias never moved (a crash between)
-            carry_catalogue(champion_version, challenger_version)
-            _move_champion(client, name, challenger_version, expected=champion_version)
+            _carry_and_move(client, name, carry_catalogue, champion_version, challenger_version)
             log.info("%s v%s: completed the recorded promotion (key %s)", name, challenger_version, key)
             return Decision(PROMOTED, f"completed the promotion recorded at {tags.get(f'{TAG}.decided_at')}: "
                             f"{tags.get(f'{TAG}.reason', '')}", challenger_version, champion_version,
@@ -266,8 +290,7 @@ def _promote(registry: RegistryConfig, rule: PromoteConfig, *, dataset_dir: Path
                         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     _record(client, name, challenger, decision)  # first: a crash after it is completed by the next run
     if promote_it:
-        carry_catalogue(champion_version, challenger_version)
-        _move_champion(client, name, challenger_version, expected=champion_version)
+        _carry_and_move(client, name, carry_catalogue, champion_version, challenger_version)
     log.info("%s v%s: %s (%s) in %.1f s", name, challenger_version, decision.outcome, reason,
              time.perf_counter() - started)
     return decision
