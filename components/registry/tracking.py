@@ -80,6 +80,8 @@ def use_store(uri: str) -> None:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     _written.add(uri)
+    if redact_uri(uri) != uri:  # MLflow prints "View run ... at: <this URI>/#/..." when a run ends
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def configure_mlflow(cfg: RegistryConfig) -> str:

@@ -38,6 +38,19 @@ def test_registry_error_names_the_store_without_its_password(monkeypatch):
     assert "http://127.0.0.1:9/" in message
 
 
+def test_mlflow_prints_no_run_link_built_from_a_uri_with_a_password(monkeypatch):
+    """MLflow prints "View run ... at: <tracking URI>/#/..." to stdout when a run ends on a
+    server: with credentials in the URI, that line would show them."""
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"):
+        monkeypatch.delenv(name, raising=False)
+    from mlflow.environment_variables import MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT
+
+    use_store("http://127.0.0.1:9/")
+    assert not MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.get()  # no credentials: the link is useful
+    use_store(WITH_PASSWORD)
+    assert MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.get()
+
+
 def _everything_recorded(client: MlflowClient, run_id: str) -> str:
     run = client.get_run(run_id)
     params = client.download_artifacts(run_id, "params.json")
