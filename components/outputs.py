@@ -1,5 +1,6 @@
-"""What the stages write: atomically (a reader sees a whole file or directory, or none of it)
-and, for DVC, byte-identically (the same inputs give the same JSON; timings stay out).
+"""What the stages write: atomically (a reader sees a whole file or directory, or none of it),
+for DVC byte-identically (the same inputs give the same JSON; timings stay out), and never
+with a credential in it (`redact_uri`).
 
 Every write-then-rename in the project goes through `atomic_file` / `atomic_dir`, so a killed
 run never leaves a half-result that a later run would reuse.
@@ -10,13 +11,26 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-SCRATCH_SUFFIX = ".tmp"  # what `atomic_file` / `atomic_dir` name their scratch paths with
+SCRATCH_SUFFIX = ".tmp"
+# `scheme://user:password@` (or `scheme://user@`): the user part stops at the first '/', so an
+# '@' later in a path is left alone. And the secrets of a signed URL's query string.
+_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+_SECRET_PARAM = re.compile(r"(?i)([?&][\w.-]*(?:password|passwd|pwd|secret|token|signature|credential|key)[\w.-]*=)"
+                           r"[^&\s]+")  # what `atomic_file` / `atomic_dir` name their scratch paths with
+
+
+def redact_uri(text: str) -> str:
+    """`text` with every URI in it shown without user and password (`postgresql://u:pw@db/mlflow`
+    -> `postgresql://db/mlflow`) and signed-URL secrets masked: what is shown, logged, tagged or
+    logged as a param goes through this, the one rule for it."""
+    return _SECRET_PARAM.sub(r"\1***", _USERINFO.sub(r"\1", text))
 
 
 def is_timing(key: str) -> bool:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from components.catalogue.versions import ARTIFACT_PATH, local_dir
 from components.data.validate import FORMAT_NAMES, IMAGE_FORMATS, image_format
-from components.registry.tracking import redact_uri
+from components.outputs import redact_uri
 from components.search.catalogue import IMAGES_DIR
 
 log = logging.getLogger(__name__)

@@ -187,13 +187,13 @@ class _Encoded:
 
 
 def _encode_catalogue_ads(engine: SearchEngine, ads: pd.DataFrame, what: str, *, cache_dir: Path,
-                          progress: bool) -> _Encoded:
+                          dataset_dir: Path | None, progress: bool) -> _Encoded:
     """`ads` (rows of a catalogue) encoded again by `engine`'s model, their images found by
     their refs. An ad whose image cannot be found raises: a promotion must not serve a
     catalogue another model encoded."""
     if not len(ads):
         return _Encoded.empty(engine)
-    files = [resolve_image(str(r), cache_dir) for r in ads["image_ref"]]
+    files = [resolve_image(str(r), cache_dir, dataset_dir=dataset_dir) for r in ads["image_ref"]]
     lost = [a for a, f in zip(ads["ad_id"], files, strict=True) if f is None]
     if lost:
         raise FileNotFoundError(f"re-indexing {what}: no image for {len(lost)} ads, e.g. {lost[:5]}; not switched")
@@ -226,7 +226,7 @@ def reindex(name: str, from_version: str | None, to_version: str, *, cache_dir: 
         snapshot = current_catalogue(source_ref, cache_dir)
         if snapshot.version > 0 and not _already_carried(current_catalogue(target_ref, cache_dir), snapshot):
             encoded = _encode_catalogue_ads(engine, snapshot.ads, f"catalogue {snapshot.label} of {name} v{from_version}",
-                                            cache_dir=cache_dir, progress=progress)
+                                            cache_dir=cache_dir, dataset_dir=source_ref.dataset_dir, progress=progress)
     with versions.catalogue_lock(name):
         carried = None
         if source_ref is not None:
@@ -252,7 +252,7 @@ def _carry(name: str, from_version: str, source_ref: ModelRef, target_ref: Model
     keys = _Encoded.keys(source.ads)
     fresh = _encode_catalogue_ads(engine, source.ads[[k not in known for k in keys]],
                                   f"catalogue {source.label} of {name} v{from_version}", cache_dir=cache_dir,
-                                  progress=progress)
+                                  dataset_dir=source_ref.dataset_dir, progress=progress)
     if len(fresh.rows):
         log.info("%d ads changed in catalogue %s of %s v%s while it was re-encoded; encoded them too",
                  len(fresh.rows), source.label, name, from_version)

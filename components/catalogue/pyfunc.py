@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from mlflow.pyfunc import PythonModel
 
 from components.catalogue.live import attach_current
 from components.registry.models import BUNDLE_ARTIFACT
+from components.registry.tracking import without_integer_schema_hint
 from components.search.engine import SearchEngine
 
 log = logging.getLogger(__name__)
@@ -101,10 +101,7 @@ def log_search_model(bundle_dir: Path, *, name: str = "model", example_output: p
 
     if example_output is None:
         example_output = SearchEngine(bundle_dir).search_frame(INPUT_EXAMPLE)
-    with warnings.catch_warnings():
-        # MLflow hints that integer columns cannot hold missing values: `rank` is never missing,
-        # and `k` is declared optional below (the `k` param, default 10, applies where it is).
-        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
+    with without_integer_schema_hint():  # `k` is declared optional below; `rank` is never missing
         inferred = infer_signature(INPUT_EXAMPLE, example_output, params={"k": 10})
         inputs = Schema([ColSpec("string", "query"), ColSpec("long", "k", required=False)])
         signature = ModelSignature(inputs=inputs, outputs=inferred.outputs, params=inferred.params)

@@ -6,16 +6,18 @@ under ./mlruns and refuse to start; docs/install.md). `MLFLOW_TRACKING_URI` wins
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-import re
 import subprocess
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from components.outputs import redact_uri
 from components.registry.config import RegistryConfig
 
 log = logging.getLogger(__name__)
@@ -38,18 +40,6 @@ def tracking_uri(cfg: RegistryConfig) -> str:
     elif from_env != _user_uri[0]:
         _user_uri[0] = None  # unset, or a value we wrote for some params
     return _user_uri[0] or cfg.tracking_uri
-
-
-# `scheme://user:password@` (or `scheme://user@`): what `redact_uri` drops. The user part stops
-# at the first '/', so an '@' later in a path is left alone.
-_CREDENTIALS = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
-
-
-def redact_uri(uri: str) -> str:
-    """`uri` without its user and password (`postgresql://u:pw@db/mlflow` -> `postgresql://db/mlflow`);
-    also every URI inside a longer text (an error message). What is shown, logged, tagged or
-    logged as a param goes through this."""
-    return _CREDENTIALS.sub(r"\g<scheme>", uri)
 
 
 def sqlite_path(uri: str | None) -> Path | None:
@@ -205,6 +195,15 @@ def source_tags(entry_point: str, repo: Path | None = None) -> dict[str, str]:
     return tags
 
 
+@contextlib.contextmanager
+def without_integer_schema_hint() -> Iterator[None]:
+    """MLflow hints on every schema it infers with an integer column that integers cannot hold
+    missing values; ours (counts, ranks, `k`) are never missing, so the hint is noise to a user."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
+        yield
+
+
 def log_dataset_input(client, run_id: str, dataset_dir: Path, digest: str, counts: Mapping[str, Mapping[str, int]],
                       *, name: str | None = None, context: str = "training") -> None:
     """The run's dataset (the run page's "Datasets"): `mlflow.data` dataset with the DVC hash
@@ -222,7 +221,8 @@ def log_dataset_input(client, run_id: str, dataset_dir: Path, digest: str, count
     # An explicit source: MLflow registers its local-files source twice, so a bare path
     # "can be interpreted in multiple ways" (a UserWarning on every run) though both are the same.
     local = next(s for s in get_registered_sources() if s.__name__ == "LocalArtifactDatasetSource")
-    dataset = from_pandas(frame, source=local(str(source)), name=name or source.name, digest=digest)
     tags = [InputTag(MLFLOW_DATASET_CONTEXT, context)]
     tags += [InputTag(f"{table}.{split}", str(n)) for table, per_split in counts.items() for split, n in per_split.items()]
-    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)])
+    with without_integer_schema_hint():  # the schema is inferred lazily, up to the entity
+        dataset = from_pandas(frame, source=local(str(source)), name=name or source.name, digest=digest)
+        client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)])

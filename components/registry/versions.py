@@ -7,8 +7,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from components.outputs import redact_uri
 from components.registry.tracking import client as _client
-from components.registry.tracking import redact_uri, registry_uri
+from components.registry.tracking import registry_uri
 
 log = logging.getLogger(__name__)
 

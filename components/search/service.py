@@ -35,7 +35,6 @@ import contextlib
 import ipaddress
 import json
 import logging
-import re
 import secrets
 import time
 import uuid
@@ -48,6 +47,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from components.data.validate import IMAGE_FORMATS, image_format
+from components.outputs import redact_uri
 from components.search.batching import MicroBatcher
 from components.search.config import ServeConfig
 from components.search.page import CONTENT_SECURITY_POLICY, PAGE
@@ -117,18 +117,6 @@ def allowed_hosts(bind: str, port: int) -> frozenset[str] | None:
     else:
         names = (bind.lower(), *LOOPBACK_NAMES)
     return frozenset({f"{name}:{port}" for name in names} | (set(names) if port == 80 else set()))
-
-
-# What is shown of an error text (a catalogue reload's, on /health): URIs without their user
-# and password, signed URLs without their secrets. The same rule as the registry's
-# `redact_uri`, which the search layer sits below.
-_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
-_SECRET_PARAM = re.compile(r"(?i)([?&][\w.-]*(?:password|passwd|pwd|secret|token|signature|credential|key)[\w.-]*=)"
-                           r"[^&\s]+")
-
-
-def without_credentials(text: str) -> str:
-    return _SECRET_PARAM.sub(r"\1***", _USERINFO.sub(r"\1", text))
 
 
 def _lane(path: str) -> str:
@@ -275,7 +263,7 @@ def create_app(model: Any, cfg: ServeConfig, *, model_uri: str, info: dict | Non
             return value
 
     version = (info or {}).get("version")
-    model_uri = without_credentials(model_uri)  # shown on /health, in answers and the API docs
+    model_uri = redact_uri(model_uri)  # shown on /health, in answers and the API docs
     # Concurrent searches share one model call (batching.py); batch_max 1 = one call each.
     batcher = (MicroBatcher(model.predict, cfg.batch_max, cfg.batch_wait_ms)
                if model is not None and cfg.batch_max > 1 else None)
@@ -319,7 +307,7 @@ def create_app(model: Any, cfg: ServeConfig, *, model_uri: str, info: dict | Non
             out["batches"], out["batched_queries"] = batcher.batches, batcher.queries
         if watcher is not None:
             out["catalogue_reloads"] = watcher.reloads
-            out["catalogue_reload_error"] = without_credentials(watcher.last_error)
+            out["catalogue_reload_error"] = redact_uri(watcher.last_error)
         return out
 
     @app.get("/", response_class=HTMLResponse)

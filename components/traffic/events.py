@@ -43,8 +43,7 @@ import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from components.outputs import atomic_file
-from components.registry.tracking import redact_uri
+from components.outputs import atomic_file, redact_uri
 from components.traffic.config import Redaction, TrafficConfig
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 
 import sqlalchemy as sa
 
-from components.registry.tracking import redact_uri
+from components.outputs import redact_uri
 from components.traffic.config import TrafficConfig
 from components.traffic.events import Event, EventStore
 

@@ -11,7 +11,8 @@ import typer
 from components.catalogue.live import add_ads, open_engine, remove_ads
 from components.catalogue.versions import CatalogueConflict
 from components.data.validate import ValidationError
-from components.registry.tracking import configure_mlflow, redact_uri
+from components.outputs import redact_uri
+from components.registry.tracking import configure_mlflow
 from flows.cli.options import (
     PARAMS_FILE,
     ModelUriOption,

@@ -18,7 +18,8 @@ from rich.table import Table
 from components.config import Params
 from components.data.format import DatasetFormatError
 from components.data.validate import ValidationError
-from components.registry.tracking import redact_uri, tracking_uri
+from components.outputs import redact_uri
+from components.registry.tracking import tracking_uri
 from components.registry.versions import CHAMPION, RegistryError, by_alias
 from flows.cli.options import (
     PARAMS_FILE,

@@ -21,7 +21,8 @@ from rich.table import Table
 
 from components.catalogue.live import open_engine
 from components.config import Params
-from components.registry.tracking import configure_mlflow, redact_uri, tracking_uri
+from components.outputs import redact_uri
+from components.registry.tracking import configure_mlflow, tracking_uri
 from components.search.config import API_KEY_ENV
 from flows.bench_index import bench_index as measure_index
 from flows.bench_serve import bench_serve as measure_service

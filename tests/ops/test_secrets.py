@@ -9,7 +9,8 @@ import pytest
 from mlflow import MlflowClient
 from ops_helpers import as_flow_params, ops_params, tracking_uri
 
-from components.registry.tracking import redact_uri, use_store
+from components.outputs import redact_uri
+from components.registry.tracking import use_store
 from components.registry.versions import registry_error
 
 SECRET = "s3cret-pw"
