@@ -3,7 +3,8 @@ usable by a shell, MLflow on Postgres with artifacts in the S3 bucket and the re
 the Kubernetes template accepted by the Prefect server, prefect.yaml deployed and run by a
 worker, and `down` leaving no listening port. The tests that need a registered champion ask
 for the module's `deployment_run`; the last test stops the stack (the session fixture stops
-it again if that test is skipped)."""
+it again if that test is skipped), so every other file of this directory must sort before
+this one (one worker runs the directory in file order)."""
 
 from __future__ import annotations
 
