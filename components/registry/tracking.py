@@ -86,12 +86,17 @@ def configure_mlflow(cfg: RegistryConfig) -> str:
     use_store(uri)
     experiment = mlflow.get_experiment_by_name(cfg.experiment)
     if experiment is not None:
-        return experiment.experiment_id
-    artifact_location = None  # a server decides for itself
-    if db is not None:  # a local store: artifacts beside the database
-        local = Path(cfg.artifact_location) if uri == cfg.tracking_uri else db.parent / "artifacts"
-        artifact_location = local.resolve().as_uri()
-    return mlflow.create_experiment(cfg.experiment, artifact_location=artifact_location)
+        experiment_id = experiment.experiment_id
+    else:
+        artifact_location = None  # a server decides for itself
+        if db is not None:  # a local store: artifacts beside the database
+            local = Path(cfg.artifact_location) if uri == cfg.tracking_uri else db.parent / "artifacts"
+            artifact_location = local.resolve().as_uri()
+        experiment_id = mlflow.create_experiment(cfg.experiment, artifact_location=artifact_location)
+    # The process's active experiment too: an earlier `mlflow.set_experiment` (another store, a
+    # notebook) would make `mlflow.start_run(run_id=...)` of our runs refuse them.
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
 
 
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
