@@ -126,8 +126,9 @@ def test_mlflow_on_postgres_artifacts_in_bucket_registry_alias(team_stack, team_
         monkeypatch.setenv(key, value)
     mlflow.set_tracking_uri(team_env["MLFLOW_TRACKING_URI"])
     mlflow.set_registry_uri(team_env["MLFLOW_TRACKING_URI"])
-    experiment = mlflow.set_experiment("team-smoke")
-    with mlflow.start_run(experiment_id=experiment.experiment_id) as run:
+    # not mlflow.set_experiment: it would stay the process's active experiment for later tests
+    experiment_id = mlflow.MlflowClient().create_experiment("team-smoke")
+    with mlflow.start_run(experiment_id=experiment_id) as run:
         mlflow.log_param("where", "postgres")
         mlflow.log_metric("ndcg_at_10", 0.5)
         mlflow.log_text("hello bucket", "notes/hello.txt")
