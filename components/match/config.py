@@ -33,6 +33,17 @@ class MatchConfig(BaseModel):
     temperature: float = Field(0.05, gt=0, description="InfoNCE temperature (scale 20, as sentence-transformers)")
     symmetric_loss: bool = Field(True, description="add the ad -> query InfoNCE direction")
 
+    # What clicks say (qrels from `alignsearch traffic ingest`, docs/traffic.md#from-events-to-a-dataset).
+    click_weights: bool = Field(True, description="weight each positive pair's loss by its qrels `weight` "
+                                "(the clicks' inverse-propensity weight); false: every positive counts 1")
+    explicit_negatives: bool = Field(True, description="qrels with relevance 0 (shown, skipped) join the "
+                                     "batch as extra negatives of their query")
+
+    # Warm start: a scheduled retrain continues from the champion instead of starting over.
+    warm_start: bool = Field(True, description="the scheduled loop starts the matcher from the champion's "
+                             "weights and learning rate (no learning-rate search); false: a cold run")
+    warm_start_steps: int = Field(100, ge=1, description="training steps of a warm-started matcher")
+
     # Encoder.
     trainable_layers: int = Field(
         2, ge=0, le=6, description="top MiniLM layers fine-tuned (the rest is frozen and cached); 6 = all")

@@ -73,4 +73,8 @@ class TrafficConfig(_Section):
     em_max_iter: int = Field(2000, ge=1, description="EM iterations of the click model at most")
     em_tol: float = Field(1e-5, gt=0, description="EM stops when no parameter moves more than this in "
                           "an iteration")
+    dataset_dir: str = Field("data/live", description="where `traffic ingest` writes the dataset the loop "
+                             "trains on: the base dataset plus every ingested search and click")
+    monitoring_experiment: str = Field("alignsearch-monitoring", description="MLflow experiment of "
+                                       "`traffic report`'s runs")
     simulator: SimulatorConfig = SimulatorConfig()
