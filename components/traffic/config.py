@@ -77,4 +77,9 @@ class TrafficConfig(_Section):
                              "trains on: the base dataset plus every ingested search and click")
     monitoring_experiment: str = Field("alignsearch-monitoring", description="MLflow experiment of "
                                        "`traffic report`'s runs")
+    import_max_clicks: int = Field(200, ge=1, description="`traffic import` refuses a file in which one "
+                                   "session (or, for rows without session_id, one query) has more clicks: "
+                                   "a flood from a bot or a broken export")
+    import_clock_skew_s: float = Field(300.0, ge=0, description="`traffic import` refuses events timed more "
+                                       "than this far in the future (the ad server's clock may run ahead)")
     simulator: SimulatorConfig = SimulatorConfig()
