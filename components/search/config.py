@@ -30,3 +30,5 @@ class ServeConfig(BaseModel):
                                  "others to join its batch")
     catalogue_poll_s: float = Field(5.0, ge=0, description="how often the service checks for a new catalogue "
                                     "version of its model (0: never)")
+    log_traffic: bool = Field(True, description="log every answered search and take clicks (POST /click) in "
+                              "the traffic log, `traffic.store_uri`; false: no log opened, /click answers 404")

@@ -6,9 +6,11 @@ search (ranked hits with their visual words), and a health endpoint naming the m
 all in the same process as the CLI, with no per-model environment to build.
 
     GET  /health                    -> {"status": "ok", "model_uri": ..., "version": ...,
-                                        "catalogue_version": ..., "num_ads": ...} (503: no model)
-    GET  /search?q=red+car&k=5      -> {"query": ..., "k": ..., "catalogue_version": ..., "results": [...]}
-    POST /search {"query": ..., "k": 5}
+                                        "catalogue_version": ..., "num_ads": ..., "traffic": {...}} (503: no model)
+    GET  /search?q=red+car&k=5      -> {"request_id": ..., "query": ..., "k": ..., "catalogue_version": ...,
+                                        "took_ms": ..., "results": [...]}   (&source=page from the page)
+    POST /search {"query": ..., "k": 5, "source": "api"}
+    POST /click {"request_id": ..., "ad_id": ...} -> {"click_id", "request_id", "ad_id", "position"}
     GET  /                          -> the search page (`page.py`: one HTML file, no CDN, no build)
     GET  /image?ad_id=...           -> an ad's image (from the catalogue version that holds it), as
                                        the PNG/JPEG/WebP detected in it, nosniff, sandboxed
@@ -16,6 +18,13 @@ all in the same process as the CLI, with no per-model environment to build.
 With an `engine` (the pyfunc's `SearchEngine`) and a `watcher` (`CatalogueWatcher`), the
 service follows the model version's live catalogue: a new version is loaded beside the old
 one and swapped in, so no request is dropped or answered from a half-loaded catalogue.
+
+With a `search_log` (`SearchLog`; the traffic log, which sits above this layer, is built by
+`catalogue.serving`), every answered search is handed to it as an impression named by its
+request id (a queue put: the search never waits for the log), and `POST /click` records a
+click on an ad a logged search showed; a refused click answers its rule's status with
+`{"detail", "reason", "request_id"}` and nothing is written. Without one, nothing is logged and
+`/click` answers 404 with reason `logging_off`.
 
 Behaving like a service: every response carries an `X-Request-ID` (and `nosniff`); an
 internal error is a generic 500 naming that id (the traceback goes to the log, not to the
@@ -38,7 +47,7 @@ import logging
 import secrets
 import time
 import uuid
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, Protocol
 
 import pandas as pd
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -70,7 +79,11 @@ class Hit(BaseModel):
     matched_words: list[str]
 
 
+SearchSource = Literal["api", "page"]
+
+
 class SearchResponse(BaseModel):
+    request_id: str  # also the X-Request-ID header; a click names its search by it
     query: str
     k: int
     model_uri: str
@@ -84,6 +97,32 @@ def _hits(frame: pd.DataFrame) -> list[Hit]:
     return [Hit(rank=int(r["rank"]), ad_id=str(r["ad_id"]), title=str(r["title"]), score=float(r["score"]),
                 visual_words=[str(w) for w in r["visual_words"]], matched_words=[str(w) for w in r["matched_words"]])
             for r in frame.to_dict("records")]
+
+
+class ClickRefused(Exception):
+    """A click the log did not record: the HTTP `status` it is answered with and the `reason`
+    (a stable name clients and logs can match on) of the rule it broke."""
+
+    def __init__(self, status: int, reason: str, detail: str):
+        super().__init__(detail)
+        self.status, self.reason, self.detail = status, reason, detail
+
+
+class SearchLog(Protocol):
+    """Where the service logs what it answered (the traffic log; `catalogue.serving` builds it).
+    `log_search` must not block or raise for the log's sake (a queue put); `click` writes at
+    once and raises `ClickRefused`."""
+
+    def log_search(self, *, request_id: str, query: str, k: int, hits: list[tuple[str, int, float]],
+                   model_name: str | None, model_version: str | None, catalogue_version: str | None,
+                   source: SearchSource, took_ms: float) -> None: ...
+
+    def click(self, request_id: str, ad_id: str) -> dict: ...
+
+    def stats(self) -> dict: ...
+
+    def close(self) -> None: ...
+
 
 
 async def _send_json(send, status: int, body: dict, request_id: str) -> None:
@@ -237,19 +276,34 @@ class _Guard:
                 await _send_json(send, 500, {"detail": "internal error", "request_id": request_id}, request_id)
 
 
+class ClickRequest(BaseModel):
+    request_id: str = Field(..., min_length=1, max_length=200, description="the search's request id "
+                            "(its X-Request-ID, also `request_id` in its answer)")
+    ad_id: str = Field(..., min_length=1, max_length=200, description="the ad opened, one the search showed")
+
+
+class ClickResponse(BaseModel):
+    click_id: str
+    request_id: str
+    ad_id: str
+    position: int  # where the search showed the ad, from 1 (taken from the log, not the client)
+
+
 def create_app(model: Any, cfg: ServeConfig, *, model_uri: str, info: dict | None = None,
                api_key: str | None = None, engine: Any = None, watcher: Any = None,
-               image_file=None) -> FastAPI:
+               image_file=None, search_log: SearchLog | None = None) -> FastAPI:
     """The app over `model` (anything with `predict(DataFrame) -> DataFrame`, e.g. a pyfunc;
     None: not loaded, /health and /search answer 503). `api_key`: required on every route but
     the page when set (else `cfg.host`/`cfg.port` name the Host values answered).
     `engine`: the model's `SearchEngine` (catalogue version and images on /health, /image);
     `watcher`: its `CatalogueWatcher` (reload errors on /health); `image_file(ref) -> Path|None`
-    resolves an ad's image reference."""
+    resolves an ad's image reference. `search_log`: where answered searches and clicks are
+    logged (None: logging off); the app closes it when it shuts down."""
 
     class SearchRequest(BaseModel):
         query: str = Field(..., max_length=cfg.max_query_chars, description="the user's text query")
         k: int = Field(cfg.default_k, ge=1, le=cfg.max_k, description="how many ads to return")
+        source: SearchSource = Field("api", description="who asks: `page` (the search page) or `api`")
 
         @field_validator("query")
         @classmethod
@@ -270,9 +324,13 @@ def create_app(model: Any, cfg: ServeConfig, *, model_uri: str, info: dict | Non
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
-        yield
-        if batcher is not None:
-            batcher.close()
+        try:
+            yield
+        finally:
+            if batcher is not None:
+                batcher.close()
+            if search_log is not None:  # writes what is still queued
+                await asyncio.to_thread(search_log.close)
 
     app = FastAPI(title="alignsearch", description=f"Search ads by text (Align before Search); model {model_uri}.",
                   version=f"model v{version}" if version else "model", lifespan=lifespan)
@@ -288,9 +346,23 @@ def create_app(model: Any, cfg: ServeConfig, *, model_uri: str, info: dict | Non
                  else model.predict(pd.DataFrame({"query": [request.query], "k": [request.k]})))
         catalogue_version = (str(frame["catalogue_version"].iloc[0]) if "catalogue_version" in frame.columns
                              and len(frame) else (engine.catalogue_version if engine is not None else None))
-        return SearchResponse(query=request.query, k=request.k, model_uri=model_uri, model_version=version,
-                              catalogue_version=catalogue_version,
-                              took_ms=round((time.perf_counter() - started) * 1000, 2), results=_hits(frame))
+        response = SearchResponse(request_id=request_id, query=request.query, k=request.k, model_uri=model_uri,
+                                  model_version=version, catalogue_version=catalogue_version,
+                                  took_ms=round((time.perf_counter() - started) * 1000, 2), results=_hits(frame))
+        if search_log is not None:
+            _log_search(request, response)
+        return response
+
+    def _log_search(request: SearchRequest, response: SearchResponse) -> None:
+        # Positions are the hits' places in the answer, from 1 (what a person scanning it sees).
+        hits = [(hit.ad_id, position, hit.score) for position, hit in enumerate(response.results, start=1)]
+        try:
+            search_log.log_search(request_id=response.request_id, query=request.query, k=request.k, hits=hits,
+                                  model_name=(info or {}).get("name"), model_version=version,
+                                  catalogue_version=response.catalogue_version, source=request.source,
+                                  took_ms=response.took_ms)
+        except Exception:  # noqa: BLE001 - the log never fails a search it did not answer
+            log.exception("request %s: the search was answered but could not be logged", response.request_id)
 
     def _request_id(request: Request) -> str:
         return request.scope.get("state", {}).get("request_id", "-")
@@ -308,6 +380,7 @@ def create_app(model: Any, cfg: ServeConfig, *, model_uri: str, info: dict | Non
         if watcher is not None:
             out["catalogue_reloads"] = watcher.reloads
             out["catalogue_reload_error"] = redact_uri(watcher.last_error)
+        out["traffic"] = search_log.stats() if search_log is not None else {"logging": "off"}
         return out
 
     @app.get("/", response_class=HTMLResponse)
@@ -330,14 +403,40 @@ def create_app(model: Any, cfg: ServeConfig, *, model_uri: str, info: dict | Non
     @app.get("/search", response_model=SearchResponse)
     def search_get(request: Request,
                    q: Annotated[str, Query(max_length=cfg.max_query_chars, description="the text query")],
-                   k: Annotated[int, Query(ge=1, le=cfg.max_k)] = cfg.default_k) -> SearchResponse:
+                   k: Annotated[int, Query(ge=1, le=cfg.max_k)] = cfg.default_k,
+                   source: Annotated[SearchSource, Query(description="`page` from the search page")] = "api",
+                   ) -> SearchResponse:
         if not q.strip():
             raise HTTPException(status_code=422, detail="query parameter q must not be empty or blank")
         try:
-            body = SearchRequest(query=q, k=k)
+            body = SearchRequest(query=q, k=k, source=source)
         except ValidationError as exc:
             raise HTTPException(status_code=422, detail=[e["msg"] for e in exc.errors()]) from exc
         return run(body, _request_id(request))
+
+    @app.post("/click", response_model=ClickResponse,
+              responses={404: {"description": "no such search logged (reason unknown_request), or logging off "
+                               "(reason logging_off)"},
+                         409: {"description": "that ad of that search was clicked already (repeated_click)"},
+                         410: {"description": "too long after the search (click_too_late)"},
+                         422: {"description": "the search did not show that ad (ad_not_shown), or a bad body"}})
+    def click(body: ClickRequest, request: Request):
+        """Record a click on an ad a logged search showed; the position is the one it was shown
+        at. Answered once the click is written; refused clicks write nothing."""
+        if search_log is None:
+            refused = ClickRefused(404, "logging_off", "this service does not log searches, so it takes no clicks "
+                                   "(started with --no-log, serve.log_traffic false, or no traffic store)")
+        else:
+            try:
+                return ClickResponse(**search_log.click(body.request_id, body.ad_id))
+            except ClickRefused as exc:
+                refused = exc
+        log.info("request %s: click on %r of %s refused (%s)", _request_id(request), body.ad_id[:100],
+                 body.request_id[:100], refused.reason)
+        # `request_id` names the search the click named, as in the request (this request's own
+        # id is its X-Request-ID header).
+        return JSONResponse(status_code=refused.status, content={"detail": refused.detail, "reason": refused.reason,
+                                                                 "request_id": body.request_id})
 
     @app.exception_handler(RequestValidationError)
     def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -87,6 +87,9 @@ class Impression:
     time: dt.datetime = dataclasses.field(default_factory=utc_now)
     # Interleaving (issue 21): per position, the model that contributed the hit; None otherwise.
     contributors: tuple[str, ...] | None = None
+    # How long the service took to answer (ms, as its response says); None when not measured
+    # (an imported ad-server log, a log written before the column existed).
+    took_ms: float | None = None
 
     def hit(self, ad_id: str) -> Hit | None:
         return next((h for h in self.hits if h.ad_id == ad_id), None)
@@ -149,6 +152,7 @@ IMPRESSIONS = sa.Table(
     sa.Column("source", sa.String(16), nullable=False),
     sa.Column("hits", _JSON, nullable=False),  # [{"ad_id", "position", "score"}, ...] in rank order
     sa.Column("contributors", _JSON, nullable=True),
+    sa.Column("took_ms", sa.Float, nullable=True),
     sqlite_autoincrement=True,
 )
 CLICKS = sa.Table(
@@ -164,7 +168,7 @@ CLICKS = sa.Table(
 )
 
 IMPRESSION_COLUMNS = ("event_id", "time", "query", "k", "model_name", "model_version", "catalogue_version",
-                      "source", "hits", "contributors")
+                      "source", "hits", "contributors", "took_ms")
 CLICK_COLUMNS = ("click_id", "request_id", "ad_id", "position", "time")
 
 
@@ -183,7 +187,8 @@ def _impression_row(event: Impression, redact: Callable[[str], str]) -> dict[str
             "k": event.k, "model_name": event.model_name, "model_version": event.model_version,
             "catalogue_version": event.catalogue_version, "source": event.source,
             "hits": [{"ad_id": h.ad_id, "position": h.position, "score": float(h.score)} for h in event.hits],
-            "contributors": list(event.contributors) if event.contributors is not None else None}
+            "contributors": list(event.contributors) if event.contributors is not None else None,
+            "took_ms": float(event.took_ms) if event.took_ms is not None else None}
 
 
 def _click_row(event: Click) -> dict[str, Any]:
@@ -196,7 +201,8 @@ def _impression(row: Any) -> Impression:
         event_id=row.event_id, query=row.query, k=row.k, model_name=row.model_name,
         model_version=row.model_version, catalogue_version=row.catalogue_version, source=row.source,
         hits=tuple(Hit(str(h["ad_id"]), int(h["position"]), float(h["score"])) for h in row.hits),
-        time=_from_us(row.time_us), contributors=tuple(row.contributors) if row.contributors is not None else None)
+        time=_from_us(row.time_us), contributors=tuple(row.contributors) if row.contributors is not None else None,
+        took_ms=row.took_ms)
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -224,6 +230,8 @@ def _frame(rows: list[Any], columns: tuple[str, ...]) -> pd.DataFrame:
     records = [row._asdict() for row in rows]
     frame = pd.DataFrame.from_records(records, columns=["seq", "time_us", *[c for c in columns if c != "time"]])
     frame["time"] = pd.to_datetime(frame["time_us"].astype("int64"), unit="us", utc=True)
+    if "took_ms" in frame.columns:  # float with NaN for unmeasured, as a Parquet export reads back
+        frame["took_ms"] = frame["took_ms"].astype("float64")
     return frame[["seq", *columns]].reset_index(drop=True)
 
 
@@ -281,6 +289,28 @@ class EventStore:
         except sa.exc.DatabaseError:
             # Another process created them between the check and the CREATE: they are there now.
             METADATA.create_all(self.engine)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """A log written by an older version lacks the nullable columns added since (`took_ms`):
+        added in place, the old rows reading as null. Two processes opening the same old log may
+        both try; the one that finds the column there already lets it be."""
+        for table in (IMPRESSIONS, CLICKS):
+            present = {c["name"] for c in sa.inspect(self.engine).get_columns(table.name)}
+            for column in table.columns:
+                if column.name in present:
+                    continue
+                if not column.nullable:
+                    raise RuntimeError(f"traffic store {self}: table {table.name} has no column {column.name} "
+                                       "and it cannot be added to existing rows (not nullable)")
+                kind = column.type.compile(dialect=self.engine.dialect)
+                try:
+                    with self.engine.begin() as conn:
+                        conn.execute(sa.text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+                except sa.exc.DatabaseError:
+                    if column.name not in {c["name"] for c in sa.inspect(self.engine).get_columns(table.name)}:
+                        raise
+                log.info("traffic store %s: added column %s.%s", self, table.name, column.name)
 
     def _begin_write(self, conn: sa.Connection) -> None:
         if self.dialect == "postgresql":
@@ -411,7 +441,7 @@ def _arrow_schema(table_name: str) -> Any:
     return pa.schema([("event_id", pa.string()), ("time", time), ("query", pa.string()), ("k", pa.int32()),
                       ("model_name", pa.string()), ("model_version", pa.string()),
                       ("catalogue_version", pa.string()), ("source", pa.string()),
-                      ("hits", pa.list_(hit)), ("contributors", pa.list_(pa.string()))])
+                      ("hits", pa.list_(hit)), ("contributors", pa.list_(pa.string())), ("took_ms", pa.float64())])
 
 
 def _arrow_table(table_name: str, frame: pd.DataFrame) -> Any:

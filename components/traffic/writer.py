@@ -45,6 +45,7 @@ class WriterStats:
     failed: int  # events whose batch could not be written after its retries
     pending: int  # events queued, not yet committed
     batches: int  # transactions committed
+    failed_batches: int = 0  # batches given up after their retries (`failed` counts their events)
 
 
 class _Flush:
@@ -68,7 +69,7 @@ class BatchWriter:
         self.on_commit = on_commit
         self._queue: queue.Queue = queue.Queue(maxsize=queue_max)
         self._lock = threading.Lock()
-        self._counts = {"written": 0, "dropped": 0, "failed": 0, "batches": 0, "in_batch": 0}
+        self._counts = {"written": 0, "dropped": 0, "failed": 0, "batches": 0, "failed_batches": 0, "in_batch": 0}
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="traffic-writer", daemon=True)
         self._thread.start()
@@ -135,7 +136,8 @@ class BatchWriter:
         with self._lock:
             counts = dict(self._counts)
         return WriterStats(written=counts["written"], dropped=counts["dropped"], failed=counts["failed"],
-                           pending=self._queue.qsize() + counts["in_batch"], batches=counts["batches"])
+                           pending=self._queue.qsize() + counts["in_batch"], batches=counts["batches"],
+                           failed_batches=counts["failed_batches"])
 
     # --- the writer thread
 
@@ -190,6 +192,7 @@ class BatchWriter:
     def _failed(self, batch: list[Event], exc: Exception) -> None:
         with self._lock:
             self._counts["failed"] += len(batch)
+            self._counts["failed_batches"] += 1
             self._counts["in_batch"] = 0
         log.error("traffic writer: batch of %d event(s) lost (%s): %s", len(batch), self.store,
                   redact_uri(str(exc).splitlines()[0] if str(exc) else type(exc).__name__))

@@ -119,10 +119,14 @@ def serve(
     model_uri: Annotated[Optional[str], typer.Option(help="Model to serve (default: the champion).")] = None,  # noqa: UP045
     allow_remote: Annotated[bool, typer.Option("--allow-remote", help="Allow a non-loopback --host (the service "
                                                f"has no authentication unless {API_KEY_ENV} is set).")] = False,
+    log_traffic: Annotated[Optional[bool], typer.Option("--log/--no-log", help="Log every answered search and take "  # noqa: UP045
+                                                        "clicks in traffic.store_uri (default: params "
+                                                        "serve.log_traffic, on).")] = None,
     params: ParamsOption = PARAMS_FILE,
     set_: SetOption = None,
 ) -> None:
-    """Serve search over HTTP (FastAPI): a search page at /, GET/POST /search, GET /health, docs at /docs.
+    """Serve search over HTTP (FastAPI): a search page at /, GET/POST /search, POST /click, GET /health,
+    docs at /docs. Every answered search is logged in the traffic log (traffic.store_uri; --no-log: not).
     Follows the model version's live catalogue (`alignsearch ads add`): new versions are swapped in.
     With ALIGNSEARCH_API_KEY set, every route but the page needs the header X-API-Key (the page
     asks for it); without it, only requests naming the bind address (Host) are answered."""
@@ -143,19 +147,23 @@ def serve(
     uri = model_uri or cfg.serve.model_uri
     port_ = port or cfg.serve.port
     # The app checks Host headers against the address it is bound to (no key: DNS rebinding).
-    serve_cfg = cfg.serve.model_copy(update={"host": bind, "port": port_})
+    serve_cfg = cfg.serve.model_copy(update={"host": bind, "port": port_, "log_traffic": (
+        cfg.serve.log_traffic if log_traffic is None else log_traffic)})
     configure_mlflow(cfg.registry)
     try:
         service = build_service(uri, serve_cfg, cache_dir=cfg.data.cache_dir, tracking_uri=tracking_uri(cfg.registry),
-                                api_key=api_key)
+                                api_key=api_key, traffic=cfg.traffic)
     except LookupError as exc:
         err_console.print(f"[red]{redact_uri(str(exc))}[/red]", soft_wrap=True)
         raise typer.Exit(1) from exc
     service.watcher.start()  # follow the version's live catalogue (a new version is swapped in)
     engine, app_ = service.engine, service.app
+    logged = (f"searches and clicks logged to {redact_uri(cfg.traffic.store_uri)}" if service.traffic_log is not None
+              else "traffic logging off")
     console.print(f"Serving {redact_uri(uri)} (catalogue {engine.catalogue_version}, {len(engine)} ads) on "
-                  f"http://{bind}:{port_} (search page at /, docs at /docs)"
-                  + (f"; API key required on every route but the page ({API_KEY_ENV})" if api_key else ""))
+                  f"http://{bind}:{port_} (search page at /, docs at /docs); {logged}"
+                  + (f"; API key required on every route but the page ({API_KEY_ENV})" if api_key else ""),
+                  soft_wrap=True)
     uvicorn.run(app_, host=bind, port=port_, log_level="info")
 
 
