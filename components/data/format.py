@@ -36,6 +36,9 @@ QRELS_COLUMNS: dict[str, str] = {
     "relevance": "int64",
     "split": "string",
 }
+# A qrel's weight (float > 0, finite; 1 when absent): how much the pair counts in training. Ingested
+# clicks carry their inverse-propensity weight here (docs/dataset-format.md, docs/traffic.md).
+QRELS_OPTIONAL_COLUMNS: dict[str, str] = {"weight": "float64"}
 
 
 class DatasetFormatError(ValueError):
@@ -110,7 +113,7 @@ def write_dataset(dataset: Dataset, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     _coerce(dataset.ads, ADS_COLUMNS, ADS_OPTIONAL_COLUMNS, ADS_FILE).to_parquet(out_dir / ADS_FILE, index=False)
     _coerce(dataset.queries, QUERIES_COLUMNS, {}, QUERIES_FILE).to_parquet(out_dir / QUERIES_FILE, index=False)
-    _coerce(dataset.qrels, QRELS_COLUMNS, {}, QRELS_FILE).to_parquet(out_dir / QRELS_FILE, index=False)
+    _coerce(dataset.qrels, QRELS_COLUMNS, QRELS_OPTIONAL_COLUMNS, QRELS_FILE).to_parquet(out_dir / QRELS_FILE, index=False)
     return out_dir
 
 
@@ -137,7 +140,7 @@ def read_dataset(root: Path, *, strict: bool = True) -> Dataset:
     if strict:
         ads = _coerce(ads, ADS_COLUMNS, ADS_OPTIONAL_COLUMNS, str(root / ADS_FILE))
         queries = _coerce(queries, QUERIES_COLUMNS, {}, str(root / QUERIES_FILE))
-        qrels = _coerce(qrels, QRELS_COLUMNS, {}, str(root / QRELS_FILE))
+        qrels = _coerce(qrels, QRELS_COLUMNS, QRELS_OPTIONAL_COLUMNS, str(root / QRELS_FILE))
     return Dataset(ads=ads, queries=queries, qrels=qrels, root=root)
 
 

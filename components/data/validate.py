@@ -29,6 +29,7 @@ from components.data.format import (
     ADS_OPTIONAL_COLUMNS,
     QRELS_COLUMNS,
     QRELS_FILE,
+    QRELS_OPTIONAL_COLUMNS,
     QUERIES_COLUMNS,
     QUERIES_FILE,
     SPLITS,
@@ -187,6 +188,12 @@ def _is_integer(value: Any) -> bool:
     return isinstance(value, float | np.floating) and float(value).is_integer()
 
 
+def _is_positive_finite(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        return False
+    return bool(np.isfinite(value)) and float(value) > 0
+
+
 def _id_of(column: str) -> Callable[[pd.DataFrame, int], str]:
     def row_id(frame: pd.DataFrame, i: int) -> str:
         if column in frame.columns and not _isnull(frame.at[i, column]):
@@ -237,6 +244,12 @@ def _table_rules(gx, suite: _Suite, required: dict[str, str], optional: dict[str
             suite.rules.append(_Rule(
                 "relevance must be >= 0", column,
                 E.ExpectColumnValuesToBeBetween(column="relevance_value", min_value=0), show=(column,)))
+        elif column == "weight":  # optional, but then on every row: a null weight is an error
+            frame["weight_is_positive_finite"] = pd.Series(
+                [_is_positive_finite(v) for v in frame[column].tolist()], index=frame.index, dtype=object)
+            suite.rules.append(_Rule(
+                "weight must be a finite number > 0", column,
+                E.ExpectColumnValuesToBeInSet(column="weight_is_positive_finite", value_set=[True]), show=(column,)))
 
 
 def _ads_suite(gx, ads: pd.DataFrame) -> _Suite:
@@ -265,7 +278,7 @@ def _queries_suite(gx, queries: pd.DataFrame) -> _Suite:
 
 def _qrels_suite(gx, qrels: pd.DataFrame) -> _Suite:
     suite = _Suite("qrels", QRELS_FILE, qrels.copy().reset_index(drop=True), _qrel_id)
-    _table_rules(gx, suite, QRELS_COLUMNS, {})
+    _table_rules(gx, suite, QRELS_COLUMNS, QRELS_OPTIONAL_COLUMNS)
     if {"query_id", "ad_id"} <= set(suite.frame.columns):
         suite.rules.append(_Rule(
             "(query_id, ad_id) pairs must be unique", "query_id, ad_id",
