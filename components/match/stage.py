@@ -1,5 +1,6 @@
 """The `train_matcher` stage: one system (by default `ours`) trained on the training split,
-with its learning rate picked on the valid split when the config leaves it open."""
+with its learning rate picked on the valid split when the config leaves it open, or warm-started
+from a saved matcher (`WarmStart`: the scheduled loop's champion)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 from components.data.format import Dataset, read_dataset
 from components.match.config import MatchConfig
 from components.match.data import MatchData, match_data
-from components.match.systems import train_system
+from components.match.systems import WarmStart, train_system
 from components.outputs import write_stable_json
 from components.vision.parts import PartsFeatures
 
@@ -39,16 +40,17 @@ def split_data(dataset: Dataset, split_name: str, *, features: PartsFeatures | N
 
 def run_train_matcher(cfg: MatchConfig, *, dataset_dir: Path, out_dir: Path, system: str = "ours",
                       features: PartsFeatures | None = None, words: dict | None = None,
-                      word_logits=None, logger=None) -> MatcherStageResult:
+                      word_logits=None, logger=None, warm_start: WarmStart | None = None) -> MatcherStageResult:
     """Train `system` on the training split (model selection on valid); save it under
     `out_dir/scorer`. `ours` needs the aligned `words` and `word_logits`; `implicit_fusion` and `late_fusion`
-    need the image `features`."""
+    need the image `features`. `warm_start` (`components.match.systems.check_warm_start`):
+    start from a saved matcher at its learning rate, with no learning-rate search."""
     started = time.perf_counter()
     dataset = read_dataset(dataset_dir)
     train = split_data(dataset, "train", features=features, words=words, word_logits=word_logits)
     valid = split_data(dataset, "valid", features=features, words=words, word_logits=word_logits)
     out_dir = Path(out_dir)
-    scorer = train_system(system, cfg, train, valid, out_dir, logger=logger)
+    scorer = train_system(system, cfg, train, valid, out_dir, logger=logger, warm_start=warm_start)
     info = getattr(scorer, "info", {}) or {}
     metrics = {key: float(value) for key, value in info.items()
                if isinstance(value, int | float) and not isinstance(value, bool)}
