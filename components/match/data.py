@@ -175,6 +175,44 @@ class MatchData:
         pairs = np.unique(np.stack([q_row[keep], a_row[keep]], axis=1).astype(np.int64), axis=0)
         return pairs.reshape(-1, 2)
 
+    @property
+    def has_weights(self) -> bool:
+        """The qrels carry a `weight` column (ingested clicks: inverse-propensity weights)."""
+        return "weight" in self.qrels.columns
+
+    def pair_weights(self, pairs: np.ndarray) -> np.ndarray:
+        """(M,) float64 training weight of each (query row, ad row) pair: its qrels `weight`
+        (1 without the column). Several positive qrels of one pair add up: each is evidence
+        (a judgement, or a click counting its inverse propensity), as the clicked-pair weights
+        of an ingest add up its clicks. A valid dataset has one qrel per pair."""
+        pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+        if not self.has_weights:
+            return np.ones(len(pairs))
+        rel = self.qrels[self.qrels["relevance"] > 0]
+        summed = rel.groupby([rel["query_id"].astype(str), rel["ad_id"].astype(str)])["weight"].sum()
+        keys = pd.MultiIndex.from_arrays([[self.queries.query_ids[q] for q in pairs[:, 0]],
+                                          [self.ads.ad_ids[a] for a in pairs[:, 1]]])
+        weights = summed.reindex(keys).to_numpy(dtype=np.float64)
+        if np.isnan(weights).any():
+            raise ValueError(f"{int(np.isnan(weights).sum())} pairs have no positive qrel to weigh them by")
+        return weights
+
+    def explicit_negatives(self) -> dict[int, np.ndarray]:
+        """query row -> ad rows (sorted) of its relevance-0 qrels in this split (shown, not
+        clicked: labelled negatives), leaving out ads another qrel marks relevant to it."""
+        rel = self.qrels
+        q_row = pd.Index(self.queries.query_ids).get_indexer(rel["query_id"].astype(str))
+        a_row = pd.Index(self.ads.ad_ids).get_indexer(rel["ad_id"].astype(str))
+        keep = (q_row >= 0) & (a_row >= 0)
+        positive = set(zip(q_row[keep & (rel["relevance"] > 0).to_numpy()],
+                           a_row[keep & (rel["relevance"] > 0).to_numpy()], strict=True))
+        out: dict[int, set[int]] = {}
+        for q, a in zip(q_row[keep & (rel["relevance"] == 0).to_numpy()],
+                        a_row[keep & (rel["relevance"] == 0).to_numpy()], strict=True):
+            if (q, a) not in positive:
+                out.setdefault(int(q), set()).add(int(a))
+        return {q: np.array(sorted(ads), dtype=np.int64) for q, ads in sorted(out.items())}
+
 
 def _words_in_order(ad_ids: list[str], words: Mapping[str, Words] | Sequence[Words]) -> list[list]:
     if isinstance(words, Mapping):

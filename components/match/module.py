@@ -48,11 +48,19 @@ class MatchBatches(pl.LightningDataModule):
     `use_evidence` the ads' word evidence (the word channel). `word_dropout` > 0 replaces a
     training ad's text by its title alone with that probability (word-field dropout: the
     matcher must not lean on words that may be wrong).
+
+    What clicks say (qrels of `alignsearch traffic ingest`): with `click_weights` and a qrels
+    `weight` column, each row carries its pair's weight (`MatchData.pair_weights`); with
+    `explicit_negatives`, each row whose query has relevance-0 qrels draws one of them (seeded,
+    its own generator) and the batch's drawn ads join as extra negative columns for every query
+    (masked where relevant to it). Without a weight column and relevance-0 qrels the batches
+    are exactly those of plain in-batch InfoNCE.
     """
 
     def __init__(self, train: MatchData, pairs: np.ndarray, ad_texts: list[str], valid: MatchData,
                  valid_ad_texts: list[str], batch_size: int, seed: int, use_images: bool = False,
-                 use_evidence: bool = False, word_dropout: float = 0.0) -> None:
+                 use_evidence: bool = False, word_dropout: float = 0.0, click_weights: bool = True,
+                 explicit_negatives: bool = True) -> None:
         super().__init__()
         if len(pairs) == 0:
             raise ValueError("no training pairs")
@@ -69,6 +77,13 @@ class MatchBatches(pl.LightningDataModule):
         self.positive_ads: dict[int, set[int]] = {}
         for q, a in self.pairs:
             self.positive_ads.setdefault(int(q), set()).add(int(a))
+        self.weights = train.pair_weights(self.pairs) if click_weights and train.has_weights else None  # (M,)
+        self.negatives = train.explicit_negatives() if explicit_negatives else {}
+        self.negatives = {q: ads for q, ads in self.negatives.items() if q in self.positive_ads}
+        self._negative_rng = np.random.default_rng([seed, 1])  # apart: the other draws stay as they were
+        self.relevant_ads: dict[int, set[int]] = {}  # every positive of the split, for the extra columns' mask
+        for q, a in train.positives() if self.negatives else ():
+            self.relevant_ads.setdefault(int(q), set()).add(int(a))
 
     def texts_to_cache(self) -> tuple[list[str], list[str]]:
         """(query texts, ad texts) the module will encode: their frozen prefix is cached once."""
@@ -78,6 +93,11 @@ class MatchBatches(pl.LightningDataModule):
         ads = [self.ad_texts[i] for i in rows] + list(self.valid_ad_texts)
         if self.word_dropout > 0:
             ads += [self.train_data.ads.titles[i] for i in rows]
+        if self.negatives:
+            negative_rows = np.unique(np.concatenate(list(self.negatives.values())))
+            ads += [self.ad_texts[i] for i in negative_rows]
+            if self.word_dropout > 0:
+                ads += [self.train_data.ads.titles[i] for i in negative_rows]
         return queries, ads
 
     def _collate(self, rows: list[int]) -> dict:
@@ -93,11 +113,36 @@ class MatchBatches(pl.LightningDataModule):
             "ad_texts": ad_texts,
             "false_negative": false_negative,  # (B,B) ad j relevant to query i
         }
+        if self.weights is not None:
+            batch["weights"] = torch.from_numpy(self.weights[np.asarray(rows, dtype=np.int64)]).float()  # (B,)
+        extra_rows = self._draw_negatives(q_rows)  # (E,)
+        if len(extra_rows):
+            # The drawn negatives ride along after the batch's ads (one encoding pass):
+            # columns B.. of the ad side; extra_false_negative (B,E) masks those relevant to a row.
+            extra_texts = [self.ad_texts[i] for i in extra_rows]
+            if self.word_dropout > 0:
+                dropped = self._negative_rng.random(len(extra_rows)) < self.word_dropout
+                extra_texts = [self.train_data.ads.titles[i] if d else t
+                               for i, d, t in zip(extra_rows, dropped, extra_texts, strict=True)]
+            batch["ad_texts"] = ad_texts + extra_texts
+            batch["num_extra"] = len(extra_rows)
+            batch["extra_false_negative"] = torch.tensor(
+                [[int(a) in self.relevant_ads.get(int(q), ()) for a in extra_rows] for q in q_rows]).reshape(
+                len(q_rows), len(extra_rows))
+            a_rows = np.concatenate([a_rows, extra_rows])
         if self.use_images:
             batch.update(_features(self.train_data, a_rows))
         if self.use_evidence:
-            batch["evidence"] = torch.from_numpy(self.train_data.ads.evidence[a_rows])  # (B,V)
+            batch["evidence"] = torch.from_numpy(self.train_data.ads.evidence[a_rows])  # (B[+E],V)
         return batch
+
+    def _draw_negatives(self, q_rows: np.ndarray) -> np.ndarray:
+        """One explicit negative per row whose query has any (seeded), the batch's distinct ones."""
+        if not self.negatives:
+            return np.zeros(0, dtype=np.int64)
+        drawn = [ads[self._negative_rng.integers(len(ads))] for ads in
+                 (self.negatives.get(int(q)) for q in q_rows) if ads is not None]
+        return np.unique(np.asarray(drawn, dtype=np.int64))
 
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
@@ -171,8 +216,11 @@ class MatcherModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self(batch)
-        losses = self.loss(out["query"], out["ad"], batch["false_negative"])
         bs = len(batch["query_texts"])
+        extra = batch.get("num_extra", 0)
+        ad, extra_ad = (out["ad"][:bs], out["ad"][bs:]) if extra else (out["ad"], None)  # (B,dim), (E,dim)
+        losses = self.loss(out["query"], ad, batch["false_negative"], weights=batch.get("weights"),
+                           extra_ad=extra_ad, extra_false_negative=batch.get("extra_false_negative"))
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=bs)
         self.log("train/query_to_ad", losses["query_to_ad"], batch_size=bs)
         return losses["loss"]
