@@ -38,17 +38,23 @@ def promote_flow(params: dict[str, Any], dataset_dir: str | None = None) -> dict
 
 
 @flow(name="alignsearch-retrain-and-promote", log_prints=True)
-def retrain_and_promote_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:
+def retrain_and_promote_flow(params_file: str = "params.yaml", overrides: list[str] | None = None,
+                             loop: bool = False) -> dict:
     """What a schedule runs: the retraining flow, then promotion on the same dataset.
 
+    `loop` (the schedule and the prefect.yaml deployment set it): ingest the logged searches
+    and clicks into the next dataset version first, train on it from the champion's matcher
+    (unless `match.warm_start` is false), then promote on it (flows/retrain.py).
     Params are read when the run starts, so a schedule picks up edits to `params_file`.
     """
     setup_runtime()  # a deployment's worker starts here, not through the CLI
     params = load_params(Path(params_file), overrides).model_dump(mode="json", by_alias=True)
-    retrained = retrain_flow(params)
+    retrained = retrain_flow(params, loop=loop)
     decision = promote_flow(params, dataset_dir=retrained["dataset_dir"])
     return {"retrain": retrained, "promotion": decision}
 
 
-if __name__ == "__main__":  # python -m flows.promote: the scheduled job once, locally
-    print(retrain_and_promote_flow())
+if __name__ == "__main__":  # python -m flows.promote [--loop]: the scheduled job once, locally
+    import sys
+
+    print(retrain_and_promote_flow(loop="--loop" in sys.argv[1:]))

@@ -19,6 +19,17 @@ Every flow run opens one MLflow run (params, dataset hash, git commit, per-stage
 timings, validation report, alignment gallery, plots, model); Lightning logs into it too.
 A run that fails anywhere is marked FAILED in MLflow and registers nothing.
 
+With `loop=True` (the schedule, the prefect.yaml deployment, `--loop`) the flow closes the loop:
+the `ingest` task turns the searches and clicks logged since the last ingest into the next
+version of the dataset (`traffic.dataset_dir`), every later stage works on that version, and
+the matcher warm-starts from the champion (its weights and learning rate, `match.warm_start_steps`
+steps) when `match.warm_start` holds and the champion fits (`components.match.systems.
+check_warm_start`); otherwise it trains cold and says why. The run and the registered version
+carry `alignsearch.loop.*` tags: the dataset version it started from, the new one, how many
+searches, clicks and new queries it learned from, and where the matcher started. No new events:
+the same dataset hash, so every stage key is the same, every stage a cache hit, and the
+registration finds the identical version (nothing registered).
+
 The stage modules that load torch are imported inside the tasks, not at the top: torch reads
 its CPU kernel settings when it is imported, and `setup_runtime` (called by the flow) must set
 them first, or the same seed gives other numbers on another processor (flows/runtime.py).
@@ -51,12 +62,13 @@ from components.catalogue.pyfunc import log_search_model
 from components.config import Params, load_params
 from components.data.build import build_dataset
 from components.data.config import DataConfig, ValidateConfig
-from components.data.format import dataset_hash, read_dataset
+from components.data.format import ADS_FILE, dataset_hash, read_dataset
 from components.data.validate import ValidationError, validate_dataset
 from components.evaluate.stage import choose_system, run_evaluate
 from components.match.config import MatchConfig
 from components.outputs import atomic_dir, is_scratch
 from components.registry.config import RegistryConfig
+from components.registry.models import open_model
 from components.registry.tracking import client as mlflow_client
 from components.registry.tracking import (
     code_version,
@@ -70,12 +82,13 @@ from components.registry.tracking import (
     redact_uri,
     source_tags,
 )
+from components.registry.versions import CHAMPION, by_alias, registered
 from components.registry.versions import register as register_version
-from components.registry.versions import registered
 from components.retrieve.config import IndexConfig
-from components.search.bundle import build_bundle
+from components.search.bundle import SCORER_DIR, build_bundle
 from components.stages import files_version, module_code, stage_code_version
 from components.systems import IMAGE_SYSTEMS
+from components.traffic.config import TrafficConfig
 from components.vision.config import PartsConfig
 from flows.runtime import setup_runtime
 
@@ -85,6 +98,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DONE_FILE = "DONE"  # written last into a stage directory: its outputs are complete
 LOCK_FILE = ".retrain.lock"
 SOURCE_NAME = "flows/retrain.py:retrain_flow"  # the run page's Source, the same from CLI, schedule, deployment
+LOOP_TAG = "alignsearch.loop"  # prefix of the loop's run and version tags
+# On a version: the version its matcher warm-started from ("cold" when none): a loop run on the
+# dataset that version was trained on repeats that start (the same key: a cache hit).
+WARM_FROM_TAG = f"{LOOP_TAG}.warm_start_version"
+# Settings that only say how the loop's matcher starts; the start itself is in the key.
+WARM_START_KEYS = ("warm_start", "warm_start_steps")
+LOOP_COUNTS = ("impressions", "clicks", "new_queries", "positives", "negatives")  # what an ingest learned from
 
 
 @dataclass
@@ -99,6 +119,7 @@ class RetrainResult:
     metrics: dict[str, float] = field(default_factory=dict)
     cached_stages: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    loop: dict[str, Any] = field(default_factory=dict)  # the loop's tags (empty when the loop is off)
 
 
 # --------------------------------------------------------------------------- cache keys
@@ -243,6 +264,47 @@ def resolve_dataset(data: dict) -> dict:
             "title_less": dataset.title_less}
 
 
+@task(name="ingest", retries=1, retry_delay_seconds=5)
+def ingest_events(base_dir: str, traffic: dict) -> dict:
+    """The loop's dataset: `base_dir` plus every search and click logged since the last ingest,
+    as the next version in `traffic.dataset_dir` (`components.traffic.ingest`). Never cached:
+    the log is read each time; with nothing new the version (and its hash) stays the same."""
+    from components.traffic.events import open_store
+    from components.traffic.ingest import ingest
+
+    cfg = TrafficConfig(**traffic)
+    out_dir = Path(cfg.dataset_dir).resolve()
+    before = dataset_hash(out_dir) if (out_dir / ADS_FILE).is_file() else None
+    with open_store(cfg) as store:
+        result = ingest(Path(base_dir), out_dir, store, cfg)
+    dataset_dir = Path(result.dataset_dir).resolve()
+    dataset = read_dataset(dataset_dir, strict=False)
+    return {**json.loads(json.dumps(result.as_dict(), default=str)), "dataset_dir": str(dataset_dir),
+            "previous_hash": before, "counts": dataset.counts(), "title_less": dataset.title_less}
+
+
+@task(name="champion", retries=2, retry_delay_seconds=5)
+def champion_version(registry: dict) -> dict:
+    """The champion as the loop needs it: version, run, the dataset hash it was trained on and
+    the version its matcher started from (`WARM_FROM_TAG`); {} when there is no champion. A
+    registry error raises: it is not "no champion"."""
+    cfg = RegistryConfig(**registry)
+    champion = by_alias(cfg.model_name, CHAMPION)
+    if champion is None:
+        return {}
+    tags = champion.tags or {}
+    return {"version": str(champion.version), "run_id": champion.run_id or "",
+            "dataset_hash": tags.get("dataset_hash"), "warm_from": tags.get(WARM_FROM_TAG)}
+
+
+@task(name="open-matcher", retries=2, retry_delay_seconds=5)
+def open_matcher(model_name: str, version: str, cache_dir: str) -> dict:
+    """A registered version's matcher on local disk (its bundle's scorer, downloaded once into
+    the cache), with the version's identity."""
+    ref = open_model(f"models:/{model_name}/{version}", Path(cache_dir))
+    return {"version": ref.version, "run_id": ref.run_id, "scorer_dir": str(ref.bundle_dir / SCORER_DIR)}
+
+
 @task(name="validate", **STAGE_TASK)
 def validate(key: str, dataset_dir: str, validation: dict, report_dir: str) -> dict:
     """Great Expectations validation; raises `ValidationError` (stopping the flow) on failure,
@@ -301,11 +363,13 @@ def align(key: str, align_cfg: dict, dataset_dir: str, features_path: str, out_d
 @task(name="train-matcher", **STAGE_TASK)
 def train_matcher(key: str, match_cfg: dict, system: str, dataset_dir: str, features_path: str,
                   words_path: str, out_dir: str, mlflow_run_id: str | None = None,
-                  tracking_uri: str | None = None) -> dict:
+                  tracking_uri: str | None = None, warm_start: dict | None = None) -> dict:
+    """`warm_start`: a `WarmStart` as a dict (the loop's champion), whose identity is in `key`."""
 
     # torch-bound: imported once setup_runtime has set torch's kernel settings (see module notes)
     from components.align.stage import load_ad_words
     from components.match.stage import run_train_matcher
+    from components.match.systems import WarmStart
     from components.vision.stage import load_features
 
     if (done := _reused(Path(out_dir))) is not None:
@@ -315,7 +379,9 @@ def train_matcher(key: str, match_cfg: dict, system: str, dataset_dir: str, feat
         result = run_train_matcher(MatchConfig(**match_cfg), dataset_dir=Path(dataset_dir), out_dir=tmp,
                                    system=system, features=load_features(Path(features_path)),
                                    words=words, word_logits=word_logits,
-                                   logger=_lightning_logger("matcher", mlflow_run_id, tracking_uri))
+                                   logger=_lightning_logger("matcher", mlflow_run_id, tracking_uri),
+                                   warm_start=None if warm_start is None else WarmStart(
+                                       **{**warm_start, "scorer_dir": Path(warm_start["scorer_dir"])}))
         _mark_done(tmp, Path(out_dir), {"scorer_dir": str(result.scorer_dir), "metrics": result.metrics})
     return _done(Path(out_dir))
 
@@ -409,19 +475,79 @@ def _log_dir(client, run_id: str, local_dir: Path, artifact_path: str) -> None:
 
 
 @flow(name="alignsearch-retrain", log_prints=True)
-def retrain_flow(params: dict[str, Any]) -> dict:
+def retrain_flow(params: dict[str, Any], loop: bool = False) -> dict:
     """Retrain on the dataset `params` describe and register the result as `challenger`.
 
     `params`: the full parameter set (`Params.model_dump(mode="json", by_alias=True)`).
+    `loop`: first ingest the logged searches and clicks into the next dataset version and
+    train on that, warm-starting from the champion (module notes).
     Returns a `RetrainResult` as a dict.
     """
     setup_runtime()  # also when a deployment's worker, not the CLI, starts the run
     cfg = Params.model_validate(params)
     with retrain_lock(Path(cfg.paths.flow_dir)):
-        return _retrain(cfg, params)
+        return _retrain(cfg, params, loop)
 
 
-def _retrain(cfg: Params, params: dict[str, Any]) -> dict:
+def _match_key_cfg(match_cfg: dict) -> dict:
+    """The matcher settings a key names: all but how a loop run starts (`WARM_START_KEYS`),
+    which the key names as the start itself (`_warm_start_plan`), so `--cold` and a cold
+    fallback share the cold run's cache."""
+    return {k: v for k, v in match_cfg.items() if k not in WARM_START_KEYS}
+
+
+def _warm_source(cfg: Params, champion: dict, dhash: str) -> tuple[str | None, str]:
+    """(the version whose matcher a loop run starts from, or None for cold; why). The champion,
+    unless it was trained on this very dataset version: then there is nothing new to learn, and
+    the run repeats the champion's own start (the version it warm-started from, or cold), so its
+    stage keys are the champion's and every stage is a cache hit."""
+    name = cfg.registry.model_name
+    if not cfg.match.warm_start:
+        return None, "match.warm_start is false (a cold run was asked for)"
+    if not champion:
+        return None, f"no {name}@{CHAMPION} to start from"
+    if champion["dataset_hash"] != dhash:
+        return champion["version"], f"{name}@{CHAMPION}"
+    started = champion.get("warm_from")
+    if not started or started == "cold":
+        return None, (f"{CHAMPION} v{champion['version']} was trained cold on this dataset version "
+                      f"({dhash}): nothing new to learn, its start is repeated")
+    return started, f"where {CHAMPION} v{champion['version']} started on this dataset version ({dhash})"
+
+
+def _warm_start_plan(cfg: Params, system: str, source: dict | None, why: str) -> tuple[dict | None, str]:
+    """(the `WarmStart` of `system` as a dict, or None for a cold run; what the tag says)."""
+    # torch-bound: imported once setup_runtime has set torch's kernel settings (see module notes)
+    from components.match.systems import WarmStartRefused, check_warm_start
+
+    if source is None:
+        return None, f"cold: {why}"
+    label = f"{cfg.registry.model_name} v{source['version']} (run {source['run_id']})"
+    try:
+        warm = check_warm_start(system, cfg.match, Path(source["scorer_dir"]), label)
+    except WarmStartRefused as exc:
+        return None, f"cold: {exc}"
+    return warm.as_dict(), f"warm: {label} ({why}), lr {warm.lr:g}, {warm.steps} steps"
+
+
+def _ingest_tags(ingested: dict, base_hash: str) -> dict[str, str]:
+    """The loop's tags from what the ingest did: the version it started from (the live dataset
+    before, or the base dataset on the first ingest), the new one, and what it learned from."""
+    tags = {LOOP_TAG: "on", f"{LOOP_TAG}.dataset_before": ingested.get("previous_hash") or base_hash,
+            f"{LOOP_TAG}.dataset_after": ingested["dataset_hash"], f"{LOOP_TAG}.base_dataset": base_hash,
+            f"{LOOP_TAG}.changed": str(bool(ingested.get("changed"))).lower()}
+    for name in LOOP_COUNTS:
+        tags[f"{LOOP_TAG}.{name}"] = str(ingested.get(name, 0))
+    return tags
+
+
+def _set_tags(client, run_id: str, tags: dict[str, str]) -> None:
+    from mlflow.entities import RunTag
+
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+
+def _retrain(cfg: Params, params: dict[str, Any], loop: bool = False) -> dict:
     import mlflow
 
     started = time.perf_counter()
@@ -456,7 +582,25 @@ def _retrain(cfg: Params, params: dict[str, Any]) -> dict:
 
     try:
         dataset = timed("dataset", resolve_dataset, cfg.data.model_dump(mode="json"))
+        loop_tags: dict[str, str] = {}
+        if loop:
+            base_hash = dataset["dataset_hash"]
+            dataset = timed("ingest", ingest_events, dataset["dataset_dir"], cfg.traffic.model_dump(mode="json"))
+            loop_tags = _ingest_tags(dataset, base_hash)
         dataset_dir, dhash = dataset["dataset_dir"], dataset["dataset_hash"]
+        warm_source, warm_why = None, ""
+        if loop:
+            champion = champion_version(cfg.registry.model_dump(mode="json"))
+            loop_tags[f"{LOOP_TAG}.champion_dataset"] = (champion.get("dataset_hash") or "unknown") if champion \
+                else "none"
+            source_version, warm_why = _warm_source(cfg, champion, dhash)
+            if source_version is not None:
+                warm_source = open_matcher(cfg.registry.model_name, source_version, cache_dir)
+            _set_tags(client, run_id, loop_tags)
+            log_metrics(client, run_id, {f"loop/{name}": float(dataset.get(name) or 0) for name in LOOP_COUNTS})
+            logger.info("loop: dataset %s -> %s (%s searches, %s clicks, %s new queries)",
+                        loop_tags[f"{LOOP_TAG}.dataset_before"], dhash, dataset.get("impressions"),
+                        dataset.get("clicks"), dataset.get("new_queries"))
         client.set_tag(run_id, "dataset_hash", dhash)
         client.set_tag(run_id, "dataset_dir", dataset_dir)
         client.log_param(run_id, "dataset_hash", dhash)
@@ -487,18 +631,30 @@ def _retrain(cfg: Params, params: dict[str, Any]) -> dict:
                         cfg.match.train_fraction, cfg.match.seed)
 
         match_cfg = cfg.match.model_dump(mode="json")
+        match_key_cfg = _match_key_cfg(match_cfg)
         candidates = [cfg.registry.system]
         if dataset["title_less"] and cfg.registry.title_less_system not in (None, cfg.registry.system):
             candidates.append(cfg.registry.title_less_system)  # words alone may lose to image features there
         trained: dict[str, tuple[str, dict, dict]] = {}  # system -> (matcher key, matcher, evaluation)
+        starts: dict[str, tuple[str, str]] = {}  # system -> (version it warm-started from or "cold", why)
         for position, candidate in enumerate(candidates):
             suffix = "" if position == 0 else f"/{candidate}"
-            match_key = stage_key("matcher", align_key, match_cfg, candidate, code_key("train_matcher", train_matcher))
+            warm, start = _warm_start_plan(cfg, candidate, warm_source, warm_why) if loop else (None, "")
+            # A warm start is named by the version it starts from (the run id is unique across
+            # stores), its rate and steps; a cold run's key is the one a plain retrain has.
+            warm_key = [] if warm is None else [{"from": (warm_source["version"], warm_source["run_id"]),
+                                                 "lr": warm["lr"], "steps": warm["steps"]}]
+            match_key = stage_key("matcher", align_key, match_key_cfg, candidate,
+                                  code_key("train_matcher", train_matcher), *warm_key)
             match_dir = _stage_dir(root, "matcher", match_key)
+            if loop:
+                starts[candidate] = (warm_source["version"] if warm is not None else "cold", start)
+                logger.info("loop: %s starts %s", candidate, start)
             matcher = timed(f"train_matcher{suffix}", _refreshed_if_missing(train_matcher, match_dir), match_key,
                             match_cfg, candidate, dataset_dir, feats["features_path"], aligned["words_path"],
-                            str(match_dir), mlflow_run_id=run_id, tracking_uri=uri)
-            eval_key = stage_key("evaluate", match_key, match_cfg, cfg.promote.seed, code_key("evaluate", evaluate))
+                            str(match_dir), mlflow_run_id=run_id, tracking_uri=uri, warm_start=warm)
+            eval_key = stage_key("evaluate", match_key, match_key_cfg, cfg.promote.seed,
+                                 code_key("evaluate", evaluate))
             eval_dir = _stage_dir(root, "evaluate", eval_key)
             evaluation = timed(f"evaluate{suffix}", _refreshed_if_missing(evaluate, eval_dir), eval_key, match_cfg,
                                cfg.promote.seed, dataset_dir, matcher["scorer_dir"], feats["features_path"],
@@ -507,6 +663,9 @@ def _retrain(cfg: Params, params: dict[str, Any]) -> dict:
         choice = {c: e["metrics"].get(c, {}).get("valid", {}).get("ndcg@10") for c, (_, _, e) in trained.items()}
         system = choose_system(choice)
         match_key, matcher, evaluation = trained[system]
+        if loop:  # the registered system's start is the one its version carries
+            loop_tags[WARM_FROM_TAG], loop_tags[f"{LOOP_TAG}.warm_start"] = starts[system]
+            _set_tags(client, run_id, loop_tags)
         if len(candidates) > 1:
             client.set_tag(run_id, "alignsearch.system", system)
             client.set_tag(run_id, "alignsearch.system_choice", json.dumps({"valid ndcg@10": choice, "chosen": system}))
@@ -534,7 +693,7 @@ def _retrain(cfg: Params, params: dict[str, Any]) -> dict:
                            matcher["scorer_dir"], aligned["words_path"],
                            feats["features_path"] if system in IMAGE_SYSTEMS else None,
                            {"dataset_hash": dhash, "dataset_dir": dataset_dir, "code_version": code,
-                            **git_state(REPO_ROOT)})
+                            **git_state(REPO_ROOT), **loop_tags})
         client.log_metric(run_id, "register/seconds", timings["register"])
         client.set_tag(run_id, "alignsearch.model_version", registered["version"])
         client.set_terminated(run_id, "FINISHED")
@@ -547,16 +706,16 @@ def _retrain(cfg: Params, params: dict[str, Any]) -> dict:
                            model_name=cfg.registry.model_name, version=registered["version"],
                            version_created=registered["created"], system=system, metrics=metrics,
                            cached_stages=cached,
-                           seconds=round(time.perf_counter() - started, 2))
+                           seconds=round(time.perf_counter() - started, 2), loop=loop_tags)
     logger.info("registered %s v%s (%s) in %.0f s; cached stages: %s", result.model_name, result.version,
                 "new" if result.version_created else "already registered", result.seconds, cached or "none")
     return result.__dict__
 
 
-if __name__ == "__main__":  # python -m flows.retrain [--set key=value ...]: one local run
+if __name__ == "__main__":  # python -m flows.retrain [--loop] [--set key=value ...]: one local run
     import sys
 
-
-    overrides = [arg for flag, arg in zip(sys.argv[1::2], sys.argv[2::2], strict=False) if flag == "--set"]
-    print(json.dumps(retrain_flow(load_params(Path("params.yaml"), overrides).model_dump(mode="json", by_alias=True)),
-                     indent=2, default=str))
+    args = [arg for arg in sys.argv[1:] if arg != "--loop"]
+    overrides = [arg for flag, arg in zip(args[::2], args[1::2], strict=False) if flag == "--set"]
+    print(json.dumps(retrain_flow(load_params(Path("params.yaml"), overrides).model_dump(mode="json", by_alias=True),
+                                  loop="--loop" in sys.argv[1:]), indent=2, default=str))

@@ -37,15 +37,22 @@ HEADLINE = ("ndcg_at_10", "recall_at_10", "mrr_at_10", "auc", "image_only/auc", 
 DECISION_METRICS = ("ndcg@10", "recall@10", "mrr@10", "auc", "image_only/auc", "title_overlap/auc")
 
 PromoteDataOption = Annotated[Optional[Path], typer.Option("--data", help="Dataset to evaluate on (default: the one the challenger was trained on).")]  # noqa: UP045
+LoopOption = Annotated[bool, typer.Option("--loop", help="Close the loop: ingest the logged searches and clicks into the next dataset version (traffic.dataset_dir) and train on it, warm-started from the champion.")]
+ColdOption = Annotated[bool, typer.Option("--cold", help="With the loop: no warm start, train from the pretrained encoder with the learning-rate search (same as --set match.warm_start=false).")]
+COLD = "match.warm_start=false"
 
 
-def _retrain(cfg: Params) -> dict:
+def _overrides(set_: list[str] | None, cold: bool) -> list[str]:
+    return [*(set_ or []), *([COLD] if cold else [])]
+
+
+def _retrain(cfg: Params, loop: bool = False) -> dict:
     """Run the retraining flow; exit 1 with the reason (the validation report when that failed)."""
     from flows.retrain import RetrainAlreadyRunning, retrain_flow, retrain_lock  # Prefect
 
     try:
         with retrain_lock(Path(cfg.paths.flow_dir)):  # refuse before a flow run starts
-            return retrain_flow(cfg.model_dump(mode="json", by_alias=True))
+            return retrain_flow(cfg.model_dump(mode="json", by_alias=True), loop=loop)
     except ValidationError as exc:
         err_console.print(f"[red]Dataset validation failed: nothing trained, nothing registered.[/red]\n{exc}",
                           soft_wrap=True)
@@ -74,6 +81,13 @@ def _print_retrain(result: dict) -> None:
     console.print(f"Registered [bold]{result['model_name']}[/bold] v{result['version']} ({state}); "
                   f"MLflow run {result['run_id']}; dataset {result['dataset_dir']} ({result['dataset_hash']})")
     console.print(f"Cached stages: {', '.join(result['cached_stages']) or 'none'}; took {result['seconds']:.0f} s")
+    loop = result.get("loop") or {}
+    if loop:
+        tag = "alignsearch.loop"
+        console.print(f"Loop: dataset {loop[f'{tag}.dataset_before']} -> {loop[f'{tag}.dataset_after']} "
+                      f"({loop[f'{tag}.impressions']} searches, {loop[f'{tag}.clicks']} clicks, "
+                      f"{loop[f'{tag}.new_queries']} new queries); matcher {loop[f'{tag}.warm_start']}",
+                      soft_wrap=True)
     console.print(_metrics_table("Test split, this run (lexical and text_zero_shot are untrained references)",
                                  result["metrics"]))
 
@@ -98,11 +112,13 @@ def _champion_version(cfg: Params) -> str | None:
     return None if version is None else str(version.version)
 
 
-def retrain(params: ParamsOption = PARAMS_FILE, set_: SetOption = None) -> None:
+def retrain(params: ParamsOption = PARAMS_FILE, set_: SetOption = None, loop: LoopOption = False,
+            cold: ColdOption = False) -> None:
     """The retraining flow (Prefect): dataset -> validation -> features -> alignment -> matcher ->
-    evaluation -> MLflow registration as `challenger`. Unchanged reruns come from the caches."""
-    cfg = load_config(params, set_)
-    result = _retrain(cfg)
+    evaluation -> MLflow registration as `challenger`. Unchanged reruns come from the caches.
+    `--loop`: ingest the logged events first and warm-start from the champion."""
+    cfg = load_config(params, _overrides(set_, cold))
+    result = _retrain(cfg, loop)
     _print_retrain(result)
 
 
@@ -136,13 +152,15 @@ def promote(
     _print_decision(decision)
 
 
-def run(params: ParamsOption = PARAMS_FILE, set_: SetOption = None) -> None:
-    """The main job: retrain on the default dataset, promote, and say where to look."""
+def run(params: ParamsOption = PARAMS_FILE, set_: SetOption = None, loop: LoopOption = False,
+        cold: ColdOption = False) -> None:
+    """The main job: retrain on the default dataset, promote, and say where to look. `--loop`:
+    the scheduled job once (ingest the logged events, retrain warm from the champion, promote)."""
     from flows.promote import promote_flow  # Prefect
 
     started = time.perf_counter()
-    cfg = load_config(params, set_)
-    result = _retrain(cfg)
+    cfg = load_config(params, _overrides(set_, cold))
+    result = _retrain(cfg, loop)
     _print_retrain(result)
     decision = promote_flow(cfg.model_dump(mode="json", by_alias=True), dataset_dir=result["dataset_dir"])
     _print_decision(decision)
@@ -164,14 +182,20 @@ def schedule(
     timezone: Annotated[str, typer.Option(help="Time zone of the cron expression.")] = "UTC",
     params: ParamsOption = PARAMS_FILE,
     set_: SetOption = None,
+    loop: Annotated[bool, typer.Option("--loop/--no-loop", help="Each run ingests the logged searches and clicks "
+                                       "first and warm-starts from the champion (--no-loop: retrain on the "
+                                       "dataset as it is).")] = True,
+    cold: ColdOption = False,
 ) -> None:
-    """Serve the retrain-and-promote flow on a cron schedule (needs a Prefect server:
-    `prefect server start --host 127.0.0.1`, then PREFECT_API_URL=http://127.0.0.1:4200/api)."""
+    """Serve the loop on a cron schedule: ingest -> validate -> retrain (warm from the champion) ->
+    promote (needs a Prefect server: `prefect server start --host 127.0.0.1`, then
+    PREFECT_API_URL=http://127.0.0.1:4200/api)."""
     from prefect.client.schemas.schedules import CronSchedule
 
     from flows.promote import retrain_and_promote_flow
 
-    cfg = load_config(params, set_)
+    overrides = _overrides(set_, cold)
+    cfg = load_config(params, overrides)
     if not os.environ.get("PREFECT_API_URL"):
         err_console.print("[red]Schedules need a running Prefect server[/red] (the temporary one cannot "
                           "schedule). Start one with `prefect server start --host 127.0.0.1` and set "
@@ -182,8 +206,9 @@ def schedule(
     except ValueError as exc:
         err_console.print(f"[red]Invalid cron expression {cron!r}:[/red] {exc}")
         raise typer.Exit(2) from exc
-    console.print(f"Serving deployment {name!r} of alignsearch-retrain-and-promote on {cron!r} ({timezone}); "
-                  "Ctrl-C stops it.")
+    console.print(f"Serving deployment {name!r} of alignsearch-retrain-and-promote on {cron!r} ({timezone}), "
+                  f"loop {'on' if loop else 'off'}; Ctrl-C stops it.")
     del cfg  # validated now, read again by each run (so edits to the file apply)
     retrain_and_promote_flow.serve(name=name, schedules=[cron_schedule],
-                                   parameters={"params_file": str(params.resolve()), "overrides": list(set_ or [])})
+                                   parameters={"params_file": str(params.resolve()), "overrides": overrides,
+                                               "loop": loop})
