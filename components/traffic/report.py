@@ -170,7 +170,7 @@ def training_vocabularies(versions: Iterable[ModelVersion], *, dataset_dir_of=da
     for name, version in dict.fromkeys(versions):
         dataset_dir = dataset_dir_of(name, version) if UNKNOWN not in (name, version) else None
         if dataset_dir is None or not Path(dataset_dir).is_dir():
-            log.warning("%s v%s: training dataset %s; no query drift for it", name, version,
+            log.info("%s v%s: training dataset %s; no query drift for it", name, version,
                         "not recorded" if dataset_dir is None else f"{dataset_dir} not found")
             out[(name, version)] = None
             continue
@@ -223,6 +223,8 @@ def plot_report(by_version: pd.DataFrame, out_path: Path) -> Path:
         ax.xaxis.set_major_formatter(DateFormatter("%b %d"))
         if len(days):
             ax.set_xlim(days.min() - pd.Timedelta(hours=12), days.max() + pd.Timedelta(hours=12))
+    for ax in (axes[0], axes[3]):  # counts and times from 0: a flat line is not a wild swing
+        ax.set_ylim(bottom=0, top=max(ax.get_ylim()[1] * 1.05, 1.0))
     axes[0].yaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].legend(title="model version", fontsize=9)
     if len(frame):

@@ -1,6 +1,6 @@
 """The `alignsearch` command line: thin Typer wrappers around component stage functions and
 the Prefect flows. This module builds the app; each command group lives in its own module
-(data, pipeline, stages, search, ads, team) and options.py holds what they share.
+(data, pipeline, stages, search, ads, team, traffic) and options.py holds what they share.
 
 Commands import the modules that load torch, MLflow, Prefect or FastAPI when they run, so
 `alignsearch search` and `--help` stay fast.
@@ -20,6 +20,7 @@ from flows.cli.data import data_app
 from flows.cli.options import err_console
 from flows.cli.stages import align_app
 from flows.cli.team import team_app
+from flows.cli.traffic import traffic_app
 from flows.runtime import setup_runtime
 
 
@@ -70,6 +71,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(align_app, name="align")
 app.add_typer(team_app, name="team")
 app.add_typer(ads_app, name="ads")
+app.add_typer(traffic_app, name="traffic")
 
 
 @app.callback()

@@ -1,0 +1,225 @@
+"""`alignsearch traffic import|report|ingest|prune|export`: the traffic log (docs/traffic.md) from
+the command line: a team's own events in, how the models do with people, the next dataset
+version, retention, and Parquet exports."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import math
+from pathlib import Path
+from typing import Annotated, Optional, get_args
+
+import typer
+from rich.table import Table
+
+from components.outputs import redact_uri
+from components.traffic.events import open_store, utc_now
+from components.traffic.importer import (
+    FileFormat,
+    ImportFileError,
+    format_import_report,
+    import_events,
+    known_ad_ids,
+)
+from flows.cli.options import PARAMS_FILE, ParamsOption, SetOption, console, err_console, load_config
+
+traffic_app = typer.Typer(help="The traffic log: import a team's events, report how the models do, ingest "
+                          "searches and clicks into the next dataset version, prune, export.", no_args_is_help=True)
+
+ImportFormat = enum.Enum("ImportFormat", {name: name for name in get_args(FileFormat)}, type=str)
+
+BaseDataOption = Annotated[Optional[Path], typer.Option(  # noqa: UP045 - Typer needs Optional here
+    "--data", help="The base dataset (default: the one the flow trains on: params data.path, else data/<data.source>).")]
+
+
+def _base_dataset(cfg, data: Path | None) -> Path:
+    from flows.retrain import flow_dataset_dir  # Prefect: only for the commands that need it
+
+    return Path(data) if data is not None else flow_dataset_dir(cfg.data)
+
+
+def _when(text: str | None, option: str) -> dt.datetime | None:
+    """An ISO 8601 date or time from the command line, in UTC (UTC when it has no zone)."""
+    if text is None:
+        return None
+    try:
+        value = dt.datetime.fromisoformat(text)
+    except ValueError as exc:
+        err_console.print(f"[red]{option} {text!r}: not an ISO 8601 date or time (e.g. 2025-03-01 or "
+                          "2025-03-01T12:00:00+02:00)[/red]")
+        raise typer.Exit(2) from exc
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+@traffic_app.command("import")
+def traffic_import(
+    file: Annotated[Path, typer.Argument(help="Impressions and clicks: one row per ad shown or clicked "
+                                         "(docs/traffic.md#importing-a-teams-own-logs).")],
+    data: BaseDataOption = None,
+    fmt: Annotated[Optional[ImportFormat], typer.Option("--format", help="File format (default: by extension).")] = None,  # noqa: UP045
+    params: ParamsOption = PARAMS_FILE,
+    set_: SetOption = None,
+) -> None:
+    """Import a team's impressions and clicks (CSV, Parquet, JSON lines) into the traffic log.
+
+    Great Expectations checks every rule first; any failed rule names the rows, and nothing is
+    imported (exit 1). Events the log holds already are skipped: importing a file twice adds nothing."""
+    cfg = load_config(params, set_)
+    dataset_dir = _base_dataset(cfg, data)
+    ad_ids = known_ad_ids(dataset_dir)
+    try:
+        with open_store(cfg.traffic) as store:
+            result = import_events(file, store, cfg.traffic, ad_ids=ad_ids, fmt=fmt.value if fmt else None,
+                                   ads_source=str(dataset_dir / "ads.parquet"))
+    except ImportFileError as exc:
+        err_console.print(f"[red]Refused, nothing imported:[/red] {exc}", soft_wrap=True, markup=False)
+        raise typer.Exit(1) from exc
+    (console if result.success else err_console).print(format_import_report(result), markup=False, soft_wrap=True)
+    if not result.success:
+        raise typer.Exit(1)
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+REPORT_COLUMNS = (("model_name", "model"), ("model_version", "version"), ("catalogue_version", "catalogue"),
+                  ("date", "day (UTC)"), ("searches", "searches"), ("clicks", "clicks"), ("ctr@1", "CTR@1"),
+                  ("ctr@10", "CTR@10"), ("clicks_per_search", "clicks/search"),
+                  ("mrr_clicked", "MRR (clicked)"), ("abandonment", "abandoned"),
+                  ("latency_p50_ms", "p50 ms"), ("latency_p99_ms", "p99 ms"), ("query_drift", "drift"))
+
+
+def _report_table(title: str, report) -> Table:
+    table = Table(title=title, caption="MRR (clicked): reciprocal rank of the first click, over searches with a "
+                  "click; drift: share of queries with a word outside the training words; - : no data")
+    for column, header in REPORT_COLUMNS:
+        table.add_column(header, justify="left" if column in ("model_name", "model_version", "catalogue_version",
+                                                              "date") else "right")
+    for row in report.to_dict(orient="records"):
+        table.add_row(*(_cell(row[column]) for column, _ in REPORT_COLUMNS))
+    return table
+
+
+@traffic_app.command("report")
+def traffic_report(
+    model: Annotated[Optional[str], typer.Option("--model", help="Only this registered model's searches (default: all).")] = None,  # noqa: UP045
+    days: Annotated[int, typer.Option("--days", min=1, help="The last N days (UTC) of searches.")] = 7,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Where the tables and plot go (default: params paths.reports_dir/traffic).")] = None,  # noqa: UP045
+    params: ParamsOption = PARAMS_FILE,
+    set_: SetOption = None,
+) -> None:
+    """How the models do with people, per model version, catalogue version and day; to MLflow.
+
+    Searches, CTR@1, CTR@10, clicks per search, MRR of the first click, abandonment, latency
+    p50/p99 and query drift, printed and logged to MLflow (experiment
+    traffic.monitoring_experiment) with the table and a plot over time."""
+    from components.registry.tracking import configure_mlflow  # MLflow: when a report runs
+    from components.traffic.report import compute_report, log_report, model_versions, training_vocabularies
+
+    cfg = load_config(params, set_)
+    end = utc_now()
+    start = end - dt.timedelta(days=days)
+    with open_store(cfg.traffic) as store:
+        events = store.read(start=start)
+    table_title = f"Traffic {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC" + (f", model {model}" if model else "")
+    if model is not None:
+        events.impressions = events.impressions[events.impressions["model_name"] == model]
+    if events.impressions.empty:
+        console.print(f"{table_title}: no searches logged; nothing reported.", soft_wrap=True)
+        return
+    configure_mlflow(cfg.registry)
+    vocabularies = training_vocabularies(model_versions(events))
+    table = compute_report(events, vocabularies)
+    by_version = compute_report(events, vocabularies, per_catalogue=False)
+    out_dir = out or Path(cfg.paths.reports_dir) / "traffic"
+    run = log_report(table, by_version, experiment=cfg.traffic.monitoring_experiment, out_dir=out_dir,
+                     beside_experiment=cfg.registry.experiment,
+                     params={"days": str(days), "start": start.isoformat(timespec="seconds"),
+                             "end": end.isoformat(timespec="seconds"), "model": model or "all",
+                             "store_uri": redact_uri(cfg.traffic.store_uri)})
+    console.print(_report_table(table_title, table))
+    unknown = [f"{name} v{version}" for (name, version), words in vocabularies.items() if words is None]
+    if unknown:
+        console.print(f"No query drift for {', '.join(unknown)}: training dataset not recorded or not on this machine.",
+                      soft_wrap=True)
+    console.print(f"MLflow: run {run.run_id} in experiment {cfg.traffic.monitoring_experiment!r}; "
+                  f"plot {run.files['plot']}, table {run.files['table']}", soft_wrap=True)
+
+
+@traffic_app.command("ingest")
+def traffic_ingest(
+    data: BaseDataOption = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="The dataset it writes (default: params traffic.dataset_dir).")] = None,  # noqa: UP045
+    params: ParamsOption = PARAMS_FILE,
+    set_: SetOption = None,
+) -> None:
+    """Searches and clicks logged since the last ingest into the next dataset version.
+
+    New queries, clicked ads as positives (weighted for position bias), skipped ads as
+    negatives, written to traffic.dataset_dir. Nothing new: nothing is written."""
+    from components.traffic.ingest import ingest
+
+    cfg = load_config(params, set_)
+    base_dir = _base_dataset(cfg, data)
+    out_dir = out or Path(cfg.traffic.dataset_dir)
+    try:
+        with open_store(cfg.traffic) as store:
+            result = ingest(base_dir, out_dir, store, cfg.traffic)
+    except ValueError as exc:
+        err_console.print(f"[red]Ingest refused:[/red] {exc}", soft_wrap=True, markup=False)
+        raise typer.Exit(1) from exc
+    summary = result.as_dict()
+    table = Table(title=f"Ingest of {base_dir} -> {result.dataset_dir}: "
+                  + ("new version" if result.changed else "nothing new, unchanged"))
+    table.add_column("")
+    table.add_column("", justify="right")
+    for key, value in summary.items():
+        if key != "dataset_dir":
+            table.add_row(key, str(value))
+    console.print(table)
+
+
+@traffic_app.command("prune")
+def traffic_prune(
+    days: Annotated[Optional[float], typer.Option("--days", min=0, help="Delete events older than this (default: params traffic.retention_days).")] = None,  # noqa: UP045
+    params: ParamsOption = PARAMS_FILE,
+    set_: SetOption = None,
+) -> None:
+    """Retention: delete searches (with their clicks) and clicks older than traffic.retention_days."""
+    cfg = load_config(params, set_)
+    days = days if days is not None else cfg.traffic.retention_days
+    if days is None:
+        console.print("traffic.retention_days is null: events are kept; nothing deleted.", soft_wrap=True)
+        return
+    with open_store(cfg.traffic) as store:
+        deleted = store.delete_older_than(days)
+        held = store.counts()
+    console.print(f"Deleted {deleted.impressions} searches and {deleted.clicks} clicks older than {days:g} days; "
+                  f"the log holds {held.impressions} searches and {held.clicks} clicks.", soft_wrap=True)
+
+
+@traffic_app.command("export")
+def traffic_export(
+    dest: Annotated[str, typer.Argument(help="A directory, or a pyarrow filesystem URI such as "
+                                        "s3://bucket/traffic?endpoint_override=127.0.0.1:9000&scheme=http.")],
+    start: Annotated[Optional[str], typer.Option("--start", help="From this date or time, ISO 8601 (UTC without a zone; default: --days before --end).")] = None,  # noqa: UP045
+    end: Annotated[Optional[str], typer.Option("--end", help="Up to (not including) this date or time (default: now).")] = None,  # noqa: UP045
+    days: Annotated[float, typer.Option("--days", min=0, help="Without --start: this many days before --end.")] = 7.0,
+    params: ParamsOption = PARAMS_FILE,
+    set_: SetOption = None,
+) -> None:
+    """Export the events of a time range as Parquet, partitioned by table and UTC day."""
+    cfg = load_config(params, set_)
+    end_time = _when(end, "--end") or utc_now()
+    start_time = _when(start, "--start") or end_time - dt.timedelta(days=days)
+    if start_time >= end_time:
+        err_console.print(f"[red]--start {start_time.isoformat()} is not before --end {end_time.isoformat()}[/red]")
+        raise typer.Exit(2)
+    with open_store(cfg.traffic) as store:
+        written = store.export_parquet(dest if "://" in dest else Path(dest), start_time, end_time)
+    console.print(f"Exported {start_time.isoformat(timespec='seconds')} to {end_time.isoformat(timespec='seconds')}: "
+                  f"{len(written)} files under {redact_uri(dest)}", soft_wrap=True)
