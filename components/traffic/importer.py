@@ -30,7 +30,15 @@ import pandas as pd
 from components.data.format import ADS_FILE, DatasetFormatError
 from components.data.validate import RuleFailure, _isnull, _new_context, _Rule, _run_suites, _Suite
 from components.traffic.config import TrafficConfig
-from components.traffic.events import IMPRESSIONS, Click, EventCounts, EventStore, Hit, Impression, _impression
+from components.traffic.events import (
+    IMPRESSIONS,
+    Click,
+    EventCounts,
+    EventStore,
+    Hit,
+    Impression,
+    _impression,
+)
 
 log = logging.getLogger(__name__)
 

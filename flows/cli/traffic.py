@@ -22,7 +22,14 @@ from components.traffic.importer import (
     import_events,
     known_ad_ids,
 )
-from flows.cli.options import PARAMS_FILE, ParamsOption, SetOption, console, err_console, load_config
+from flows.cli.options import (
+    PARAMS_FILE,
+    ParamsOption,
+    SetOption,
+    console,
+    err_console,
+    load_config,
+)
 
 traffic_app = typer.Typer(help="The traffic log: import a team's events, report how the models do, ingest "
                           "searches and clicks into the next dataset version, prune, export.", no_args_is_help=True)
@@ -34,9 +41,12 @@ BaseDataOption = Annotated[Optional[Path], typer.Option(  # noqa: UP045 - Typer 
 
 
 def _base_dataset(cfg, data: Path | None) -> Path:
-    from flows.retrain import flow_dataset_dir  # Prefect: only for the commands that need it
+    """`--data`, else the dataset the flow trains on."""
+    if data is not None:
+        return Path(data)
+    from flows.retrain import flow_dataset_dir  # Prefect: only when it is needed
 
-    return Path(data) if data is not None else flow_dataset_dir(cfg.data)
+    return flow_dataset_dir(cfg.data)
 
 
 def _when(text: str | None, option: str) -> dt.datetime | None:
@@ -118,7 +128,12 @@ def traffic_report(
     p50/p99 and query drift, printed and logged to MLflow (experiment
     traffic.monitoring_experiment) with the table and a plot over time."""
     from components.registry.tracking import configure_mlflow  # MLflow: when a report runs
-    from components.traffic.report import compute_report, log_report, model_versions, training_vocabularies
+    from components.traffic.report import (
+        compute_report,
+        log_report,
+        model_versions,
+        training_vocabularies,
+    )
 
     cfg = load_config(params, set_)
     end = utc_now()

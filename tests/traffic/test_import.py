@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from traffic_helpers import impression as logged_impression
 
 from components.traffic.config import TrafficConfig
 from components.traffic.events import EventCounts, EventStore
 from components.traffic.importer import format_import_report, import_events, known_ad_ids
-from traffic_helpers import impression as logged_impression
 
 NOW = dt.datetime(2025, 3, 2, 12, 0, tzinfo=dt.UTC)
 ADS = [f"ad{i}" for i in range(1, 9)]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from traffic_helpers import click, impression
 
 from components.registry.config import RegistryConfig
 from components.registry.tracking import client, configure_mlflow
@@ -23,7 +24,6 @@ from components.traffic.report import (
     training_vocabularies,
     training_vocabulary,
 )
-from traffic_helpers import click, impression
 
 DAY1 = dt.datetime(2025, 3, 1, 9, 0, tzinfo=dt.UTC)
 DAY2 = DAY1 + dt.timedelta(days=1)

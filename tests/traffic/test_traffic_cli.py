@@ -4,15 +4,14 @@ dataset and a throwaway log and MLflow store."""
 from __future__ import annotations
 
 import datetime as dt
-from pathlib import Path
 
 import pandas as pd
 import pytest
+from traffic_helpers import click, impression
 from typer.testing import CliRunner
 
 from components.traffic.events import EventCounts, EventStore, read_exported, utc_now
 from flows.cli import app
-from traffic_helpers import click, impression
 
 runner = CliRunner()
 
