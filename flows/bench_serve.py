@@ -1,5 +1,15 @@
-"""`alignsearch bench-serve`: start a real `alignsearch serve` on 127.0.0.1 (a free port), load
-it (N requests at a concurrency), sweep bad inputs, stop it, and write a small report."""
+"""`alignsearch bench-serve`: start real `alignsearch serve`s on 127.0.0.1 (free ports), one with
+the traffic log off and one with it on, load them (N requests each at a concurrency, in
+alternating rounds), sweep bad inputs against the logging one, stop them, and write a small
+report: latency and throughput with logging off and on, side by side.
+
+Why two servers at once and alternating rounds: on a machine doing other work (a shared
+box, a laptop), one server measured after the other compares two different moments; rounds
+taken in turn (off, on, on, off, ...) see the same moments, so the difference is the log's.
+
+The logging-on server logs to a scratch SQLite file in the report's directory (fresh each run),
+not to `traffic.store_uri`: the benchmark's searches are not people's, and must never reach
+training. `--set traffic.store_uri=...` measures another store (a team's PostgreSQL) instead."""
 
 from __future__ import annotations
 
@@ -13,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from components.search.config import API_KEY_ENV
-from components.search.load import bad_input_sweep, run_load
+from components.search.load import bad_input_sweep, run_rounds
 
 # Queries a user might type (the catalogue is clip art); the load cycles through them.
 DEFAULT_QUERIES = ["christmas tree", "red car", "star", "cat", "flower", "house", "tree box", "blue bird",
@@ -67,29 +77,51 @@ def stop_server(process: subprocess.Popen) -> None:
             process.wait(timeout=30)
 
 
+def scratch_store(out_dir: Path) -> str:
+    """A fresh SQLite traffic log in `out_dir` for the logging-on server (an older one removed)."""
+    path = (out_dir / "bench_traffic.db").resolve()
+    for stale in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        stale.unlink(missing_ok=True)
+    return f"sqlite:///{path}"
+
+
 def bench_serve(serve_args: list[str], out_dir: Path, *, requests: int = 2000, concurrency: int = 8, k: int = 10,
-                queries: list[str] | None = None, env: dict | None = None) -> dict:
-    """Run the benchmark; writes `bench_serve.json` and `bench_serve.md` into `out_dir`."""
+                rounds: int = 10, queries: list[str] | None = None, env: dict | None = None) -> dict:
+    """Run the benchmark: `requests` searches to each server (traffic log off, on) in `rounds`
+    alternating rounds, then the bad-input sweep (clicks included) against the logging server;
+    writes `bench_serve.json` and `bench_serve.md` into `out_dir`. `serve_args` come after the
+    benchmark's own, so their `--set traffic.store_uri=...` wins over the scratch store."""
     import httpx
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    started = time.perf_counter()
-    process = start_server(serve_args, port, out_dir / "serve.log", env=env)
+    queries = queries or DEFAULT_QUERIES
+    headers = key_headers(env) or None
+    logging_args = {"off": ["--no-log"], "on": ["--log", "--set", f"traffic.store_uri={scratch_store(out_dir)}"]}
+    servers: dict[str, tuple[subprocess.Popen, str]] = {}
+    startup_s = {}
     try:
-        up_s = time.perf_counter() - started
-        headers = key_headers(env) or None
-        health = httpx.get(f"{base}/health", headers=headers, timeout=5).json()
-        run_load(base, queries or DEFAULT_QUERIES, requests=min(50, requests), concurrency=concurrency, k=k,
-                 headers=headers)  # warm-up, not reported
-        load = run_load(base, queries or DEFAULT_QUERIES, requests=requests, concurrency=concurrency, k=k,
-                        headers=headers)
-        sweep = bad_input_sweep(base, headers=headers)
+        for name, args in logging_args.items():
+            port, started = free_port(), time.perf_counter()
+            servers[name] = (start_server([*args, *serve_args], port, out_dir / f"serve-{name}.log", env=env),
+                             f"http://127.0.0.1:{port}")
+            startup_s[name] = round(time.perf_counter() - started, 1)
+        bases = {name: base for name, (_, base) in servers.items()}
+        run_rounds(bases, queries, requests=min(50, requests), rounds=2, concurrency=concurrency, k=k,
+                   headers=headers)  # warm-up, not reported
+        loads = run_rounds(bases, queries, requests=requests, rounds=max(1, min(rounds, requests)),
+                           concurrency=concurrency, k=k, headers=headers)
+        health = httpx.get(f"{bases['on']}/health", headers=headers, timeout=5).json()
+        sweep = bad_input_sweep(bases["on"], headers=headers)
     finally:
-        stop_server(process)
-    report = {"model": health, "startup_s": round(up_s, 1), "k": k,
-              "load": {**asdict(load), "throughput_rps": round(load.throughput, 1)},
+        for process, _ in servers.values():
+            stop_server(process)
+    traffic = health.pop("traffic", None)
+    report = {"model": health, "startup_s": startup_s["on"], "k": k, "rounds": rounds,
+              "load": {name: {**asdict(load), "throughput_rps": round(load.throughput, 1)}
+                       for name, load in loads.items()},
+              # The logging server's writer after the warm-up and the load: every search queued,
+              # none dropped or failed.
+              "traffic": traffic,
               "bad_inputs": sweep, "bad_inputs_failed": [c["name"] for c in sweep if not c["ok"]],
               "threads": os.environ.get("OMP_NUM_THREADS", "default"), "cpus": os.cpu_count(),
               "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -98,17 +130,39 @@ def bench_serve(serve_args: list[str], out_dir: Path, *, requests: int = 2000, c
     return report
 
 
+def errors(report: dict) -> list[str]:
+    """What makes a benchmark run fail: failed requests, bad inputs not refused as they must be,
+    searches the logging server did not log."""
+    out = [f"{run['errors']} failed request(s) with logging {name}" for name, run in report["load"].items()
+           if run["errors"]]
+    if report["bad_inputs_failed"]:
+        out.append(f"bad inputs not answered as expected: {', '.join(report['bad_inputs_failed'])}")
+    traffic = report.get("traffic") or {}
+    if traffic.get("logging") != "on":
+        out.append("the logging-on server did not log (health shows no traffic log)")
+    elif traffic.get("dropped") or traffic.get("failed"):
+        out.append(f"the traffic log dropped {traffic['dropped']} and failed {traffic['failed']} event(s)")
+    return out
+
+
 def markdown(report: dict) -> str:
-    load, lat = report["load"], report["load"]["latency_ms"]
+    load, traffic = report["load"], report.get("traffic") or {}
+    any_run = next(iter(load.values()))
+    rows = [f"| {name} | {run['requests']} | {run['concurrency']} | {run['latency_ms']['p50']} | "
+            f"{run['latency_ms']['p95']} | {run['latency_ms']['p99']} | {run['latency_ms']['max']} | "
+            f"{run['throughput_rps']} | {run['errors']} |" for name, run in load.items()]
     lines = [f"# bench-serve: {report['model'].get('model_uri')} (v{report['model'].get('version', '?')})", "",
-             f"`alignsearch bench-serve --requests {load['requests']} --concurrency {load['concurrency']}` at "
+             f"`alignsearch bench-serve --requests {any_run['requests']} --concurrency {any_run['concurrency']}` at "
              f"{report['measured_at']} ({report['cpus']} CPUs, threads {report['threads']}); k={report['k']}; "
-             f"server up in {report['startup_s']} s.", "",
-             "| requests | concurrency | p50 ms | p95 ms | p99 ms | max ms | throughput req/s | errors |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|",
-             f"| {load['requests']} | {load['concurrency']} | {lat['p50']} | {lat['p95']} | {lat['p99']} | "
-             f"{lat['max']} | {load['throughput_rps']} | {load['errors']} |", "",
-             f"Statuses: {load['statuses']}", "",
+             f"server up in {report['startup_s']} s. Two servers side by side, the traffic log off and on, "
+             f"loaded in {report.get('rounds', 1)} alternating rounds.", "",
+             "| traffic log | requests | concurrency | p50 ms | p95 ms | p99 ms | max ms | throughput req/s | errors |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, "",
+             *(f"Statuses with logging {name}: {run['statuses']}" for name, run in load.items()), "",
+             (f"Traffic log ({traffic.get('store_uri')}): {traffic.get('written')} events written in "
+              f"{traffic.get('batches')} batches, {traffic.get('queued')} queued, {traffic.get('dropped')} dropped, "
+              f"{traffic.get('failed')} failed (batch_size {traffic.get('batch_size')}, flush_ms "
+              f"{traffic.get('flush_ms')})." if traffic.get("logging") == "on" else "Traffic log: off."), "",
              f"## Bad inputs ({len(report['bad_inputs'])}; failed: {report['bad_inputs_failed'] or 'none'})", "",
              "| input | expected | status |", "|---|---|---:|",
              *(f"| {c['name']} | {c['expected']} | {c['status']}{'' if c['ok'] else ' FAIL'} |"

@@ -26,6 +26,7 @@ from components.registry.tracking import configure_mlflow, tracking_uri
 from components.search.config import API_KEY_ENV
 from flows.bench_index import bench_index as measure_index
 from flows.bench_serve import bench_serve as measure_service
+from flows.bench_serve import errors as bench_errors
 from flows.cli.options import (
     PARAMS_FILE,
     ModelUriOption,
@@ -171,25 +172,30 @@ def bench_serve(
     requests: Annotated[int, typer.Option(min=1, help="Requests to send.")] = 2000,
     concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at once.")] = 8,
     k: Annotated[int, typer.Option(min=1, help="Ads per request.")] = 10,
+    rounds: Annotated[int, typer.Option(min=1, help="Alternating rounds the requests to the two servers "
+                                        "(traffic log off, on) are split into.")] = 10,
     model_uri: Annotated[Optional[str], typer.Option(help="Model to serve (default: the champion).")] = None,  # noqa: UP045
     out: Annotated[Path, typer.Option(help="Where bench_serve.json/.md go.")] = Path("reports/bench-serve"),
     params: ParamsOption = PARAMS_FILE,
     set_: SetOption = None,
 ) -> None:
-    """Start a real `alignsearch serve` on 127.0.0.1 (a free port), send N requests at a
-    concurrency (p50/p95/p99 latency, throughput, errors), then sweep bad inputs (each must be 4xx)."""
+    """Start two real `alignsearch serve`s on 127.0.0.1, the traffic log off and on (a scratch store in
+    --out), send each N requests at a concurrency in alternating rounds (p50/p95/p99 latency,
+    throughput, errors), then sweep bad inputs (each must be 4xx) and clicks (each its status)."""
     cfg = load_config(params, set_)
     serve_args = ["--params", str(params), "--model-uri", model_uri or cfg.serve.model_uri]
     for item in set_ or []:
         serve_args += ["--set", item]
     try:
-        report = measure_service(serve_args, out, requests=requests, concurrency=concurrency, k=k)
+        report = measure_service(serve_args, out, requests=requests, concurrency=concurrency, k=k, rounds=rounds)
     except RuntimeError as exc:
         err_console.print(f"[red]{redact_uri(str(exc))}[/red]", soft_wrap=True)
         raise typer.Exit(1) from exc
     console.print((out / "bench_serve.md").read_text(), markup=False, soft_wrap=True)
     console.print(f"Report: {out / 'bench_serve.json'}")
-    if report["load"]["errors"] or report["bad_inputs_failed"]:
+    failed = bench_errors(report)
+    if failed:
+        err_console.print(f"[red]{'; '.join(failed)}[/red]", soft_wrap=True)
         raise typer.Exit(1)
 
 

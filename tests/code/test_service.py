@@ -367,19 +367,23 @@ def test_a_failing_batch_fails_its_requests_and_the_next_batch_is_answered():
         batcher.submit("tree", 1)
 
 
-def test_the_bench_serve_sweep_against_a_real_server_on_the_toy_model():
+def test_the_bench_serve_sweep_against_a_real_server_on_the_toy_model(tmp_path):
     """The sweep `alignsearch bench-serve` runs, over a socket to a real uvicorn (a slow body
-    cannot be sent through the test client): every bad input 4xx, every odd one 2xx."""
+    cannot be sent through the test client) logging to a real traffic log: every bad input 4xx,
+    every odd one 2xx, each click its rule's status."""
     import socket
 
     import uvicorn
 
-    from components.search.load import ODD_INPUTS, SLOW_BODY, bad_input_sweep
+    from components.catalogue.serving import TrafficLog
+    from components.search.load import CLICK_CASES, ODD_INPUTS, SLOW_BODY, bad_input_sweep
+    from components.traffic.config import TrafficConfig
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    app = create_app(ToyModel(), ServeConfig(port=port, body_timeout_s=1.0), model_uri=URI)
+    traffic_log = TrafficLog(TrafficConfig(store_uri=f"sqlite:///{tmp_path / 'traffic.db'}"))
+    app = create_app(ToyModel(), ServeConfig(port=port, body_timeout_s=1.0), model_uri=URI, search_log=traffic_log)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -390,6 +394,8 @@ def test_the_bench_serve_sweep_against_a_real_server_on_the_toy_model():
     finally:
         server.should_exit = True
         thread.join(10)
-    assert set(sweep) == {name for name, _, _ in BAD_INPUTS + ODD_INPUTS} | {SLOW_BODY}
+    assert set(sweep) == {name for name, _, _ in BAD_INPUTS + ODD_INPUTS} | {SLOW_BODY} | {n for n, _ in CLICK_CASES}
     assert [case for case in sweep.values() if not case["ok"]] == []
+    assert [sweep[name]["status"] for name, _ in CLICK_CASES] == [200, 409, 422, 404]
+    assert traffic_log.store.counts().clicks == 1
     assert sweep[SLOW_BODY]["status"] == 408 and sweep["wrong Host header (DNS rebinding)"]["status"] == 421

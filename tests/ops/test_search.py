@@ -155,9 +155,12 @@ def test_serve_command_over_http(trained_store, tmp_path):
 
 
 def test_bench_serve_against_a_real_server(trained_store, tmp_path):
-    """`alignsearch bench-serve`, tiny: 50 requests at concurrency 8 (0 errors) and the full
-    bad-input sweep against a real `alignsearch serve` (each 4xx, none 5xx)."""
-    from components.search.load import BAD_INPUTS, ODD_INPUTS, SLOW_BODY
+    """`alignsearch bench-serve`, tiny: 50 requests at concurrency 8 to each of two real
+    `alignsearch serve`s, the traffic log off and on (0 errors, every search of the logging one
+    logged in its scratch store, none in the developer's), and the full bad-input sweep (each
+    4xx, none 5xx; each click rule its own status)."""
+    from components.search.load import BAD_INPUTS, CLICK_CASES, ODD_INPUTS, SLOW_BODY
+    from components.traffic.events import EventStore
 
     root, _, _ = trained_store
     out = tmp_path / "bench"
@@ -166,16 +169,26 @@ def test_bench_serve_against_a_real_server(trained_store, tmp_path):
                             capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     report = json.loads((out / "bench_serve.json").read_text())
-    assert report["load"]["requests"] == 50 and report["load"]["errors"] == 0
-    assert report["load"]["statuses"] == {"200": 50}
-    assert 0 < report["load"]["latency_ms"]["p50"] <= report["load"]["latency_ms"]["p99"]
+    assert set(report["load"]) == {"off", "on"}
+    for load in report["load"].values():
+        assert load["requests"] == 50 and load["errors"] == 0 and load["statuses"] == {"200": 50}
+        assert 0 < load["latency_ms"]["p50"] <= load["latency_ms"]["p99"] and load["throughput_rps"] > 0
     assert report["model"]["version"] == "1"
+    # The logging server's writer saw the warm-up and the load (50 + 50), lost nothing.
+    traffic = report["traffic"]
+    assert traffic["logging"] == "on" and traffic["written"] + traffic["queued"] == 100
+    assert traffic["dropped"] == traffic["failed"] == 0
+    stored = EventStore(f"sqlite:///{out / 'bench_traffic.db'}").counts()
+    assert stored.impressions >= 100 and stored.clicks == 1  # + the sweep's searches and its one good click
+    assert not (tmp_path / "mlruns" / "traffic.db").exists()  # the default store is left alone
     sweep = {c["name"]: c["status"] for c in report["bad_inputs"]}
-    assert set(sweep) == {c[0] for c in BAD_INPUTS + ODD_INPUTS} | {SLOW_BODY}
+    assert set(sweep) == {c[0] for c in BAD_INPUTS + ODD_INPUTS} | {SLOW_BODY} | {name for name, _ in CLICK_CASES}
     assert all(400 <= sweep[name] < 500 for name, _, _ in BAD_INPUTS), sweep
     assert sweep[SLOW_BODY] == 408 and sweep["wrong Host header (DNS rebinding)"] == 421, sweep
     assert all(sweep[name] == 200 for name, _, _ in ODD_INPUTS), sweep
-    assert "p99" in (out / "bench_serve.md").read_text()
+    assert [sweep[name] for name, _ in CLICK_CASES] == [200, 409, 422, 404], sweep
+    text = (out / "bench_serve.md").read_text()
+    assert "p99" in text and "| off |" in text and "| on |" in text
 
 
 def test_search_command_prints_a_table(trained_store):
