@@ -143,6 +143,40 @@ class AlignmentModel:
                                                  torch.as_tensor(mask[sl])).numpy()
         return out
 
+    @torch.inference_mode()
+    def word_parts(self, parts: PartsFeatures, words: list[list[str]]) -> np.ndarray:
+        """(N, W) for image i's words `words[i]` (W = the longest list): the index into
+        `parts.parts[i]` of the part the head scores highest for that word; -1 where the image
+        has no valid part, the word is not in the vocabulary, or past the list's end.
+
+        A part is scored as the head scores an instance, z_part . w (the word's visual weights;
+        its bias is the same for every part, so left out). With `pooled_parts`, whose weights
+        have one half for the pooled vector and one for the element-wise max over parts, the
+        part half alone: the part that carries the word most through the max. The neighbour
+        vote, if the model has one, is image-level and takes no part here."""
+        z, mask = self.instances(parts)  # (N, I, d), slot 0 = the pooled vector
+        width = max((len(ws) for ws in words), default=0)
+        out = np.full((len(z), width), -1, np.int64)
+        if width == 0 or z.shape[1] < 2:
+            return out
+        row = {w: j for j, w in enumerate(self.words)}
+        index = np.full((len(z), width), -1, np.int64)
+        for i, ws in enumerate(words):
+            index[i, :len(ws)] = [row.get(w, -1) for w in ws]
+        weights = self.head.weights()  # (V, F)
+        if self.head.pooling == "pooled_parts":
+            weights = weights[:, self.head.in_dim:]  # (V, d): the half that reads the parts
+        for start in range(0, len(z), 512):
+            sl = slice(start, start + 512)
+            z_parts = torch.as_tensor(z[sl, 1:])  # (B, P, d)
+            part_mask = torch.as_tensor(mask[sl, 1:])  # (B, P)
+            chosen = torch.as_tensor(index[sl])  # (B, W)
+            scores = torch.einsum("bpd,bwd->bpw", z_parts, weights[chosen.clamp(min=0)])  # (B, P, W)
+            best = scores.masked_fill(~part_mask[:, :, None], float("-inf")).argmax(dim=1)  # (B, W)
+            known = (chosen >= 0) & part_mask.any(dim=1, keepdim=True)
+            out[sl] = torch.where(known, best, torch.full_like(best, -1)).numpy()
+        return out
+
     def translate_logits(self, logits: np.ndarray, sources: np.ndarray | None = None,
                          words_per_image: int | None = None,
                          min_word_score: float | None = None) -> list[list[VisualWord]]:
