@@ -6,6 +6,10 @@ uses, so this follows whatever the model does.
     images --extract_parts_cached--> parts --translate_ads (the version's alignment)--> visual
     words + per-word logits --match_data--> AdSide --TwoTowerScorer.encode_ads--> embeddings
 
+and, for the search page, once here rather than per request: each image's content hash
+(`image_hash`: identical images are one result) and, for each of the words a person is shown
+(the alignment's `words_shown`), the part of the image it came from (`word_boxes_of`).
+
 (`components.search.engine.SearchEngine.score_split` and `components.search.bundle.build_bundle`
 chain the same calls.)
 Big batches go through in chunks so memory stays flat, with a progress bar and a measured
@@ -26,6 +30,7 @@ from tqdm.auto import tqdm
 
 from components.data.format import Dataset
 from components.match.data import QuerySide, match_data
+from components.search.catalogue import image_hash, word_boxes_of
 from components.search.engine import ad_features
 
 log = logging.getLogger(__name__)
@@ -40,6 +45,9 @@ class EncodedAds:
     words: list[list[tuple[str, float]]]  # visual words per ad, best first
     embeddings: np.ndarray  # (N, dim) float32, the ad tower's vectors: what the index holds
     word_vectors: dict[str, np.ndarray]  # query-tower vector of every visual word used
+    image_hashes: list[str] | None = None  # sha256 of each ad's image file
+    word_boxes: list[list[list[float]]] | None = None  # per ad, per shown word: [x0, y0, x1, y1] in 0..1 or []
+    words_shown: int | None = None  # how many words `word_boxes` covers (the alignment's words_shown)
     seconds: float = 0.0
     step_seconds: dict[str, float] | None = None
 
@@ -72,6 +80,9 @@ def encode_ads(engine, ads: pd.DataFrame, root: Path, *, cache_dir: Path, progre
     ad_ids: list[str] = []
     titles: list[str] = []
     words: list[list[tuple[str, float]]] = []
+    hashes: list[str] = []
+    boxes: list[list[list[float]]] = []
+    shown = engine.alignment.words_shown
     chunks: list[np.ndarray] = []
     with tqdm(total=len(ads), desc="encode ads", unit="ad", disable=not progress) as bar:
         for start in range(0, len(ads), chunk):
@@ -82,6 +93,7 @@ def encode_ads(engine, ads: pd.DataFrame, root: Path, *, cache_dir: Path, progre
             features = ad_features(part, engine.vision, cache_dir)
             t1 = time.perf_counter()
             ad_words, word_logits = translate_ads(engine.alignment, ids, features)
+            boxes += word_boxes_of(engine.alignment, features, [[w for w, _ in ad_words.get(a, [])[:shown]] for a in ids])
             t2 = time.perf_counter()
             data = match_data(part, words=ad_words, features=features if needs_images else None,
                               word_logits=word_logits)
@@ -93,6 +105,7 @@ def encode_ads(engine, ads: pd.DataFrame, root: Path, *, cache_dir: Path, progre
             ad_ids += data.ads.ad_ids
             titles += data.ads.titles
             words += [ad_words.get(a, []) for a in ids]
+            hashes += [image_hash(part.image_file(p)) for p in part.ads["image_path"]]
             bar.update(len(ids))
     known = known_word_vectors or {}
     missing = sorted({w for ws in words for w, _ in ws} - set(known))
@@ -107,5 +120,5 @@ def encode_ads(engine, ads: pd.DataFrame, root: Path, *, cache_dir: Path, progre
     seconds = time.perf_counter() - started
     log.info("encoded %d ads in %.1f s (%.1f ads/s; parts %.1f s, words %.1f s, ad tower %.1f s)", len(ad_ids),
              seconds, len(ad_ids) / seconds if seconds else 0.0, steps["parts"], steps["words"], steps["ad_tower"])
-    return EncodedAds(ad_ids, titles, words, embeddings.astype(np.float32), vectors, seconds,
+    return EncodedAds(ad_ids, titles, words, embeddings.astype(np.float32), vectors, hashes, boxes, shown, seconds,
                       {k: round(v, 3) for k, v in steps.items()})

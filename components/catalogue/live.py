@@ -38,7 +38,13 @@ from components.registry.config import RegistryConfig
 from components.registry.models import ModelRef, open_model, parse_model_uri
 from components.registry.versions import by_alias, training_dataset_dir, version_of_run
 from components.search.bundle import bundle_catalogue
-from components.search.catalogue import AD_COLUMNS, Catalogue
+from components.search.catalogue import (
+    AD_COLUMNS,
+    ANNOTATION_COLUMNS,
+    IMAGE_HASH,
+    WORD_BOXES,
+    Catalogue,
+)
 from components.search.engine import SearchEngine
 
 log = logging.getLogger(__name__)
@@ -84,7 +90,7 @@ def _encoded_rows(encoded, image_refs: list[str]) -> pd.DataFrame:
     return pd.DataFrame({"ad_id": encoded.ad_ids, "title": encoded.titles,
                          "words": [[w for w, _ in ws] for ws in encoded.words],
                          "scores": [[float(s) for _, s in ws] for ws in encoded.words],
-                         "image_ref": image_refs})
+                         "image_ref": image_refs, IMAGE_HASH: encoded.image_hashes, WORD_BOXES: encoded.word_boxes})
 
 
 CHANGE_ATTEMPTS = 3  # an alias that moves under a change this often: refused, run it again
@@ -131,7 +137,8 @@ def add_ads(model_uri: str, ads_dir: Path, *, validate_cfg, cache_dir: Path, exp
                 continue
             base = current_catalogue(ref, cache_dir)
             new = base.changed(added=rows, added_embeddings=encoded.embeddings,
-                               added_word_vectors={**engine.catalogue.word_vectors, **encoded.word_vectors})
+                               added_word_vectors={**engine.catalogue.word_vectors, **encoded.word_vectors},
+                               words_shown=encoded.words_shown)
             metrics = {"encode_seconds": encoded.seconds, "encode_ads_per_second": encoded.ads_per_second}
             published = _publish(new, images, experiment, base.run_id, metrics)
         return ChangeResult(published, published.change["added"], published.change["replaced"], [],
@@ -167,17 +174,18 @@ def _publish(catalogue: Catalogue, images, experiment: str, expected_run_id, met
 
 @dataclass
 class _Encoded:
-    """Catalogue ads encoded by one model: rows (ad_id, title, words, scores, image_ref),
-    embeddings in the same order, the query-tower vectors of their words."""
+    """Catalogue ads encoded by one model: rows (ad_id, title, words, scores, image_ref,
+    image_hash, word_boxes), embeddings in the same order, the query-tower vectors of their words."""
 
     rows: pd.DataFrame
     embeddings: np.ndarray
     word_vectors: dict[str, np.ndarray]
     seconds: float = 0.0
+    words_shown: int | None = None
 
     @staticmethod
     def empty(engine: SearchEngine) -> _Encoded:
-        return _Encoded(pd.DataFrame({c: [] for c in AD_COLUMNS}),
+        return _Encoded(pd.DataFrame({c: [] for c in AD_COLUMNS + ANNOTATION_COLUMNS}),
                         np.zeros((0, engine.catalogue.embeddings.shape[1]), np.float32), {})
 
     @staticmethod
@@ -201,7 +209,7 @@ def _encode_catalogue_ads(engine: SearchEngine, ads: pd.DataFrame, what: str, *,
                           "image_path": [str(f) for f in files], "split": "test"})
     encoded = encode_ads(engine, frame, Path("/"), cache_dir=cache_dir, progress=progress)
     return _Encoded(_encoded_rows(encoded, ads["image_ref"].astype(str).tolist()), encoded.embeddings,
-                    encoded.word_vectors, encoded.seconds)
+                    encoded.word_vectors, encoded.seconds, encoded.words_shown)
 
 
 def _already_carried(target: Catalogue, source: Catalogue) -> bool:
@@ -268,7 +276,7 @@ def _carry(name: str, from_version: str, source_ref: ModelRef, target_ref: Model
                     base.index_cfg, base.version + 1, name, target_ref.version, None, base.run_id,
                     {"added": [], "replaced": [], "removed": [],
                      "reindexed_from": [f"{name} v{from_version} {source.label} ({source.run_id})"]},
-                    _previous_index=engine.catalogue.index)  # the target model's query moments
+                    ready.words_shown or fresh.words_shown, _previous_index=engine.catalogue.index)  # the target model's query moments
     seconds = ready.seconds + fresh.seconds
     metrics = {"encode_seconds": seconds, "encode_ads_per_second": len(rows) / seconds if seconds else 0.0}
     return _publish(new, None, experiment, base.run_id, metrics)
