@@ -77,6 +77,13 @@ class Hit(BaseModel):
     score: float
     visual_words: list[str]
     matched_words: list[str]
+    words_shown: list[str] = Field(default_factory=list, description="the first visual words, the ones a person "
+                                   "judges (align.words_shown)")
+    word_regions: dict[str, list[float]] = Field(default_factory=dict, description="shown word -> [x0, y0, x1, y1], "
+                                                 "fractions of the image: the part that word came from")
+    image_hash: str | None = Field(None, description="sha256 of the ad's image file")
+    duplicates: list[str] = Field(default_factory=list, description="ads with a byte-identical image, collapsed "
+                                  "into this one")
 
 
 SearchSource = Literal["api", "page"]
@@ -94,9 +101,23 @@ class SearchResponse(BaseModel):
 
 
 def _hits(frame: pd.DataFrame) -> list[Hit]:
-    return [Hit(rank=int(r["rank"]), ad_id=str(r["ad_id"]), title=str(r["title"]), score=float(r["score"]),
-                visual_words=[str(w) for w in r["visual_words"]], matched_words=[str(w) for w in r["matched_words"]])
-            for r in frame.to_dict("records")]
+    """The answer's hits from the engine's frame; a model without the search page's columns
+    (words_shown, word_boxes aligned with it, image_hash, duplicates) leaves them empty."""
+    def listed(value) -> list:
+        return [] if value is None or isinstance(value, float) else list(value)
+
+    hits = []
+    for r in frame.to_dict("records"):
+        shown = [str(w) for w in listed(r.get("words_shown"))]
+        boxes = listed(r.get("word_boxes"))
+        hits.append(Hit(rank=int(r["rank"]), ad_id=str(r["ad_id"]), title=str(r["title"]), score=float(r["score"]),
+                        visual_words=[str(w) for w in r["visual_words"]],
+                        matched_words=[str(w) for w in r["matched_words"]], words_shown=shown,
+                        word_regions={w: [float(v) for v in box] for w, box in zip(shown, boxes, strict=False)
+                                      if len(box) == 4},
+                        image_hash=r.get("image_hash") or None if isinstance(r.get("image_hash"), str) else None,
+                        duplicates=[str(a) for a in listed(r.get("duplicates"))]))
+    return hits
 
 
 class ClickRefused(Exception):
