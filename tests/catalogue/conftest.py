@@ -54,15 +54,30 @@ def store(catalogue_template, synthetic_dataset_dir, tmp_path):
     mlflow_service_utils._artifact_repos_cache.clear()
 
 
-def new_ads_dir(dataset_dir: Path, out_dir: Path, picks: list[tuple[str, str, str]]) -> Path:
-    """A folder of new ads: (new ad id, title, id of the dataset ad whose image it reuses)."""
+def new_ads_dir(dataset_dir: Path, out_dir: Path, picks: list[tuple[str, str, str]], *,
+                same_bytes: bool = False) -> Path:
+    """A folder of new ads: (new ad id, title, id of the dataset ad whose image it reuses).
+
+    The image shows the same pixels as the source ad's, in a file of its own (a PNG text chunk
+    names the new ad): identical files are one search result, so `same_bytes=True` copies
+    the source file byte for byte."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
     ads = pd.read_parquet(dataset_dir / "ads.parquet").set_index("ad_id")
     (out_dir / "images").mkdir(parents=True)
     rows = []
     for new_id, title, source_id in picks:
         source = dataset_dir / ads.loc[source_id, "image_path"]
         name = f"images/{new_id}{source.suffix}"
-        shutil.copyfile(source, out_dir / name)
+        if same_bytes:
+            shutil.copyfile(source, out_dir / name)
+        else:
+            info = PngInfo()
+            info.add_text("ad", new_id)
+            with Image.open(source) as image:
+                assert image.format == "PNG", f"{source}: the synthetic dataset's images are PNG"
+                image.save(out_dir / name, format="PNG", pnginfo=info)
         rows.append({"ad_id": new_id, "title": title, "image_path": name})
     pd.DataFrame(rows).to_parquet(out_dir / "ads.parquet", index=False)
     return out_dir

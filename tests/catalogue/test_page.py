@@ -21,7 +21,8 @@ ARTIFACTS = Path(os.environ.get("ALIGNSEARCH_TEST_ARTIFACTS", Path(__file__).res
                                 / "search-page"))
 
 
-def _driver():
+def _driver(network_log: bool = False):
+    """Headless chromium; `network_log`: Chrome's performance log holds every request it sends."""
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver):
         pytest.skip("needs Debian's chromium + chromium-driver (make test installs them: infra/ensure_chromium.sh)")
@@ -33,7 +34,8 @@ def _driver():
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                  "--window-size=1100,1400", "--no-first-run", "--disable-extensions"):
         options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # CSP violations are logged there
+    # CSP violations are logged in "browser"; requests and their bodies in "performance".
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", **({"performance": "ALL"} if network_log else {})})
     return webdriver.Chrome(service=Service(driver), options=options)
 
 

@@ -80,7 +80,9 @@ def test_a_reload_under_concurrent_requests_loses_none(store, synthetic_dataset_
 def test_answers_health_and_images_name_their_versions(store, synthetic_dataset_dir, tmp_path):
     root, cfg = store
     source = _image_ad(synthetic_dataset_dir, "heart")
-    live.add_ads(URI, new_ads_dir(synthetic_dataset_dir, tmp_path / "new", [("new:heart", "zenko", source)]),
+    # The added ad's file is the dataset ad's, byte for byte: /image must answer exactly it.
+    live.add_ads(URI, new_ads_dir(synthetic_dataset_dir, tmp_path / "new", [("new:heart", "zenko", source)],
+                                  same_bytes=True),
                  validate_cfg=cfg.validation, cache_dir=cfg.data.cache_dir, experiment=cfg.registry.experiment,
                  progress=False)
     with LiveServer(cfg) as server:
