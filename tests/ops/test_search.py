@@ -130,11 +130,18 @@ def test_service_rejects_bad_query_parameters(client):
 
 
 def test_serve_command_over_http(trained_store, tmp_path):
+    """The real `alignsearch serve`: answers, refuses, and logs what it answered in the traffic
+    log (on by default), the last searches written when it is stopped."""
+    from components.traffic.events import EventStore
+
     root, _, _ = trained_store
     port = free_port()
+    store_uri = f"sqlite:///{tmp_path / 'traffic.db'}"
     server = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(port), "--model-uri", URI,
-                               *_cli_sets(root)], env=fresh_env(root), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+                               *_cli_sets(root), "--set", f"traffic.store_uri={store_uri}",
+                               "--set", "traffic.flush_ms=60000"],  # written only when stopped
+                              env=fresh_env(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              cwd=tmp_path)
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -149,9 +156,15 @@ def test_serve_command_over_http(trained_store, tmp_path):
         answer = httpx.get(f"http://127.0.0.1:{port}/search", params={"q": "star", "k": 2}, timeout=30)
         assert answer.status_code == 200 and len(answer.json()["results"]) == 2
         assert httpx.post(f"http://127.0.0.1:{port}/search", json={"query": ""}, timeout=30).status_code == 422
+        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).json()
+        assert health["traffic"]["queued"] == 1 and health["traffic"]["written"] == 0
     finally:
         server.terminate()
         server.wait(timeout=30)
+    [logged] = EventStore(store_uri).read().impressions.to_dict("records")
+    assert logged["event_id"] == answer.json()["request_id"] == answer.headers["x-request-id"]
+    assert [h["ad_id"] for h in logged["hits"]] == [r["ad_id"] for r in answer.json()["results"]]
+    assert (logged["model_version"], logged["source"]) == ("1", "api")
 
 
 def test_bench_serve_against_a_real_server(trained_store, tmp_path):

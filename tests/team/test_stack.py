@@ -345,7 +345,9 @@ def test_alignsearch_serve_answers_from_the_team_registry(deployment_run, team_e
     log_path = tmp_path / "serve.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(port),
-                                 "--model-uri", "models:/alignsearch@champion"], cwd=REPO_ROOT, env=env,
+                                 "--model-uri", "models:/alignsearch@champion",  # its searches logged in tmp
+                                 "--set", f"traffic.store_uri=sqlite:///{tmp_path / 'traffic.db'}"],
+                                cwd=REPO_ROOT, env=env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
