@@ -77,6 +77,16 @@ def stop_server(process: subprocess.Popen) -> None:
             process.wait(timeout=30)
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) a process has used so far; None where /proc is not there.
+    Unlike latency, a server's CPU per request hardly moves when other work shares the machine."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def scratch_store(out_dir: Path) -> str:
     """A fresh SQLite traffic log in `out_dir` for the logging-on server (an older one removed)."""
     path = (out_dir / "bench_traffic.db").resolve()
@@ -106,24 +116,33 @@ def bench_serve(serve_args: list[str], out_dir: Path, *, requests: int = 2000, c
                              f"http://127.0.0.1:{port}")
             startup_s[name] = round(time.perf_counter() - started, 1)
         bases = {name: base for name, (_, base) in servers.items()}
+        load_before = os.getloadavg()[0]
         run_rounds(bases, queries, requests=min(50, requests), rounds=2, concurrency=concurrency, k=k,
                    headers=headers)  # warm-up, not reported
+        cpu_before = {name: cpu_seconds(process.pid) for name, (process, _) in servers.items()}
         loads = run_rounds(bases, queries, requests=requests, rounds=max(1, min(rounds, requests)),
                            concurrency=concurrency, k=k, headers=headers)
+        cpu_after = {name: cpu_seconds(process.pid) for name, (process, _) in servers.items()}
+        load_after = os.getloadavg()[0]
         health = httpx.get(f"{bases['on']}/health", headers=headers, timeout=5).json()
         sweep = bad_input_sweep(bases["on"], headers=headers)
     finally:
         for process, _ in servers.values():
             stop_server(process)
     traffic = health.pop("traffic", None)
+    cpu_ms = {name: None if cpu_before[name] is None or cpu_after[name] is None
+              else round((cpu_after[name] - cpu_before[name]) * 1000 / load.requests, 2) for name, load in loads.items()}
     report = {"model": health, "startup_s": startup_s["on"], "k": k, "rounds": rounds,
-              "load": {name: {**asdict(load), "throughput_rps": round(load.throughput, 1)}
-                       for name, load in loads.items()},
+              "load": {name: {**asdict(load), "throughput_rps": round(load.throughput, 1),
+                              "cpu_ms_per_request": cpu_ms[name]} for name, load in loads.items()},
               # The logging server's writer after the warm-up and the load: every search queued,
               # none dropped or failed.
               "traffic": traffic,
               "bad_inputs": sweep, "bad_inputs_failed": [c["name"] for c in sweep if not c["ok"]],
               "threads": os.environ.get("OMP_NUM_THREADS", "default"), "cpus": os.cpu_count(),
+              # The machine's 1-minute load average before and after the load: other work
+              # running beside the benchmark shows here (the servers and the load add about 2).
+              "load_average": [round(load_before, 2), round(load_after, 2)],
               "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (out_dir / "bench_serve.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "bench_serve.md").write_text(markdown(report))
@@ -150,14 +169,17 @@ def markdown(report: dict) -> str:
     any_run = next(iter(load.values()))
     rows = [f"| {name} | {run['requests']} | {run['concurrency']} | {run['latency_ms']['p50']} | "
             f"{run['latency_ms']['p95']} | {run['latency_ms']['p99']} | {run['latency_ms']['max']} | "
-            f"{run['throughput_rps']} | {run['errors']} |" for name, run in load.items()]
+            f"{run['throughput_rps']} | {run.get('cpu_ms_per_request')} | {run['errors']} |"
+            for name, run in load.items()]
     lines = [f"# bench-serve: {report['model'].get('model_uri')} (v{report['model'].get('version', '?')})", "",
              f"`alignsearch bench-serve --requests {any_run['requests']} --concurrency {any_run['concurrency']}` at "
-             f"{report['measured_at']} ({report['cpus']} CPUs, threads {report['threads']}); k={report['k']}; "
+             f"{report['measured_at']} ({report['cpus']} CPUs, threads {report['threads']}, load average "
+             f"{' -> '.join(str(x) for x in report.get('load_average', []))}); k={report['k']}; "
              f"server up in {report['startup_s']} s. Two servers side by side, the traffic log off and on, "
              f"loaded in {report.get('rounds', 1)} alternating rounds.", "",
-             "| traffic log | requests | concurrency | p50 ms | p95 ms | p99 ms | max ms | throughput req/s | errors |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, "",
+             "| traffic log | requests | concurrency | p50 ms | p95 ms | p99 ms | max ms | throughput req/s | "
+             "server CPU ms/request | errors |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, "",
              *(f"Statuses with logging {name}: {run['statuses']}" for name, run in load.items()), "",
              (f"Traffic log ({traffic.get('store_uri')}): {traffic.get('written')} events written in "
               f"{traffic.get('batches')} batches, {traffic.get('queued')} queued, {traffic.get('dropped')} dropped, "

@@ -186,6 +186,7 @@ def test_bench_serve_against_a_real_server(trained_store, tmp_path):
     for load in report["load"].values():
         assert load["requests"] == 50 and load["errors"] == 0 and load["statuses"] == {"200": 50}
         assert 0 < load["latency_ms"]["p50"] <= load["latency_ms"]["p99"] and load["throughput_rps"] > 0
+        assert load["cpu_ms_per_request"] > 0  # the server's own CPU, read from /proc
     assert report["model"]["version"] == "1"
     # The logging server's writer saw the warm-up and the load (50 + 50), lost nothing.
     traffic = report["traffic"]
