@@ -6,11 +6,18 @@ names, its writer (`build_bundle`) and its readers (`read_meta`, `bundle_catalog
       align/              AlignmentModel.save
       scorer/             Scorer.save (a two-tower system)
       index/              AdIndex.save over the catalogue's ad embeddings
-      catalogue.parquet   ad_id, title, words, scores (the ads the index holds, in index order)
+      catalogue.parquet   ad_id, title, words, scores (the ads the index holds, in index order),
+                          image_hash, word_boxes (format 2)
       word_vectors.npz    query-tower vectors of the catalogue's visual words ("matched words")
 
 It is what the MLflow pyfunc ships, and what promotion re-evaluates on the current test split:
 ads it has never seen are translated into visual words by the bundled alignment model.
+
+The bundle's ads are version 0 of the model's catalogue (`bundle_catalogue`), so format 2
+stores what a catalogue version of format 2 stores for the search page, computed once here:
+each ad's `image_hash` and, for its first `words_shown` words (the alignment's setting, also
+in bundle.json), `word_boxes` (`components.search.catalogue`). A format-1 bundle still loads:
+its ads have no regions, and their images are hashed by the engine that serves them.
 """
 
 from __future__ import annotations
@@ -31,7 +38,15 @@ from components.match.data import QuerySide, match_data
 from components.retrieve.compressed import second_moments
 from components.retrieve.config import IndexConfig
 from components.retrieve.index import AdIndex
-from components.search.catalogue import Catalogue, read_word_vectors, write_word_vectors
+from components.search.catalogue import (
+    IMAGE_HASH,
+    WORD_BOXES,
+    Catalogue,
+    image_hash,
+    read_word_vectors,
+    word_boxes_of,
+    write_word_vectors,
+)
 from components.systems import TWO_TOWER_SYSTEMS
 from components.vision.config import PartsConfig
 
@@ -41,7 +56,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)  # 1: before image_hash, word_boxes and words_shown
 META_FILE = "bundle.json"
 ALIGN_DIR = "align"
 SCORER_DIR = "scorer"
@@ -58,13 +74,14 @@ def is_bundle(directory: Path) -> bool:
 
 
 def read_meta(bundle_dir: Path) -> dict:
-    """The bundle's `bundle.json`, checked: a missing file or another format version raises."""
+    """The bundle's `bundle.json`, checked: a missing file or a format this code cannot read raises."""
     meta_path = Path(bundle_dir) / META_FILE
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path}: not found; {bundle_dir} is not a search bundle")
     meta = json.loads(meta_path.read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{meta_path}: bundle format {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+    if meta.get("format_version") not in READABLE_FORMATS:
+        raise ValueError(f"{meta_path}: bundle format {meta.get('format_version')!r}, expected one of "
+                         f"{READABLE_FORMATS}")
     return meta
 
 
@@ -85,18 +102,38 @@ def _query_moments(scorer: TwoTowerScorer, queries: pd.DataFrame) -> np.ndarray:
     return second_moments(scorer.encode_queries(QuerySide(ids, texts)))
 
 
+def _search_page_annotations(alignment, dataset, ad_words: list[Words],
+                             features: PartsFeatures | None) -> tuple[list[str], list[list[list[float]]]]:
+    """Each ad's `image_hash` (its image file in `dataset`) and `word_boxes` (one box per word of
+    its first `alignment.words_shown` words; all `[]` without `features`), in `dataset.ads` order."""
+    hashes = [image_hash(dataset.image_file(path)) for path in dataset.ads["image_path"]]
+    shown = [[w for w, _ in ws[:alignment.words_shown]] for ws in ad_words]
+    if features is None:
+        return hashes, [[[] for _ in ws] for ws in shown]
+    return hashes, word_boxes_of(alignment, features, shown)
+
+
 def build_bundle(out_dir: Path, *, align_dir: Path, scorer_dir: Path, dataset_dir: Path, words: dict[str, Words],
                  vision: PartsConfig, index_cfg: IndexConfig, dataset_hash: str,
                  features: PartsFeatures | None = None, word_logits=None) -> Path:
     """Assemble a bundle from trained stage outputs; the catalogue is every ad of the dataset.
 
     `words`, `word_logits`: visual words and per-word logits per ad (from the align stage;
-    the logits feed ours' word channel); `features`: the dataset's parts in ad order,
-    needed only by systems with an image head.
+    the logits feed ours' word channel); `features`: the dataset's parts in ad order (the
+    features stage's output): systems with an image head encode the ads from them, and every
+    system's ads get the image region of each shown word from them (`word_boxes`). Without
+    `features` a system with an image head cannot be bundled, and the others store no regions
+    (image hashes and `words_shown` still).
     """
-    from components.match.scorers import load_scorer  # torch-bound: kept off the search path
+    # torch-bound: kept off the search path
+    from components.align.model import AlignmentModel
+    from components.match.scorers import load_scorer
 
     started = time.perf_counter()
+    dataset = read_dataset(dataset_dir)
+    if features is not None and len(features) != len(dataset.ads):
+        raise ValueError(f"features for {len(features)} images, but {dataset_dir / ADS_FILE} has "
+                         f"{len(dataset.ads)} ads: the features must be the dataset's parts in ad order")
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -104,24 +141,33 @@ def build_bundle(out_dir: Path, *, align_dir: Path, scorer_dir: Path, dataset_di
     shutil.copytree(align_dir, out_dir / ALIGN_DIR)
     shutil.copytree(scorer_dir, out_dir / SCORER_DIR)
     scorer = two_tower(load_scorer(out_dir / SCORER_DIR), scorer_dir)
-    dataset = read_dataset(dataset_dir)
-    ads = match_data(dataset, words=words, features=features, word_logits=word_logits).ads
+    needs_images = scorer.net.image_head is not None
+    ads = match_data(dataset, words=words, features=features if needs_images else None,
+                     word_logits=word_logits).ads
     index = AdIndex.build(ads.ad_ids, scorer.encode_ads(ads), index_cfg,
                           query_moments=_query_moments(scorer, dataset.queries))
     index.save(out_dir / INDEX_DIR)
     ad_words = ads.words or [[] for _ in ads.ad_ids]
+    annotating = time.perf_counter()
+    alignment = AlignmentModel.load(out_dir / ALIGN_DIR)
+    hashes, boxes = _search_page_annotations(alignment, dataset, ad_words, features)
+    annotate_seconds = time.perf_counter() - annotating
     pd.DataFrame({"ad_id": ads.ad_ids, "title": ads.titles,
                   "words": [[w for w, _ in ws] for ws in ad_words],
-                  "scores": [[float(s) for _, s in ws] for ws in ad_words]}).to_parquet(out_dir / CATALOGUE_FILE,
-                                                                                       index=False)
+                  "scores": [[float(s) for _, s in ws] for ws in ad_words],
+                  IMAGE_HASH: hashes, WORD_BOXES: boxes}).to_parquet(out_dir / CATALOGUE_FILE, index=False)
     vocabulary = sorted({w for ws in ad_words for w, _ in ws})
     vectors = scorer.encode_queries(QuerySide(vocabulary, vocabulary)) if vocabulary else []
     write_word_vectors(out_dir / WORD_VECTORS_FILE, dict(zip(vocabulary, vectors, strict=True)), index.dim)
     meta = {"format_version": FORMAT_VERSION, "system": scorer.system, "dataset_hash": dataset_hash,
             "num_ads": len(ads), "vision": vision.model_dump(mode="json"), "index_kind": index.kind,
-            "words_per_ad": scorer.words_per_ad, "built_seconds": round(time.perf_counter() - started, 2)}
+            "words_per_ad": scorer.words_per_ad, "words_shown": alignment.words_shown,
+            "word_regions": features is not None, "annotate_seconds": round(annotate_seconds, 2),
+            "built_seconds": round(time.perf_counter() - started, 2)}
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    log.info("bundle %s: %s over %d ads (%s index)", out_dir, scorer.system, len(ads), index.kind)
+    log.info("bundle %s: %s over %d ads (%s index); hashes%s in %.1f s", out_dir, scorer.system, len(ads),
+             index.kind, " and word regions" if features is not None else " (no features: no word regions)",
+             annotate_seconds)
     return out_dir
 
 
@@ -171,8 +217,15 @@ def bundle_catalogue(bundle_dir: Path, *, model_name: str = "", model_version: s
     ads = pd.DataFrame({"ad_id": table["ad_id"].astype(str).tolist(), "title": table["title"].astype(str).tolist(),
                         "words": table["words"].map(list).tolist(), "scores": table["scores"].map(list).tolist()})
     ads["image_ref"] = ads["ad_id"].map(lambda a: images.get(a, ""))
+    for column in (IMAGE_HASH, WORD_BOXES):  # format 2; a format-1 bundle has neither (Catalogue fills in none)
+        if column in table.columns:
+            ads[column] = table[column].tolist()
+    # A directory without bundle.json is not a bundle (`read_meta` says so when it is opened as
+    # one); its catalogue alone, as tests assemble it, shows the default number of words.
+    words_shown = read_meta(bundle_dir).get("words_shown") if is_bundle(bundle_dir) else None
     vectors = read_word_vectors(bundle_dir / WORD_VECTORS_FILE)
-    catalogue = Catalogue(ads, index.vectors(), vectors, index_cfg or index.cfg, 0, model_name, str(model_version))
+    catalogue = Catalogue(ads, index.vectors(), vectors, index_cfg or index.cfg, 0, model_name, str(model_version),
+                          words_shown=words_shown)
     if index_cfg is None:
         catalogue._index = index
     else:
