@@ -87,7 +87,6 @@ from components.registry.versions import register as register_version
 from components.retrieve.config import IndexConfig
 from components.search.bundle import SCORER_DIR, build_bundle
 from components.stages import files_version, module_code, stage_code_version
-from components.systems import IMAGE_SYSTEMS
 from components.traffic.config import TrafficConfig
 from components.vision.config import PartsConfig
 from flows.runtime import setup_runtime
@@ -411,8 +410,8 @@ def register(run_id: str, model_key: str, registry: dict, vision: dict, index: d
              dataset_hash: str, align_dir: str, scorer_dir: str, words_path: str, features_path: str | None,
              tags: dict[str, str]) -> dict:
     """Bundle, log and register the model, unless an identical one (same model key) already is.
-    `features_path` (the features stage's output) is for a system with an image head
-    (`implicit_fusion_words`), which encodes the catalogue from it; None for the others."""
+    `features_path` (the features stage's output): a system with an image head encodes the
+    catalogue from it, and every system's bundle takes its ads' word regions from it."""
     import mlflow
 
     # torch-bound: imported once setup_runtime has set torch's kernel settings (see module notes)
@@ -691,7 +690,7 @@ def _retrain(cfg: Params, params: dict[str, Any], loop: bool = False) -> dict:
         registered = timed("register", register, run_id, model_key, cfg.registry.model_dump(mode="json"), vision,
                            cfg.retrieve.model_dump(mode="json"), dataset_dir, dhash, aligned["model_dir"],
                            matcher["scorer_dir"], aligned["words_path"],
-                           feats["features_path"] if system in IMAGE_SYSTEMS else None,
+                           feats["features_path"],
                            {"dataset_hash": dhash, "dataset_dir": dataset_dir, "code_version": code,
                             **git_state(REPO_ROOT), **loop_tags})
         client.log_metric(run_id, "register/seconds", timings["register"])
