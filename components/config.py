@@ -160,14 +160,17 @@ def _explain_unknown_keys(exc: ValidationError) -> str | None:
 
 
 def load_params(path: Path | None = DEFAULT_PARAMS_PATH, overrides: list[str] | None = None) -> Params:
-    """Load `params.yaml` (defaults when the file does not exist) and apply overrides.
+    """Load `params.yaml` (defaults when the default file does not exist) and apply overrides.
 
-    Raises `UnknownKeyError` naming any key no section defines (and the valid ones), and
-    pydantic's `ValidationError` for values out of range; both are `ValueError`s.
+    Raises `UnknownKeyError` naming any key no section defines (and the valid ones), pydantic's
+    `ValidationError` for values out of range, and `ValueError` for a parameter file that was
+    named but does not exist (a typo must not run a job on the defaults); all are `ValueError`s.
     """
     raw: dict = {}
     if path is not None and Path(path).is_file():
         raw = yaml.safe_load(Path(path).read_text()) or {}
+    elif path is not None and Path(path) != DEFAULT_PARAMS_PATH:
+        raise ValueError(f"parameter file {path} does not exist")
     try:
         return Params.model_validate(apply_overrides(raw, overrides))
     except ValidationError as exc:

@@ -36,8 +36,15 @@ def test_bad_override_and_unknown_key_are_rejected():
         load_params(REPO_PARAMS, ["data.source=imagenet"])
 
 
-def test_missing_file_gives_defaults(tmp_path):
-    assert load_params(tmp_path / "absent.yaml").data.seed == 0
+def test_missing_default_file_gives_defaults(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no params.yaml here
+    assert load_params().data.seed == 0
+
+
+def test_a_named_file_that_does_not_exist_is_an_error(tmp_path):
+    # A typo in --params must not run a job on the defaults.
+    with pytest.raises(ValueError, match="absent.yaml does not exist"):
+        load_params(tmp_path / "absent.yaml")
 
 
 def test_unknown_section_names_the_key_and_the_valid_sections():

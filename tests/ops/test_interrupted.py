@@ -32,7 +32,10 @@ def retrain_command(root: Path, dataset_dir: Path) -> list[str]:
     sets = [f"data.path={dataset_dir}", f"data.cache_dir={root / 'cache'}", f"paths.flow_dir={root / 'flow'}",
             f"registry.tracking_uri={tracking_uri(root)}", f"registry.artifact_location={root / 'mlruns' / 'artifacts'}",
             *TINY_TRAINING]
-    command = [sys.executable, "-m", "flows.cli", "retrain", "--params", str(root / "no-params.yaml")]
+    defaults = root / "defaults.yaml"  # an empty parameter file: every default
+    defaults.parent.mkdir(parents=True, exist_ok=True)
+    defaults.write_text("# every parameter at its default\n")
+    command = [sys.executable, "-m", "flows.cli", "retrain", "--params", str(defaults)]
     for item in sets:
         command += ["--set", item]
     return command

@@ -84,6 +84,8 @@ def test_cron_schedule_retrains_and_promotes(synthetic_dataset_dir, tmp_path):
         sets = [f"data.path={synthetic_dataset_dir}", f"data.cache_dir={tmp_path / 'cache'}",
                 f"paths.flow_dir={tmp_path / 'flow'}", f"registry.tracking_uri={tracking_uri(tmp_path)}",
                 f"registry.artifact_location={tmp_path / 'mlruns' / 'artifacts'}",
+                # the schedule runs the loop: its log and its ingested dataset stay in tmp too
+                f"traffic.store_uri=sqlite:///{tmp_path / 'traffic.db'}", f"traffic.dataset_dir={tmp_path / 'live'}",
                 *TINY_TRAINING]
         command = [sys.executable, "-m", "flows.cli", "schedule", "--cron", "* * * * *", "--name", "test-cron"]
         for item in sets:
