@@ -200,7 +200,8 @@ def _train_matcher(name: str, cfg: MatchConfig, lr: float, train: MatchData, val
     batches = MatchBatches(train, pairs, train.ads.texts(use_words, cfg.words_per_ad, **text_options), valid,
                            valid.ads.texts(use_words, cfg.words_per_ad, **text_options), batch_size=cfg.batch_size,
                            seed=cfg.seed, use_images=use_images, use_evidence=use_channel,
-                           word_dropout=cfg.word_dropout if use_words else 0.0)
+                           word_dropout=cfg.word_dropout if use_words else 0.0,
+                           click_weights=cfg.click_weights, explicit_negatives=cfg.explicit_negatives)
     result = fit_matcher(module, batches, max_steps=max_steps, eval_every=cfg.eval_every, seed=cfg.seed,
                          out_dir=run_dir, patience=cfg.patience, device=cfg.device, logger=logger,
                          accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,

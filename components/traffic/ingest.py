@@ -247,7 +247,8 @@ def skip_above(obs: pd.DataFrame) -> pd.DataFrame:
     """The skipped observations by Joachims' skip-above rule: in a search with a click, the ads
     shown above its lowest click and not clicked in that search (columns of `obs`)."""
     lowest_click = obs[obs["clicked"]].groupby("event_id")["position"].max()
-    below = obs["event_id"].map(lowest_click)
+    # No click at all (a first ingest of an empty log): map gives an untyped empty column.
+    below = obs["event_id"].map(lowest_click).astype(float)
     return obs[below.notna() & (obs["position"] < below) & ~obs["clicked"]]
 
 

@@ -144,6 +144,17 @@ def test_ingesting_the_same_events_again_changes_nothing(base, synthetic_dataset
     assert ingest(synthetic_dataset_dir, tmp_path / "other", store, CFG).dataset_hash == first.dataset_hash
 
 
+def test_a_first_ingest_of_an_empty_log_is_the_base_dataset(base, synthetic_dataset_dir, store, tmp_path):
+    # The first scheduled run of the loop, before any search was logged.
+    first = ingest(synthetic_dataset_dir, tmp_path / "live", store, CFG)
+    assert (first.impressions, first.clicks, first.new_queries, first.positives, first.negatives) == (0,) * 5
+    live = read_dataset(tmp_path / "live")
+    pd.testing.assert_frame_equal(live.qrels[base.qrels.columns].reset_index(drop=True),
+                                  base.qrels.reset_index(drop=True), check_dtype=False)
+    assert set(live.queries["query_id"]) == set(base.queries["query_id"])
+    assert not ingest(synthetic_dataset_dir, tmp_path / "live", store, CFG).changed
+
+
 def test_new_events_make_the_next_version_on_top_of_the_last(base, synthetic_dataset_dir, store, tmp_path):
     rng = np.random.default_rng(2)
     store.append(_traffic(base, rng, 30))
