@@ -1,6 +1,6 @@
-"""`alignsearch traffic import|report|ingest|prune|export`: the traffic log (docs/traffic.md) from
-the command line: a team's own events in, how the models do with people, the next dataset
-version, retention, and Parquet exports."""
+"""`alignsearch traffic import|report|ingest|simulate|prune|export`: the traffic log
+(docs/traffic.md) from the command line: a team's own events in, how the models do with
+people, the next dataset version, simulated users, retention, and Parquet exports."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Optional, get_args
 
 import typer
+from rich import box
 from rich.table import Table
 
 from components.outputs import redact_uri
@@ -96,21 +97,24 @@ def _cell(value) -> str:
     return str(value)
 
 
-REPORT_COLUMNS = (("model_name", "model"), ("model_version", "version"), ("catalogue_version", "catalogue"),
-                  ("date", "day (UTC)"), ("searches", "searches"), ("clicks", "clicks"), ("ctr@1", "CTR@1"),
-                  ("ctr@10", "CTR@10"), ("clicks_per_search", "clicks/search"),
-                  ("mrr_clicked", "MRR (clicked)"), ("abandonment", "abandoned"),
-                  ("latency_p50_ms", "p50 ms"), ("latency_p99_ms", "p99 ms"), ("query_drift", "drift"))
+REPORT_COLUMNS = (("searches", "searches"), ("clicks", "clicks"), ("ctr@1", "CTR@1"), ("ctr@10", "CTR@10"),
+                  ("clicks_per_search", "clicks per search"), ("mrr_clicked", "MRR of the first click*"),
+                  ("abandonment", "abandonment"), ("latency_p50_ms", "latency p50 ms"),
+                  ("latency_p99_ms", "latency p99 ms"), ("query_drift", "query drift"))
 
 
 def _report_table(title: str, report) -> Table:
-    table = Table(title=title, caption="MRR (clicked): reciprocal rank of the first click, over searches with a "
-                  "click; drift: share of queries with a word outside the training words; - : no data")
+    # One column per model version, catalogue version and day, one row per metric: a week of
+    # one model fits a terminal, where a row per day with twelve columns did not.
+    table = Table(title=title, caption="* MRR of the first click, over searches with a click; drift: share of "
+                  "queries with a word outside the training words; - : no data", box=box.SIMPLE_HEAD)
+    table.add_column("")
+    rows = report.to_dict(orient="records")
+    for row in rows:
+        table.add_column(f"{row['model_name']} v{row['model_version']}\n{row['catalogue_version']} · "
+                         f"{str(row['date'])[5:10]}", justify="right")
     for column, header in REPORT_COLUMNS:
-        table.add_column(header, justify="left" if column in ("model_name", "model_version", "catalogue_version",
-                                                              "date") else "right")
-    for row in report.to_dict(orient="records"):
-        table.add_row(*(_cell(row[column]) for column, _ in REPORT_COLUMNS))
+        table.add_row(header, *(_cell(row[column]) for row in rows))
     return table
 
 
@@ -196,6 +200,43 @@ def traffic_ingest(
         if key != "dataset_dir":
             table.add_row(key, str(value))
     console.print(table)
+
+
+@traffic_app.command("simulate")
+def traffic_simulate(
+    url: Annotated[str, typer.Option("--url", help="The running service, e.g. http://127.0.0.1:8080.")],
+    data: BaseDataOption = None,
+    searches: Annotated[Optional[int], typer.Option("--searches", help="Searches to issue (default: params traffic.simulator.num_searches).")] = None,  # noqa: UP045
+    split: Annotated[Optional[str], typer.Option("--split", help="Whose queries the users type (default: params traffic.simulator.split).")] = None,  # noqa: UP045
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the users (default: params traffic.simulator.seed).")] = None,  # noqa: UP045
+    params: ParamsOption = PARAMS_FILE,
+    set_: SetOption = None,
+) -> None:
+    """Simulated users search a running service over HTTP and click relevant ads (qrels) with a
+    known position bias and some noise (docs/traffic.md#simulated-users): a demo, a load, or the
+    loop's clicks without real people. The service logs them as it logs anyone's."""
+    import os
+
+    from components.data.format import read_dataset
+    from components.search.config import API_KEY_ENV
+    from components.traffic.simulator import run_users
+
+    cfg = load_config(params, set_)
+    changes = {key: value for key, value in (("num_searches", searches), ("split", split), ("seed", seed))
+               if value is not None}
+    try:
+        sim = cfg.traffic.simulator.model_validate({**cfg.traffic.simulator.model_dump(), **changes})
+    except ValueError as exc:
+        err_console.print(f"[red]Invalid simulator settings:[/red] {exc}", soft_wrap=True, markup=False)
+        raise typer.Exit(2) from exc
+    dataset = read_dataset(_base_dataset(cfg, data))
+    headers = {"X-API-Key": os.environ[API_KEY_ENV]} if os.environ.get(API_KEY_ENV) else {}
+    result = run_users(url, dataset.queries, dataset.qrels, sim, headers=headers)
+    console.print(f"{result.searches} searches answered, {result.clicks_acknowledged} of {result.clicks_sent} "
+                  f"clicks acknowledged ({sim.split} queries, seed {sim.seed})"
+                  + (f"; errors: {dict(result.errors)}" if result.num_errors else ""))
+    if result.num_errors:
+        raise typer.Exit(1)
 
 
 @traffic_app.command("prune")

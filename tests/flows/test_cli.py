@@ -18,7 +18,7 @@ runner = CliRunner()
 COMMANDS = {"ads", "align", "bench-index", "bench-serve", "benchmark", "data", "evaluate", "features", "promote", "retrain", "run",
             "schedule", "search", "serve", "team", "traffic", "train-matcher"}
 SUBCOMMANDS = {"ads": {"add", "remove", "status"}, "data": {"build", "hash", "validate"}, "align": {"compare", "show", "train"}, "team": {"down", "status", "up"},
-               "traffic": {"export", "import", "ingest", "prune", "report"}}
+               "traffic": {"export", "import", "ingest", "prune", "report", "simulate"}}
 
 
 def _listed(help_text: str) -> set[str]:

@@ -1,4 +1,4 @@
-"""`alignsearch traffic import|report|ingest|prune|export` through the real CLI, on the synthetic
+"""`alignsearch traffic import|report|ingest|simulate|prune|export` through the real CLI, on the synthetic
 dataset and a throwaway log and MLflow store."""
 
 from __future__ import annotations
@@ -124,3 +124,11 @@ def test_prune_and_export(tmp_path, env):
         assert store.read().impressions["query"].tolist() == ["recent"]
     result = _invoke("prune", env=env)  # traffic.retention_days: 90
     assert result.exit_code == 0 and "Deleted 0 searches" in result.output
+
+
+def test_simulate_names_a_bad_setting_and_a_service_it_cannot_reach(env):
+    bad = _invoke("simulate", "--url", "http://127.0.0.1:9", "--split", "tomorrow", env=env)
+    assert bad.exit_code == 2 and "split" in bad.output
+    # Port 9 (discard) has no service: every search fails, the command says so and exits 1.
+    down = _invoke("simulate", "--url", "http://127.0.0.1:9", "--searches", "3", env=env)
+    assert down.exit_code == 1 and "0 searches answered" in down.output and "ConnectError" in down.output
