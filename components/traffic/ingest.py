@@ -92,6 +92,7 @@ class IngestResult:
     negatives: int
     cross_split_clicks: int = 0
     orphan_clicks: int = 0
+    judged_irrelevant_clicks: int = 0  # clicks on a pair the base judges not relevant: the base wins
 
     def as_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -240,6 +241,7 @@ class _Derived:
     negatives: int
     cross_split_clicks: int
     unknown_ad_clicks: int
+    judged_irrelevant_clicks: int
     propensities: list[float | None]
 
 
@@ -295,8 +297,9 @@ def derive(base: Dataset, obs: pd.DataFrame, cfg: TrafficConfig) -> _Derived:
     unknown_ad = clicks["ad_split"].isna()
     cross_split = ~unknown_ad & (clicks["ad_split"] != clicks["split"])
     clicks = clicks[~unknown_ad & ~cross_split]
-    click_pairs = (clicks.groupby(["query_id", "ad_id", "split"], sort=True)["weight"].sum().reset_index()
-                   if len(clicks) else pd.DataFrame(columns=["query_id", "ad_id", "split", "weight"]))
+    click_pairs = (clicks.groupby(["query_id", "ad_id", "split"], sort=True)["weight"].agg(["sum", "size"])
+                   .reset_index() if len(clicks)
+                   else pd.DataFrame(columns=["query_id", "ad_id", "split", "sum", "size"]))
 
     qrels = base.qrels.copy()
     qrels["weight"] = qrels["weight"].astype(float) if "weight" in qrels.columns else 1.0
@@ -305,12 +308,15 @@ def derive(base: Dataset, obs: pd.DataFrame, cfg: TrafficConfig) -> _Derived:
     new_positive_rows = []
     weights = qrels["weight"].to_numpy().copy()
     relevance = qrels["relevance"].to_numpy()
-    for query_id, ad_id, split, weight in click_pairs.itertuples(index=False):
+    judged_irrelevant = 0
+    for query_id, ad_id, split, weight, num_clicks in click_pairs.itertuples(index=False):
         row = base_row.get((query_id, ad_id))
         if row is None:
             new_positive_rows.append((query_id, ad_id, 1, split, float(weight)))
         elif relevance[row] > 0:  # the base's judgement stays; the clicks add to its weight
             weights[row] += float(weight)
+        else:  # the base judged the pair not relevant: a judgement outweighs clicks (counted)
+            judged_irrelevant += int(num_clicks)
     qrels["weight"] = weights
 
     # New queries: those with a positive from clicks (a query with no positive teaches nothing).
@@ -335,7 +341,7 @@ def derive(base: Dataset, obs: pd.DataFrame, cfg: TrafficConfig) -> _Derived:
     return _Derived(queries=out_queries, qrels=out_qrels, new_queries=len(new_queries),
                     positives=len(new_positive_rows), negatives=len(negatives),
                     cross_split_clicks=int(cross_split.sum()), unknown_ad_clicks=int(unknown_ad.sum()),
-                    propensities=propensities)
+                    judged_irrelevant_clicks=judged_irrelevant, propensities=propensities)
 
 
 def _link_or_copy(source: str, target: str) -> str:
@@ -367,7 +373,8 @@ def _readme(base_hash: str, state: dict[str, Any]) -> str:
         f"new queries: {counts['new_queries']}, positive qrels from clicks: {counts['positives']}, "
         f"negative qrels from skips: {counts['negatives']}",
         f"clicks dropped (ad of another split): {counts['cross_split_clicks']}, "
-        f"(ad not in the base): {counts['unknown_ad_clicks']}, (search not in the log): {counts['orphan_clicks']}",
+        f"(ad not in the base): {counts['unknown_ad_clicks']}, (search not in the log): {counts['orphan_clicks']}, "
+        f"(pair the base judges not relevant): {counts.get('judged_irrelevant_clicks', 0)}",
         ""])
 
 
@@ -433,7 +440,7 @@ def ingest(base_dir: Path, out_dir: Path, store: EventStore, cfg: TrafficConfig,
         log.info("ingest: nothing new since %s; %s stays as it was", since, out_dir)
         return IngestResult(out_dir, dataset_hash(out_dir), False, 0, 0, counts["new_queries"],
                             counts["positives"], counts["negatives"], counts["cross_split_clicks"],
-                            counts["orphan_clicks"])
+                            counts["orphan_clicks"], counts.get("judged_irrelevant_clicks", 0))
 
     previous = read_observations(out_dir) if state else _empty_observations()
     obs, clicks_taken, orphans = merge_events(previous, events, store, cfg, now)
@@ -442,6 +449,7 @@ def ingest(base_dir: Path, out_dir: Path, store: EventStore, cfg: TrafficConfig,
     counts = {"impressions": int(obs["event_id"].nunique()), "clicks": int(obs["clicked"].sum()),
               "new_queries": derived.new_queries, "positives": derived.positives, "negatives": derived.negatives,
               "cross_split_clicks": derived.cross_split_clicks, "unknown_ad_clicks": derived.unknown_ad_clicks,
+              "judged_irrelevant_clicks": derived.judged_irrelevant_clicks,
               "orphan_clicks": orphans + (state["counts"]["orphan_clicks"] if state else 0)}
     new_state = {"format": STATE_FORMAT, "watermark": dataclasses.asdict(events.watermark),
                  "base_hash": base_hash, "settings": _settings(cfg), "counts": counts,
@@ -456,7 +464,7 @@ def ingest(base_dir: Path, out_dir: Path, store: EventStore, cfg: TrafficConfig,
     dvc_track(out_dir)
     result = IngestResult(out_dir, dataset_hash(out_dir), True, new_impressions, clicks_taken,
                           derived.new_queries, derived.positives, derived.negatives, derived.cross_split_clicks,
-                          counts["orphan_clicks"])
+                          counts["orphan_clicks"], derived.judged_irrelevant_clicks)
     log.info("ingest: %d searches and %d clicks in; %s now has %d new queries, %d positive and %d negative qrels "
              "from traffic (%d clicks on ads of another split dropped) -> %s", result.impressions, result.clicks,
              out_dir, result.new_queries, result.positives, result.negatives, result.cross_split_clicks,

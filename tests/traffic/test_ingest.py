@@ -17,7 +17,7 @@ import pytest
 from traffic_helpers import T0, click, impression
 
 from components.data.config import ValidateConfig
-from components.data.format import QRELS_FILE, dataset_hash, read_dataset
+from components.data.format import QRELS_FILE, Dataset, dataset_hash, read_dataset, write_dataset
 from components.data.validate import validate_dataset
 from components.traffic import ingest as ingest_module
 from components.traffic.config import TrafficConfig
@@ -153,6 +153,24 @@ def test_a_first_ingest_of_an_empty_log_is_the_base_dataset(base, synthetic_data
                                   base.qrels.reset_index(drop=True), check_dtype=False)
     assert set(live.queries["query_id"]) == set(base.queries["query_id"])
     assert not ingest(synthetic_dataset_dir, tmp_path / "live", store, CFG).changed
+
+
+def test_a_click_on_a_pair_the_base_judges_not_relevant_is_counted_not_learned(base, synthetic_dataset_dir, store,
+                                                                                tmp_path):
+    # A base with one explicit negative: (a training query, an ad of its split it is not relevant to).
+    judged_dir = tmp_path / "judged"
+    shutil.copytree(synthetic_dataset_dir, judged_dir)
+    query = base.queries[base.queries["split"] == "train"].iloc[0]
+    negative_ad = _others(base, query["query_id"], "train")[0]
+    qrels = pd.concat([base.qrels, pd.DataFrame([{"query_id": query["query_id"], "ad_id": negative_ad,
+                                                  "relevance": 0, "split": "train"}])], ignore_index=True)
+    write_dataset(Dataset(ads=base.ads, queries=base.queries, qrels=qrels), judged_dir)
+    shown = impression(query["text"], (negative_ad, *_relevant(base, query["query_id"])[:1]))
+    store.append([shown, click(shown, negative_ad)])
+    result = ingest(judged_dir, tmp_path / "live", store, CFG)
+    assert result.judged_irrelevant_clicks == 1 and result.positives == 0
+    assert _qrels(tmp_path / "live")[(query["query_id"], negative_ad)] == (0, 1.0)  # the judgement stays
+    assert read_state(tmp_path / "live")["counts"]["judged_irrelevant_clicks"] == 1
 
 
 def test_new_events_make_the_next_version_on_top_of_the_last(base, synthetic_dataset_dir, store, tmp_path):
