@@ -148,17 +148,17 @@ def dataset_hash(root: Path) -> str:
     """Content hash of a dataset directory, identical to DVC's directory hash (`<md5>.dir`).
 
     DVC hashes a directory as the md5 of the JSON list of its files' (md5, relpath), sorted
-    by path parts; computing the same here means the hash a run logs is the one in
-    `dvc.lock` when the directory is a DVC output, and still a faithful content hash when
-    the user's dataset is not tracked by DVC at all.
+    by the relpath string; computing the same here means the hash a run logs is the one in
+    `dvc.lock` or a `.dvc` file when the directory is a DVC output, and still a faithful
+    content hash when the user's dataset is not tracked by DVC at all. (Sorting Path objects
+    instead orders by parts, which differs where `a.png` and a folder `a/` meet: openclipart
+    has `flags/america/canada.png` beside `flags/america/canada/`.)
     """
     root = Path(root)
     if not root.is_dir():
         raise DatasetFormatError(f"{root}: not a directory")
-    entries = [
-        {"md5": _file_md5(path), "relpath": path.relative_to(root).as_posix()}
-        for path in sorted(p for p in root.rglob("*") if p.is_file())
-    ]
+    relpaths = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    entries = [{"md5": _file_md5(root / relpath), "relpath": relpath} for relpath in relpaths]
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
 
 

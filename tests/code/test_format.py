@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -85,3 +90,17 @@ def test_ad_rows_map_a_split_back_to_dataset_rows():
     dataset = _toy_dataset()
     assert dataset.ad_rows(dataset.split("test")) == [2]
     assert dataset.ad_rows(dataset) == [0, 1, 2]
+
+
+def test_hash_is_dvcs_where_a_file_and_a_folder_share_a_name(tmp_path):
+    # "canada.png" sorts before "canada/..." as DVC sorts relpaths; by path parts it sorts after.
+    data = tmp_path / "repo" / "data"
+    (data / "flags" / "canada").mkdir(parents=True)
+    (data / "flags" / "canada.png").write_bytes(b"maple")
+    (data / "flags" / "canada" / "acadia.png").write_bytes(b"acadia")
+    (data / "flags" / "canadb.png").write_bytes(b"b")
+    dvc = shutil.which("dvc", path=str(Path(sys.executable).parent))
+    subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=tmp_path / "repo", check=True)
+    subprocess.run([dvc, "add", "-q", "data"], cwd=tmp_path / "repo", check=True)
+    recorded = (tmp_path / "repo" / "data.dvc").read_text()
+    assert f"md5: {dataset_hash(data)}" in recorded
