@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from components.systems import RegisteredSystem
@@ -37,3 +39,14 @@ class PromoteConfig(BaseModel):
     guardrail_max_drop: float = Field(0.01, ge=0.0, description="largest allowed drop of the guardrail metric")
     split: str = "test"
     seed: int = 0
+
+    # What live traffic says (interleaved searches, `alignsearch traffic compare`).
+    online: Literal["off", "advisory", "required"] = Field(
+        "advisory", description="off: the offline rule alone; advisory: a challenger that loses online "
+        "significantly is not promoted, too few impressions leave the offline rule to decide; required: "
+        "no promotion without an online win")
+    min_online_impressions: int = Field(200, ge=1, description="interleaved searches needed for an online verdict")
+    online_alpha: float = Field(0.05, gt=0, lt=1, description="significance level of the online verdict's test")
+    rollback_window_days: float = Field(7.0, gt=0, description="the window of live CTR@10 a rollback compares")
+    rollback_max_ctr_drop: float = Field(0.05, ge=0, description="roll back when the champion's CTR@10 is "
+                                         "below the previous champion's by more than this")

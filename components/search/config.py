@@ -30,5 +30,9 @@ class ServeConfig(BaseModel):
                                  "others to join its batch")
     catalogue_poll_s: float = Field(5.0, ge=0, description="how often the service checks for a new catalogue "
                                     "version of its model (0: never)")
+    interleave_share: float = Field(0.0, ge=0, le=1, description="share of searches answered by a team-draft "
+                                    "interleaving of the served model and `challenger_uri` (0: off)")
+    challenger_uri: str = Field("models:/alignsearch@challenger", description="the model interleaved with "
+                                "the served one when interleave_share > 0")
     log_traffic: bool = Field(True, description="log every answered search and take clicks (POST /click) in "
                               "the traffic log, `traffic.store_uri`; false: no log opened, /click answers 404")
