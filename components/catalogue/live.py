@@ -7,6 +7,8 @@ it, add, remove, re-index for a new champion, and keep a running engine on the c
     reindex(name, a, b)      the live ads of version a encoded by version b (promotion), and
                              the move of `champion` under the same lock
     CatalogueWatcher         polls the version's pointer, loads a new version, swaps it in
+    ChallengerCatalogue      keeps a second model's engine on the catalogue the served one has
+                             now, encoded by that model (interleaving; cached, never published)
 
 Encoding happens outside the catalogue lock; under it, the change is applied to whatever
 version is current (changes are by ad id, so two additions both land), then published with a
@@ -44,6 +46,8 @@ from components.search.catalogue import (
     IMAGE_HASH,
     WORD_BOXES,
     Catalogue,
+    file_ref_hashes,
+    is_saved,
 )
 from components.search.engine import SearchEngine
 
@@ -290,14 +294,137 @@ def catalogue_carrier(registry: RegistryConfig, cache_dir: Path, progress: bool 
                              progress=progress)
 
 
+# --- a second model on the served catalogue (interleaving) ----------------------------------
+
+INTERLEAVE_CACHE = "interleave"  # under <cache_dir>/catalogue/: one folder per (model, catalogue served)
+
+
+def _reuse_keys(ads: pd.DataFrame) -> tuple[list[tuple[str, str, str]], list[str]]:
+    """What an ad's encoding depends on, as far as two catalogues can tell: its id, title and
+    image (the image's sha256, read from its file when a `file:` ref's is not stored, else its
+    ref); and the hashes (filled in where they were read)."""
+    hashes = file_ref_hashes(ads)
+    refs = ads["image_ref"].astype(str)
+    keys = [(str(a), str(t), h if h else f"ref:{r}") for a, t, h, r in zip(ads["ad_id"], ads["title"], hashes, refs,
+                                                                            strict=True)]
+    return keys, hashes
+
+
+def encoded_copy_dir(cache_dir: Path, ref: ModelRef, source_key: str) -> Path:
+    """Where `encode_catalogue_for` keeps the catalogue `source_key` names encoded by `ref`'s model."""
+    model = ref.run_id or f"no-run-{ref.name}-{ref.version}"
+    return Path(cache_dir) / "catalogue" / INTERLEAVE_CACHE / model / source_key
+
+
+def encode_catalogue_for(engine: SearchEngine, ref: ModelRef, source: Catalogue, *, source_key: str,
+                         cache_dir: Path, source_dataset_dir: Path | None,
+                         reuse: Catalogue | None = None) -> Catalogue:
+    """`source` (the catalogue another version serves) with every ad encoded by `engine`'s model
+    (`ref`'s version): the same ads, ids, titles and images, in the same order, under the same
+    version label, with this model's words, regions and embeddings. Not published: it is kept
+    in the cache (`encoded_copy_dir`, by this version and `source_key`, a name unique to the
+    source version) and read from there the next time.
+
+    An ad whose id, title and image this model has already encoded (its own bundle's ads, and
+    those of `reuse`, an earlier copy) keeps that encoding; only the others go through the
+    model (`encode_ads`: torch and the vision backbone load then), their images found as
+    promotion's re-indexing finds them (`source_dataset_dir`: the source version's dataset)."""
+    target = encoded_copy_dir(cache_dir, ref, source_key)
+    if is_saved(target):
+        return Catalogue.load(target)
+    own = bundle_catalogue(ref.bundle_dir, model_name=ref.name, model_version=ref.version, dataset_dir=ref.dataset_dir)
+    # `reuse` without a change record is this version's own ads again (the engine as opened).
+    pools = [c for c in (own, reuse if reuse is not None and reuse.change else None) if c is not None and len(c)]
+    at: dict[tuple[str, str, str], int] = {}
+    offset = 0
+    for pool in pools:
+        at.update({key: offset + i for i, key in enumerate(_reuse_keys(pool.ads)[0])})
+        offset += len(pool)
+    keys, source_hashes = _reuse_keys(source.ads)
+    missing = np.array([key not in at for key in keys], dtype=bool)
+    fresh = _encode_catalogue_ads(engine, source.ads[missing],
+                                  f"catalogue {source.label} of {source.model_name} v{source.model_version} for "
+                                  f"{ref.name} v{ref.version}", cache_dir=cache_dir, dataset_dir=source_dataset_dir,
+                                  progress=False)
+    at.update({key: offset + i for i, key in enumerate(k for k, m in zip(keys, missing, strict=True) if m)})
+    pooled = pd.concat([*(p.ads for p in pools), *([fresh.rows] if len(fresh.rows) else [])], ignore_index=True)
+    embeddings = np.concatenate([*(np.asarray(p.embeddings) for p in pools), fresh.embeddings])
+    order = [at[key] for key in keys]
+    rows = pooled.iloc[order].reset_index(drop=True)
+    # Ids, titles and images are the source's; words, scores, regions and vectors this model's.
+    for column in ("ad_id", "title", "image_ref"):
+        rows[column] = source.ads[column].to_numpy()
+    rows[IMAGE_HASH] = [s or h for s, h in zip(source_hashes, rows[IMAGE_HASH], strict=True)]
+    vectors = {**{w: v for p in pools for w, v in p.word_vectors.items()}, **fresh.word_vectors}
+    in_use = {w for ws in rows["words"] for w in ws}
+    copy = Catalogue(rows, embeddings[order], {w: v for w, v in vectors.items() if w in in_use}, own.index_cfg,
+                     source.version, ref.name, ref.version, None, source.run_id,
+                     {"encoded_from": f"{source.model_name} v{source.model_version} {source.label} ({source_key})",
+                      "encoded": int(missing.sum()), "reused": int((~missing).sum())},
+                     own.words_shown or fresh.words_shown, _previous_index=own.index)
+    if missing.any():
+        log.info("catalogue %s of %s v%s for %s v%s: %d ads encoded in %.1f s, %d reused", source.label,
+                 source.model_name, source.model_version, ref.name, ref.version, int(missing.sum()), fresh.seconds,
+                 int((~missing).sum()))
+    copy.save(target)
+    return copy
+
+
+class ChallengerCatalogue:
+    """Keeps a second model version's engine (the challenger, interleaved with the served one)
+    on the catalogue the served version (`source_ref`) has now: `follow(catalogue)` swaps in
+    that catalogue encoded by the challenger's model (`encode_catalogue_for`), so both rank
+    the same ads under the same version label. A catalogue it cannot encode leaves the engine
+    on the last one and says why (`last_error`): its label then differs from the served one,
+    and the service stops interleaving until a later catalogue works."""
+
+    def __init__(self, engine: SearchEngine, ref: ModelRef, source_ref: ModelRef, *, cache_dir: Path) -> None:
+        self.engine, self.ref, self.source_ref, self.cache_dir = engine, ref, source_ref, Path(cache_dir)
+        self.source_key: str | None = None  # the served catalogue the engine holds a copy of
+        self.last_error = ""
+        self.follows = 0
+        self._lock = threading.Lock()
+
+    def key_of(self, catalogue: Catalogue) -> str:
+        """A name unique to a catalogue version of the served model: its run, or for version 0
+        (the served version's own ads) that version's run."""
+        return catalogue.run_id or f"v0-{self.source_ref.run_id or f'{self.source_ref.name}-{self.source_ref.version}'}"
+
+    def follow(self, catalogue: Catalogue) -> bool:
+        """Rank `catalogue` (the one the served engine just swapped in) from now on; True when the
+        engine holds its copy (already, or now)."""
+        key = self.key_of(catalogue)
+        with self._lock:
+            if key == self.source_key:
+                return True
+            try:
+                copy = encode_catalogue_for(self.engine, self.ref, catalogue, source_key=key, cache_dir=self.cache_dir,
+                                            source_dataset_dir=self.source_ref.dataset_dir, reuse=self.engine.catalogue)
+                copy.index  # noqa: B018 - build now, not on the first request
+                self.engine.use_catalogue(copy)
+            except Exception as exc:  # the served model goes on; interleaving waits for a catalogue that works
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("%s v%s cannot rank catalogue %s of %s v%s: %s", self.ref.name, self.ref.version,
+                            catalogue.label, self.source_ref.name, self.source_ref.version, self.last_error)
+                return False
+            self.source_key, self.last_error = key, ""
+            self.follows += 1
+            log.info("%s v%s ranks catalogue %s of %s v%s (%d ads)", self.ref.name, self.ref.version, catalogue.label,
+                     self.source_ref.name, self.source_ref.version, len(copy))
+            return True
+
+
 class CatalogueWatcher:
     """Keeps `engine` on the current catalogue of one model version: every `interval_s` it reads
     the version's pointer and, when it moved, loads the new version and swaps it in (requests
-    in flight finish on the old one; none waits for the load)."""
+    in flight finish on the old one; none waits for the load). `on_swap(catalogue)` runs after
+    each swap, in the watcher's thread (a `ChallengerCatalogue.follow`)."""
 
-    def __init__(self, engine, name: str, version: str, *, cache_dir: Path, interval_s: float = 5.0) -> None:
+    def __init__(self, engine, name: str, version: str, *, cache_dir: Path, interval_s: float = 5.0,
+                 on_swap: Callable[[Catalogue], object] | None = None) -> None:
         self.engine, self.name, self.version = engine, name, str(version)
         self.cache_dir, self.interval_s = Path(cache_dir), interval_s
+        self.on_swap = on_swap
         self.run_id = engine.catalogue.run_id
         self.last_error = ""
         self.reloads = 0
@@ -325,11 +452,13 @@ class CatalogueWatcher:
                 self.last_error = ""
                 log.info("serving catalogue %s of %s v%s (%d ads)", catalogue.label, self.name, self.version,
                          len(catalogue))
-                return True
             except Exception as exc:  # keep serving the version we have; say why on /health
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("catalogue reload of %s v%s failed: %s", self.name, self.version, self.last_error)
                 return False
+            if self.on_swap is not None:  # it says on its own what went wrong
+                self.on_swap(catalogue)
+            return True
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):

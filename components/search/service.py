@@ -6,9 +6,11 @@ search (ranked hits with their visual words), and a health endpoint naming the m
 all in the same process as the CLI, with no per-model environment to build.
 
     GET  /health                    -> {"status": "ok", "model_uri": ..., "version": ...,
-                                        "catalogue_version": ..., "num_ads": ..., "traffic": {...}} (503: no model)
+                                        "catalogue_version": ..., "num_ads": ..., "traffic": {...},
+                                        "interleave": {...}} (503: no model)
     GET  /search?q=red+car&k=5      -> {"request_id": ..., "query": ..., "k": ..., "catalogue_version": ...,
-                                        "took_ms": ..., "results": [...]}   (&source=page from the page)
+                                        "took_ms": ..., "results": [...], "interleaved": false}
+                                       (&source=page from the page)
     POST /search {"query": ..., "k": 5, "source": "api"}
     POST /click {"request_id": ..., "ad_id": ...} -> {"click_id", "request_id", "ad_id", "position"}
     GET  /                          -> the search page (`page.py`: one HTML file, no CDN, no build)
@@ -26,6 +28,12 @@ click on an ad a logged search showed; a refused click answers its rule's status
 `{"detail", "reason", "request_id"}` and nothing is written. Without one, nothing is logged and
 `/click` answers 404 with reason `logging_off`.
 
+With a `challenger` (a second model on the same catalogue version, built by `catalogue.serving`)
+and `serve.interleave_share` > 0, that share of searches (drawn from the request id) is answered
+by a team-draft interleaving of the two models' rankings (`search.interleave`), the answer
+saying `"interleaved": true` and the logged impression naming, per position, the model that
+contributed it (docs/search.md#interleaving).
+
 Behaving like a service: every response carries an `X-Request-ID` (and `nosniff`); an
 internal error is a generic 500 naming that id (the traceback goes to the log, not to the
 client); bodies over `max_body_bytes` get 413, bodies not received within `body_timeout_s`
@@ -41,10 +49,13 @@ model call (`batching.py`, `batch_max`, `batch_wait_ms`).
 # `create_app` (its limits come from the config) as a class, not as a string.
 import asyncio
 import contextlib
+import hashlib
 import ipaddress
 import json
 import logging
+import random
 import secrets
+import threading
 import time
 import uuid
 from typing import Annotated, Any, Literal, Protocol
@@ -59,6 +70,7 @@ from components.data.validate import IMAGE_FORMATS, image_format
 from components.outputs import redact_uri
 from components.search.batching import MicroBatcher
 from components.search.config import ServeConfig
+from components.search.interleave import contributor_label, team_draft
 from components.search.page import CONTENT_SECURITY_POLICY, PAGE
 
 log = logging.getLogger(__name__)
@@ -98,6 +110,8 @@ class SearchResponse(BaseModel):
     catalogue_version: str | None = None
     took_ms: float
     results: list[Hit]
+    interleaved: bool = Field(False, description="true when the results interleave the served model's ranking "
+                              "with a second model's (serve.interleave_share)")
 
 
 def _hits(frame: pd.DataFrame) -> list[Hit]:
@@ -136,7 +150,9 @@ class SearchLog(Protocol):
 
     def log_search(self, *, request_id: str, query: str, k: int, hits: list[tuple[str, int, float]],
                    model_name: str | None, model_version: str | None, catalogue_version: str | None,
-                   source: SearchSource, took_ms: float) -> None: ...
+                   source: SearchSource, took_ms: float, contributors: list[str] | None = None) -> None:
+        """`contributors`: for an interleaved answer, per hit the label of the model that put
+        it there (`interleave.contributor_label`, "name/version"); None otherwise."""
 
     def click(self, request_id: str, ad_id: str) -> dict: ...
 
@@ -144,6 +160,47 @@ class SearchLog(Protocol):
 
     def close(self) -> None: ...
 
+
+class Challenger(Protocol):
+    """A second model the service interleaves with the served one (`catalogue.serving` builds
+    it: its engine ranks the served model's current catalogue). `info` has its `name` and
+    `version`; `predict` answers as the served model's does; `describe` is its /health entry."""
+
+    info: dict
+
+    def predict(self, frame: pd.DataFrame) -> pd.DataFrame: ...
+
+    def describe(self) -> dict: ...
+
+
+def interleave_draw(seed: int, request_id: str) -> float:
+    """A number in [0, 1) fixed by the seed and the request id: a search is interleaved when it
+    is below `serve.interleave_share` (the same request id always draws the same)."""
+    digest = hashlib.sha256(f"{seed}:{request_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _same_image_key(row: dict) -> str:
+    # Ads with byte-identical images are one result (the engine collapses them, each model
+    # into its own best-scoring one): an interleaving shows such an image once too.
+    digest = row.get("image_hash")
+    return f"image:{digest}" if isinstance(digest, str) and digest else f"ad:{row['ad_id']}"
+
+
+def interleave_frames(champion: pd.DataFrame, challenger: pd.DataFrame, k: int, rng: random.Random,
+                      labels: tuple[str, str]) -> tuple[pd.DataFrame, list[str]]:
+    """A team-draft interleaving (`interleave.team_draft`, the champion as team a) of two
+    answers (frames of one query, best first) into at most `k` rows, each row the contributing
+    model's own (its score, words and regions), ranks renumbered from 1; and per row the label
+    (`labels`: champion's, challenger's) of the model that contributed it."""
+    rows = {"a": champion.to_dict("records"), "b": challenger.to_dict("records")}
+    by_key = {team: {_same_image_key(r): r for r in reversed(rs)} for team, rs in rows.items()}
+    keys, teams = team_draft([_same_image_key(r) for r in rows["a"]], [_same_image_key(r) for r in rows["b"]],
+                             k, rng)
+    picked = [{**by_key[team][key], "rank": rank} for rank, (key, team) in enumerate(zip(keys, teams, strict=True),
+                                                                                      start=1)]
+    frame = pd.DataFrame(picked, columns=champion.columns) if picked else champion.iloc[:0]
+    return frame, [labels[0] if team == "a" else labels[1] for team in teams]
 
 
 async def _send_json(send, status: int, body: dict, request_id: str) -> None:
@@ -312,14 +369,21 @@ class ClickResponse(BaseModel):
 
 def create_app(model: Any, cfg: ServeConfig, *, model_uri: str, info: dict | None = None,
                api_key: str | None = None, engine: Any = None, watcher: Any = None,
-               image_file=None, search_log: SearchLog | None = None) -> FastAPI:
+               image_file=None, search_log: SearchLog | None = None, challenger: Challenger | None = None,
+               interleave_seed: int = 0, interleave_off: str = "") -> FastAPI:
     """The app over `model` (anything with `predict(DataFrame) -> DataFrame`, e.g. a pyfunc;
     None: not loaded, /health and /search answer 503). `api_key`: required on every route but
     the page when set (else `cfg.host`/`cfg.port` name the Host values answered).
     `engine`: the model's `SearchEngine` (catalogue version and images on /health, /image);
     `watcher`: its `CatalogueWatcher` (reload errors on /health); `image_file(ref) -> Path|None`
     resolves an ad's image reference. `search_log`: where answered searches and clicks are
-    logged (None: logging off); the app closes it when it shuts down."""
+    logged (None: logging off); the app closes it when it shuts down.
+
+    `challenger`: a second model; a search whose `interleave_draw(interleave_seed, request id)`
+    is below `cfg.interleave_share` asks both and answers with a team-draft interleaving of the
+    two rankings (`interleave_frames`), logging per position which model contributed it, when
+    both answered from the same catalogue version (else the served model's answer alone).
+    `interleave_off`: why there is no challenger although the share is above 0 (/health)."""
 
     class SearchRequest(BaseModel):
         query: str = Field(..., max_length=cfg.max_query_chars, description="the user's text query")
@@ -342,14 +406,24 @@ def create_app(model: Any, cfg: ServeConfig, *, model_uri: str, info: dict | Non
     # Concurrent searches share one model call (batching.py); batch_max 1 = one call each.
     batcher = (MicroBatcher(model.predict, cfg.batch_max, cfg.batch_wait_ms)
                if model is not None and cfg.batch_max > 1 else None)
+    interleaving = challenger is not None and model is not None and cfg.interleave_share > 0
+    challenger_batcher = (MicroBatcher(challenger.predict, cfg.batch_max, cfg.batch_wait_ms)
+                          if interleaving and cfg.batch_max > 1 else None)
+    labels = (contributor_label((info or {}).get("name") or "model", version or "?"),
+              contributor_label(challenger.info.get("name") or "model", challenger.info.get("version") or "?")
+              if challenger is not None else "")
+    # skipped: the two answered from different catalogue versions; challenger_failed: it raised
+    interleave_counts = {"interleaved": 0, "skipped": 0, "challenger_failed": 0}
+    counts_lock = threading.Lock()
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         try:
             yield
         finally:
-            if batcher is not None:
-                batcher.close()
+            for each in (batcher, challenger_batcher):
+                if each is not None:
+                    each.close()
             if search_log is not None:  # writes what is still queued
                 await asyncio.to_thread(search_log.close)
 
@@ -363,25 +437,62 @@ def create_app(model: Any, cfg: ServeConfig, *, model_uri: str, info: dict | Non
         # An exception here (the model failed on a valid request) reaches `_Guard`: logged with
         # its traceback, a generic 500 with the request id for the client.
         log.debug("request %s: query %r, k=%d", request_id, request.query[:100], request.k)
-        frame = (batcher.search(request.query, request.k) if batcher is not None
-                 else model.predict(pd.DataFrame({"query": [request.query], "k": [request.k]})))
-        catalogue_version = (str(frame["catalogue_version"].iloc[0]) if "catalogue_version" in frame.columns
-                             and len(frame) else (engine.catalogue_version if engine is not None else None))
+        interleave = interleaving and interleave_draw(interleave_seed, request_id) < cfg.interleave_share
+        frames = _ask(request, interleave)
+        frame, contributors = frames[0], None
+        if interleave:
+            frame, contributors = _interleave(request, request_id, *frames)
+        catalogue_version = _catalogue_of(frame) or (engine.catalogue_version if engine is not None else None)
         response = SearchResponse(request_id=request_id, query=request.query, k=request.k, model_uri=model_uri,
                                   model_version=version, catalogue_version=catalogue_version,
-                                  took_ms=round((time.perf_counter() - started) * 1000, 2), results=_hits(frame))
+                                  took_ms=round((time.perf_counter() - started) * 1000, 2), results=_hits(frame),
+                                  interleaved=contributors is not None)
         if search_log is not None:
-            _log_search(request, response)
+            _log_search(request, response, contributors)
         return response
 
-    def _log_search(request: SearchRequest, response: SearchResponse) -> None:
+    def _ask(request: SearchRequest, both: bool) -> list[pd.DataFrame]:
+        """The served model's answer, and with `both` the challenger's, asked at once (each
+        model's batcher answers in its own thread)."""
+        if batcher is not None:
+            served = batcher.submit(request.query, request.k)
+            second = challenger_batcher.submit(request.query, request.k) if both else None
+            return [served.result(), *([_challenger_answer(second.result)] if both else [])]
+        query = pd.DataFrame({"query": [request.query], "k": [request.k]})
+        return [model.predict(query), *([_challenger_answer(lambda: challenger.predict(query))] if both else [])]
+
+    def _challenger_answer(answer) -> pd.DataFrame | None:
+        # The challenger failing never fails a search: the served model answers it alone.
+        try:
+            return answer()
+        except Exception:  # noqa: BLE001
+            log.exception("the challenger failed; answering with the served model alone")
+            return None
+
+    def _catalogue_of(frame: pd.DataFrame) -> str | None:
+        return str(frame["catalogue_version"].iloc[0]) if "catalogue_version" in frame.columns and len(frame) \
+            else None
+
+    def _interleave(request: SearchRequest, request_id: str, served: pd.DataFrame,
+                    second: pd.DataFrame | None) -> tuple[pd.DataFrame, list[str] | None]:
+        # Both must rank one catalogue version: right after the served model's catalogue was
+        # swapped, the challenger's copy of it may still be on its way (then: not interleaved).
+        same = second is not None and _catalogue_of(served) is not None \
+            and _catalogue_of(served) == _catalogue_of(second)
+        with counts_lock:
+            interleave_counts["interleaved" if same else "skipped" if second is not None else "challenger_failed"] += 1
+        if not same:
+            return served, None
+        return interleave_frames(served, second, request.k, random.Random(f"{interleave_seed}:{request_id}"), labels)
+
+    def _log_search(request: SearchRequest, response: SearchResponse, contributors: list[str] | None) -> None:
         # Positions are the hits' places in the answer, from 1 (what a person scanning it sees).
         hits = [(hit.ad_id, position, hit.score) for position, hit in enumerate(response.results, start=1)]
         try:
             search_log.log_search(request_id=response.request_id, query=request.query, k=request.k, hits=hits,
                                   model_name=(info or {}).get("name"), model_version=version,
                                   catalogue_version=response.catalogue_version, source=request.source,
-                                  took_ms=response.took_ms)
+                                  took_ms=response.took_ms, contributors=contributors)
         except Exception:  # noqa: BLE001 - the log never fails a search it did not answer
             log.exception("request %s: the search was answered but could not be logged", response.request_id)
 
@@ -402,7 +513,17 @@ def create_app(model: Any, cfg: ServeConfig, *, model_uri: str, info: dict | Non
             out["catalogue_reloads"] = watcher.reloads
             out["catalogue_reload_error"] = redact_uri(watcher.last_error)
         out["traffic"] = search_log.stats() if search_log is not None else {"logging": "off"}
+        out["interleave"] = _interleave_health()
         return out
+
+    def _interleave_health() -> dict:
+        if not interleaving:
+            return {"status": "off", "share": cfg.interleave_share,
+                    **({"reason": interleave_off} if cfg.interleave_share > 0 and interleave_off else {})}
+        with counts_lock:
+            counts = dict(interleave_counts)
+        return {"status": "on", "share": cfg.interleave_share, "seed": interleave_seed, "champion": labels[0],
+                "challenger": labels[1], **challenger.describe(), **counts}
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> HTMLResponse:

@@ -123,12 +123,21 @@ def serve(
     log_traffic: Annotated[Optional[bool], typer.Option("--log/--no-log", help="Log every answered search and take "  # noqa: UP045
                                                         "clicks in traffic.store_uri (default: params "
                                                         "serve.log_traffic, on).")] = None,
+    interleave_share: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Share of searches answered "  # noqa: UP045
+                                                              "by a team-draft interleaving of the served model and "
+                                                              "the challenger (default: params "
+                                                              "serve.interleave_share, 0 = off).")] = None,
+    challenger_uri: Annotated[Optional[str], typer.Option(help="The model interleaved with the served one "  # noqa: UP045
+                                                          "(default: params serve.challenger_uri, the "
+                                                          "challenger alias).")] = None,
     params: ParamsOption = PARAMS_FILE,
     set_: SetOption = None,
 ) -> None:
     """Serve search over HTTP (FastAPI): a search page at /, GET/POST /search, POST /click, GET /health,
     docs at /docs. Every answered search is logged in the traffic log (traffic.store_uri; --no-log: not).
     Follows the model version's live catalogue (`alignsearch ads add`): new versions are swapped in.
+    With --interleave-share above 0, that share of searches interleaves the challenger's ranking
+    with the served model's (both rank the served model's live catalogue; clicks are credited per model).
     With ALIGNSEARCH_API_KEY set, every route but the page needs the header X-API-Key (the page
     asks for it); without it, only requests naming the bind address (Host) are answered."""
     from components.catalogue.serving import build_service  # FastAPI: only the service needs it
@@ -148,8 +157,10 @@ def serve(
     uri = model_uri or cfg.serve.model_uri
     port_ = port or cfg.serve.port
     # The app checks Host headers against the address it is bound to (no key: DNS rebinding).
-    serve_cfg = cfg.serve.model_copy(update={"host": bind, "port": port_, "log_traffic": (
-        cfg.serve.log_traffic if log_traffic is None else log_traffic)})
+    serve_cfg = cfg.serve.model_copy(update={
+        "host": bind, "port": port_, "log_traffic": cfg.serve.log_traffic if log_traffic is None else log_traffic,
+        "interleave_share": cfg.serve.interleave_share if interleave_share is None else interleave_share,
+        "challenger_uri": challenger_uri or cfg.serve.challenger_uri})
     configure_mlflow(cfg.registry)
     try:
         service = build_service(uri, serve_cfg, cache_dir=cfg.data.cache_dir, tracking_uri=tracking_uri(cfg.registry),
@@ -161,6 +172,12 @@ def serve(
     engine, app_ = service.engine, service.app
     logged = (f"searches and clicks logged to {redact_uri(cfg.traffic.store_uri)}" if service.traffic_log is not None
               else "traffic logging off")
+    if service.challenger is not None:
+        challenger = service.challenger.info
+        logged += (f"; {serve_cfg.interleave_share:.0%} of searches interleaved with {challenger['name']} "
+                   f"v{challenger['version']}")
+    elif serve_cfg.interleave_share > 0:
+        err_console.print(f"[yellow]Not interleaving: {service.interleave_off}[/yellow]", soft_wrap=True)
     console.print(f"Serving {redact_uri(uri)} (catalogue {engine.catalogue_version}, {len(engine)} ads) on "
                   f"http://{bind}:{port_} (search page at /, docs at /docs); {logged}"
                   + (f"; API key required on every route but the page ({API_KEY_ENV})" if api_key else ""),
@@ -172,22 +189,27 @@ def bench_serve(
     requests: Annotated[int, typer.Option(min=1, help="Requests to send.")] = 2000,
     concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at once.")] = 8,
     k: Annotated[int, typer.Option(min=1, help="Ads per request.")] = 10,
-    rounds: Annotated[int, typer.Option(min=1, help="Alternating rounds the requests to the two servers "
-                                        "(traffic log off, on) are split into.")] = 10,
+    rounds: Annotated[int, typer.Option(min=1, help="Alternating rounds the requests to the servers "
+                                        "(traffic log off, on[, interleaving]) are split into.")] = 10,
     model_uri: Annotated[Optional[str], typer.Option(help="Model to serve (default: the champion).")] = None,  # noqa: UP045
+    interleave_share: Annotated[float, typer.Option(min=0.0, max=1.0, help="Above 0: a third server, logging and "
+                                                    "interleaving this share of searches with the challenger "
+                                                    "(serve.challenger_uri), joins the rounds.")] = 0.0,
     out: Annotated[Path, typer.Option(help="Where bench_serve.json/.md go.")] = Path("reports/bench-serve"),
     params: ParamsOption = PARAMS_FILE,
     set_: SetOption = None,
 ) -> None:
-    """Start two real `alignsearch serve`s on 127.0.0.1, the traffic log off and on (a scratch store in
-    --out), send each N requests at a concurrency in alternating rounds (p50/p95/p99 latency,
-    throughput, errors), then sweep bad inputs (each must be 4xx) and clicks (each its status)."""
+    """Start real `alignsearch serve`s on 127.0.0.1, the traffic log off and on (a scratch store in
+    --out), and with --interleave-share a third that interleaves with the challenger; send each N
+    requests at a concurrency in alternating rounds (p50/p95/p99 latency, throughput, errors), then
+    sweep bad inputs (each must be 4xx) and clicks (each its status)."""
     cfg = load_config(params, set_)
     serve_args = ["--params", str(params), "--model-uri", model_uri or cfg.serve.model_uri]
     for item in set_ or []:
         serve_args += ["--set", item]
     try:
-        report = measure_service(serve_args, out, requests=requests, concurrency=concurrency, k=k, rounds=rounds)
+        report = measure_service(serve_args, out, requests=requests, concurrency=concurrency, k=k, rounds=rounds,
+                                 interleave_share=interleave_share)
     except RuntimeError as exc:
         err_console.print(f"[red]{redact_uri(str(exc))}[/red]", soft_wrap=True)
         raise typer.Exit(1) from exc

@@ -181,3 +181,137 @@ def test_impression_preferences_empty_and_refused(tmp_path):
         assert frame["time"].dt.tz is not None
         with pytest.raises(ValueError, match="same model"):
             impression_preferences(store.read(), CHAMPION, CHAMPION)
+
+
+# --- in the service: two toy rankings, the real traffic log ---------------------------------
+
+class Ranking:
+    """A model that ranks fixed ads in a fixed order for every query, on catalogue `version`."""
+
+    def __init__(self, ads: list[str], version: str = "v3", hashes: dict[str, str] | None = None, name="alignsearch",
+                 model_version="2"):
+        self.ads, self.version, self.hashes = ads, version, hashes or {}
+        self.info = {"name": name, "version": model_version}
+
+    def predict(self, frame):
+        import pandas as pd
+
+        rows = []
+        for query, k in zip(frame["query"], frame["k"], strict=True):
+            rows += [{"query": query, "rank": i + 1, "ad_id": ad, "title": f"title {ad}", "score": 1.0 - i / 10,
+                      "visual_words": ["tree"], "matched_words": [], "catalogue_version": self.version,
+                      "image_hash": self.hashes.get(ad, f"hash-{ad}")} for i, ad in enumerate(self.ads[:int(k)])]
+        return pd.DataFrame(rows)
+
+    def describe(self):
+        return {"challenger_catalogue_version": self.version}
+
+
+class Failing(Ranking):
+    def predict(self, frame):
+        raise RuntimeError("the challenger failed")
+
+
+CHAMPION_ADS = ["c1", "s1", "c2", "s2", "c3", "c4"]
+CHALLENGER_ADS = ["s1", "d1", "d2", "s2", "d3", "d4"]
+
+
+def _service(tmp_path, share: float, challenger: Ranking | None, *, batch_max: int = 16):
+    from fastapi.testclient import TestClient
+
+    from components.catalogue.serving import TrafficLog
+    from components.search.config import ServeConfig
+    from components.search.service import create_app
+    from components.traffic.config import TrafficConfig
+
+    log = TrafficLog(TrafficConfig(store_uri=f"sqlite:///{tmp_path / 'traffic.db'}", flush_ms=60_000))
+    app = create_app(Ranking(CHAMPION_ADS), ServeConfig(interleave_share=share, batch_max=batch_max),
+                     model_uri="models:/alignsearch@champion", info={"name": "alignsearch", "version": "1"},
+                     search_log=log, challenger=challenger, interleave_seed=7)
+    return TestClient(app, base_url="http://127.0.0.1:8080"), log
+
+
+@pytest.mark.parametrize("batch_max", [1, 16])
+def test_service_interleaves_logs_contributors_and_credits_clicks(tmp_path, batch_max):
+    client, log = _service(tmp_path, 1.0, Ranking(CHALLENGER_ADS), batch_max=batch_max)
+    with client:
+        answers = [client.post("/search", json={"query": f"q{i}", "k": 4}).json() for i in range(20)]
+        health = client.get("/health").json()["interleave"]
+        log.writer.flush()
+        stored = log.store.read().impressions.set_index("event_id")
+        for answer in answers:
+            assert answer["interleaved"] is True and answer["catalogue_version"] == "v3"
+            contributors = list(stored.loc[answer["request_id"], "contributors"])
+            ids = [h["ad_id"] for h in answer["results"]]
+            assert [h["rank"] for h in answer["results"]] == [1, 2, 3, 4]
+            teams = ["a" if c == CHAMPION else "b" for c in contributors]
+            # the answer is exactly the team draft drawn from the seed and the request id
+            assert (ids, teams) == team_draft(CHAMPION_ADS[:4], CHALLENGER_ADS[:4], 4,
+                                              random.Random(f"7:{answer['request_id']}"))
+        assert health == {"status": "on", "share": 1.0, "seed": 7, "champion": CHAMPION, "challenger": CHALLENGER,
+                          "challenger_catalogue_version": "v3", "interleaved": 20, "skipped": 0,
+                          "challenger_failed": 0}
+        # a click on s1 (both rank it first; its picker is credited) and one on a d-ad (the challenger's)
+        answer = answers[0]
+        contributors = list(stored.loc[answer["request_id"], "contributors"])
+        picked = {h["ad_id"]: c for h, c in zip(answer["results"], contributors, strict=True)}
+        for ad_id in ["s1", next(a for a in picked if a.startswith("d"))]:
+            assert client.post("/click", json={"request_id": answer["request_id"], "ad_id": ad_id}).status_code == 200
+        row = impression_preferences(log.store.read(), CHALLENGER, CHAMPION).set_index("event_id").loc[
+            answer["request_id"]]
+        expected = 1 + (picked["s1"] == CHALLENGER)
+        assert (row["challenger_clicks"], row["champion_clicks"]) == (expected, 2 - expected)
+
+
+def test_service_share_is_drawn_per_request(tmp_path):
+    client, log = _service(tmp_path, 0.3, Ranking(CHALLENGER_ADS))
+    with client:
+        answers = [client.get("/search", params={"q": "tree", "k": 3}).json() for _ in range(300)]
+    share = sum(a["interleaved"] for a in answers) / len(answers)
+    assert 0.2 < share < 0.4
+    from components.search.service import interleave_draw
+
+    for answer in answers:
+        assert answer["interleaved"] == (interleave_draw(7, answer["request_id"]) < 0.3)
+        if not answer["interleaved"]:
+            assert [h["ad_id"] for h in answer["results"]] == CHAMPION_ADS[:3]
+
+
+def test_service_answers_alone_when_catalogues_differ_the_challenger_fails_or_there_is_none(tmp_path):
+    client, log = _service(tmp_path, 1.0, Ranking(CHALLENGER_ADS, version="v2"))
+    with client:
+        answer = client.post("/search", json={"query": "tree", "k": 4}).json()
+        assert answer["interleaved"] is False and [h["ad_id"] for h in answer["results"]] == CHAMPION_ADS[:4]
+        health = client.get("/health").json()["interleave"]
+        assert (health["interleaved"], health["skipped"]) == (0, 1)
+        log.writer.flush()
+        assert log.store.impression(answer["request_id"]).contributors is None
+    client, _ = _service(tmp_path / "failing", 1.0, Failing(CHALLENGER_ADS))
+    with client:
+        answer = client.post("/search", json={"query": "tree", "k": 4})
+        assert answer.status_code == 200 and answer.json()["interleaved"] is False
+        assert [h["ad_id"] for h in answer.json()["results"]] == CHAMPION_ADS[:4]
+        assert client.get("/health").json()["interleave"]["challenger_failed"] == 1
+    client, _ = _service(tmp_path / "none", 1.0, None)
+    with client:
+        assert client.get("/health").json()["interleave"] == {"status": "off", "share": 1.0}
+        assert client.post("/search", json={"query": "tree", "k": 2}).json()["interleaved"] is False
+
+
+def test_interleaved_answer_shows_a_byte_identical_image_once():
+    import pandas as pd
+
+    from components.search.service import interleave_frames
+
+    def frame(ads, hashes):
+        return pd.DataFrame([{"query": "q", "rank": i + 1, "ad_id": a, "score": 1.0, "image_hash": h,
+                              "catalogue_version": "v1"} for i, (a, h) in enumerate(zip(ads, hashes, strict=True))])
+
+    # x1 and x2 have one image: the champion shows it as x1, the challenger as x2
+    champion = frame(["x1", "a", "b"], ["hx", "ha", "hb"])
+    challenger = frame(["x2", "c", "d"], ["hx", "hc", "hd"])
+    out, labels = interleave_frames(champion, challenger, 4, Coins([0.1, 0.1]), ("m/1", "m/2"))
+    assert out["ad_id"].tolist() == ["x1", "c", "a", "d"] and labels == ["m/1", "m/2", "m/1", "m/2"]
+    assert out["rank"].tolist() == [1, 2, 3, 4]
+    out, labels = interleave_frames(champion, challenger, 4, Coins([0.9, 0.9]), ("m/1", "m/2"))
+    assert out["ad_id"].tolist() == ["x2", "a", "c", "b"] and labels == ["m/2", "m/1", "m/2", "m/1"]
