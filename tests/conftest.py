@@ -20,9 +20,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SLOW_TIMEOUT_S = 1200  # flows end to end and training on a shared 2-core box; the default is 600 s
 
 
-# Test directories whose files share an expensive session fixture (a trained store, a running
-# team stack): under pytest-xdist each of them runs on one worker, so it is built once.
-SHARED_FIXTURE_DIRS = ("ops", "catalogue", "team")
+# Expensive session fixtures (a trained store, a registered catalogue, a running team stack) and
+# the group of the tests that use them: under pytest-xdist each group runs on one worker, so the
+# fixture is built once. Every other test file is its own group, free to run on either worker.
+SHARED_FIXTURES = {"trained_template": "ops", "catalogue_template": "catalogue", "team_stack": "team"}
 
 
 # tryfirst: xdist's worker reads the `xdist_group` marks in its own collection hook, and it is
@@ -32,15 +33,18 @@ def pytest_collection_modifyitems(config, items):
     """A `slow` test without its own `timeout` mark gets SLOW_TIMEOUT_S (pyproject: 600 s for the rest).
 
     With pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): the tests of one file stay on
-    one worker (module fixtures are built once), and a SHARED_FIXTURE_DIRS directory is one group.
+    one worker (module fixtures are built once), and the tests using one of SHARED_FIXTURES are
+    one group (in file order, so tests/team's files that must run before test_stack.py's last
+    test, which stops the stack, still do).
     """
     parallel = config.pluginmanager.hasplugin("xdist")
     for item in items:
         if item.get_closest_marker("slow") is not None and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
         if parallel:
+            shared = [group for fixture, group in SHARED_FIXTURES.items() if fixture in item.fixturenames]
             parts = Path(str(item.fspath)).resolve().relative_to(REPO_ROOT / "tests").parts
-            item.add_marker(pytest.mark.xdist_group(parts[0] if parts[0] in SHARED_FIXTURE_DIRS else "/".join(parts)))
+            item.add_marker(pytest.mark.xdist_group(shared[0] if shared else "/".join(parts)))
 
 
 @pytest.fixture(scope="session")
