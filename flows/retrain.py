@@ -67,6 +67,7 @@ from components.data.validate import ValidationError, validate_dataset
 from components.evaluate.stage import choose_system, run_evaluate
 from components.match.config import MatchConfig
 from components.outputs import atomic_dir, is_scratch
+from components.registry.card import refresh_card
 from components.registry.config import RegistryConfig
 from components.registry.models import open_model
 from components.registry.tracking import client as mlflow_client
@@ -434,6 +435,7 @@ def register(run_id: str, model_key: str, registry: dict, vision: dict, index: d
             info = log_search_model(bundle)
     version = register_version(info.model_uri, cfg.model_name, model_key=model_key,
                                tags={**tags, "run_id": run_id})
+    refresh_card(cfg.model_name, version.version, registration=True)  # its description (never fails the task)
     return {"version": version.version, "created": True}
 
 

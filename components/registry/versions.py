@@ -89,6 +89,11 @@ def registered(name: str, model_key: str) -> RegisteredVersion | None:
     return RegisteredVersion(name, version, found.run_id, False)
 
 
+def aliases(name: str) -> dict[str, str]:
+    """alias -> version of `name` ({} when the model does not exist; a registry error raises)."""
+    return _aliases(name)
+
+
 def _aliases(name: str) -> dict[str, str]:
     """alias -> version of `name` ({} when the model does not exist)."""
     try:

@@ -54,6 +54,7 @@ app = typer.Typer(
 COMMANDS = (
     ("retrain", pipeline.retrain),
     ("promote", pipeline.promote),
+    ("rollback", pipeline.rollback),
     ("run", pipeline.run),
     ("search", search.search),
     ("serve", search.serve),

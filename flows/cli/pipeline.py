@@ -1,5 +1,6 @@
-"""`alignsearch retrain|promote|run|schedule`: the Prefect flows from the command line, and
-what they report (the registered version, the test metrics, the promotion decision).
+"""`alignsearch retrain|promote|rollback|run|schedule`: the Prefect flows from the command line,
+and what they report (the registered version, the test metrics, the promotion or rollback
+decision).
 
 The flows load Prefect (and through their stages torch and MLflow), so each command imports
 its flow when it runs: `alignsearch search` never pays for them.
@@ -150,6 +151,41 @@ def promote(
         err_console.print(f"[red]Promotion stopped, champion unchanged:[/red] {redact_uri(str(exc))}", soft_wrap=True)
         raise typer.Exit(1) from exc
     _print_decision(decision)
+
+
+def _print_rollback(decision: dict) -> None:
+    colour = {"rolled_back": "red", "kept": "green"}.get(decision["outcome"], "cyan")
+    console.print(f"Rollback: [{colour}]{decision['outcome']}[/{colour}] - {decision['reason']}", soft_wrap=True,
+                  highlight=False)
+    if decision.get("champion_ctr"):
+        table = Table(title="Live CTR@10, each version's own searches (not interleaved)")
+        for column in ("", "version", "searches", "CTR@10", "window (UTC)"):
+            table.add_column(column, justify="left" if column in ("", "window (UTC)") else "right")
+        for role, ctr in (("champion", decision["champion_ctr"]), ("previous champion", decision["previous_ctr"])):
+            table.add_row(role, f"v{ctr['version']}", str(ctr["searches"]), f"{ctr['ctr_at_10']:.4f}",
+                          f"{ctr['start']} to {ctr['end']}")
+        console.print(table)
+
+
+def rollback(
+    force: Annotated[bool, typer.Option("--force", help="Roll back whatever live traffic says (recorded as forced).")] = False,
+    params: ParamsOption = PARAMS_FILE,
+    set_: SetOption = None,
+) -> None:
+    """Move `champion` back to the version it replaced when its live CTR@10 over
+    promote.rollback_window_days fell below that version's by more than
+    promote.rollback_max_ctr_drop; the live catalogue moves with it, and the decision is
+    recorded on the version rolled back from. No previous champion or too few searches: says
+    so and changes nothing."""
+    from flows.promote import rollback_flow  # Prefect
+
+    cfg = load_config(params, set_)
+    try:
+        decision = rollback_flow(cfg.model_dump(mode="json", by_alias=True), force=force)
+    except (RegistryError, ValueError) as exc:
+        err_console.print(f"[red]Rollback stopped, champion unchanged:[/red] {redact_uri(str(exc))}", soft_wrap=True)
+        raise typer.Exit(1) from exc
+    _print_rollback(decision)
 
 
 def run(params: ParamsOption = PARAMS_FILE, set_: SetOption = None, loop: LoopOption = False,

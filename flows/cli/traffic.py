@@ -1,6 +1,7 @@
-"""`alignsearch traffic import|report|ingest|simulate|prune|export`: the traffic log
+"""`alignsearch traffic import|report|compare|ingest|simulate|prune|export`: the traffic log
 (docs/traffic.md) from the command line: a team's own events in, how the models do with
-people, the next dataset version, simulated users, retention, and Parquet exports."""
+people, which of two models people prefer, the next dataset version, simulated users,
+retention, and Parquet exports."""
 
 from __future__ import annotations
 
@@ -167,6 +168,69 @@ def traffic_report(
                       soft_wrap=True)
     console.print(f"MLflow: run {run.run_id} in experiment {cfg.traffic.monitoring_experiment!r}; "
                   f"plot {run.files['plot']}, table {run.files['table']}", soft_wrap=True)
+
+
+@traffic_app.command("compare")
+def traffic_compare(
+    challenger: Annotated[Optional[str], typer.Option("--challenger", help="Model URI (default: models:/<registry.model_name>@challenger).")] = None,  # noqa: UP045
+    champion: Annotated[Optional[str], typer.Option("--champion", help="Model URI (default: models:/<registry.model_name>@champion).")] = None,  # noqa: UP045
+    days: Annotated[Optional[float], typer.Option("--days", min=0, help="Only the last N days of searches (default: the whole log).")] = None,  # noqa: UP045
+    params: ParamsOption = PARAMS_FILE,
+    set_: SetOption = None,
+) -> None:
+    """The online verdict: which of two models people prefer on interleaved searches.
+
+    Interleaved impressions of the pair, those with a preference, each model's wins, the
+    challenger's win share and the p-value of a two-sided binomial sign test over the
+    impressions with a preference (ties left out); verdict challenger_better, champion_better,
+    no_difference or too_few (fewer than promote.min_online_impressions). Recorded on the
+    challenger's registered version (tags alignsearch.online.*, its model card) and as a run of
+    the monitoring experiment."""
+    from components.registry.promotion import record_online_verdict
+    from components.registry.tracking import configure_mlflow
+    from components.registry.versions import describe
+    from components.search.interleave import contributor_label
+    from components.traffic.verdict import compare_logged, log_verdict
+
+    cfg = load_config(params, set_)
+    configure_mlflow(cfg.registry)
+    found = {}
+    for role, uri in (("challenger", challenger), ("champion", champion)):
+        uri = uri or f"models:/{cfg.registry.model_name}@{role}"
+        found[role] = describe(uri)
+        if not found[role]:
+            err_console.print(f"[red]--{role} {uri}: no such registered model version[/red]", soft_wrap=True)
+            raise typer.Exit(2)
+    labels = [contributor_label(found[role]["name"], found[role]["version"]) for role in ("challenger", "champion")]
+    if labels[0] == labels[1]:
+        err_console.print(f"[red]challenger and champion are the same version ({labels[0]}): nothing to compare[/red]",
+                          soft_wrap=True)
+        raise typer.Exit(2)
+    verdict, preferences = compare_logged(cfg.traffic, *labels, cfg.promote, days=days)
+    record_online_verdict(found["challenger"]["name"], found["challenger"]["version"], verdict)
+    run_id = log_verdict(verdict, preferences, experiment=cfg.traffic.monitoring_experiment,
+                         beside_experiment=cfg.registry.experiment,
+                         params={"days": "all" if days is None else f"{days:g}",
+                                 "store_uri": redact_uri(cfg.traffic.store_uri)})
+    table = Table(title=f"Online: {verdict.challenger} (challenger) vs {verdict.champion} (champion), "
+                  + ("the whole log" if days is None else f"the last {days:g} days"), box=box.SIMPLE_HEAD)
+    table.add_column("")
+    table.add_column("", justify="right")
+    for label, value in (("interleaved impressions", str(verdict.impressions)),
+                         ("with a preference", str(verdict.preferred)),
+                         ("challenger wins", str(verdict.challenger_wins)),
+                         ("champion wins", str(verdict.champion_wins)),
+                         ("challenger win share", _cell(verdict.win_share)),
+                         ("p-value, two-sided binomial sign test", f"{verdict.p_value:.3g}"),
+                         ("verdict", verdict.verdict)):
+        table.add_row(label, value)
+    console.print(table)
+    console.print(f"alpha {verdict.alpha:g}; a verdict needs {verdict.min_impressions} interleaved impressions "
+                  "(promote.online_alpha, promote.min_online_impressions)" + (f"; {verdict.note}" if verdict.note else ""),
+                  soft_wrap=True)
+    console.print(f"Recorded on {found['challenger']['name']} v{found['challenger']['version']} (tags "
+                  f"alignsearch.online.*, model card); MLflow run {run_id} in experiment "
+                  f"{cfg.traffic.monitoring_experiment!r}", soft_wrap=True)
 
 
 @traffic_app.command("ingest")

@@ -15,10 +15,10 @@ from flows.cli import app
 runner = CliRunner()
 
 
-COMMANDS = {"ads", "align", "bench-index", "bench-serve", "benchmark", "data", "evaluate", "features", "promote", "retrain", "run",
+COMMANDS = {"ads", "align", "bench-index", "bench-serve", "benchmark", "data", "evaluate", "features", "promote", "retrain", "rollback", "run",
             "schedule", "search", "serve", "team", "traffic", "train-matcher"}
 SUBCOMMANDS = {"ads": {"add", "remove", "status"}, "data": {"build", "hash", "validate"}, "align": {"compare", "show", "train"}, "team": {"down", "status", "up"},
-               "traffic": {"export", "import", "ingest", "prune", "report", "simulate"}}
+               "traffic": {"compare", "export", "import", "ingest", "prune", "report", "simulate"}}
 
 
 def _listed(help_text: str) -> set[str]:
