@@ -9,7 +9,11 @@ taken in turn (off, on, on, off, ...) see the same moments, so the difference is
 
 The logging-on server logs to a scratch SQLite file in the report's directory (fresh each run),
 not to `traffic.store_uri`: the benchmark's searches are not people's, and must never reach
-training. `--set traffic.store_uri=...` measures another store (a team's PostgreSQL) instead."""
+training. `--set traffic.store_uri=...` measures another store (a team's PostgreSQL) instead.
+
+With `interleave_share` above 0 a third server joins the rounds: the traffic log on (its own
+scratch file) and that share of searches interleaved with the challenger
+(`serve.challenger_uri`), so what interleaving costs is its difference from the logging one."""
 
 from __future__ import annotations
 
@@ -87,26 +91,36 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def scratch_store(out_dir: Path) -> str:
-    """A fresh SQLite traffic log in `out_dir` for the logging-on server (an older one removed)."""
-    path = (out_dir / "bench_traffic.db").resolve()
+def scratch_store(out_dir: Path, name: str = "bench_traffic.db") -> str:
+    """A fresh SQLite traffic log in `out_dir` for a logging server (an older one removed)."""
+    path = (out_dir / name).resolve()
     for stale in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
         stale.unlink(missing_ok=True)
     return f"sqlite:///{path}"
 
 
+# How the report names each server: its traffic log, and whether it interleaves.
+SERVER_NAMES = {"off": "off", "on": "on", "interleaved": "on, interleaved"}
+
+
 def bench_serve(serve_args: list[str], out_dir: Path, *, requests: int = 2000, concurrency: int = 8, k: int = 10,
-                rounds: int = 10, queries: list[str] | None = None, env: dict | None = None) -> dict:
-    """Run the benchmark: `requests` searches to each server (traffic log off, on) in `rounds`
-    alternating rounds, then the bad-input sweep (clicks included) against the logging server;
-    writes `bench_serve.json` and `bench_serve.md` into `out_dir`. `serve_args` come after the
-    benchmark's own, so their `--set traffic.store_uri=...` wins over the scratch store."""
+                rounds: int = 10, queries: list[str] | None = None, env: dict | None = None,
+                interleave_share: float = 0.0) -> dict:
+    """Run the benchmark: `requests` searches to each server (traffic log off, on, and with
+    `interleave_share` > 0 on and interleaving) in `rounds` alternating rounds, then the
+    bad-input sweep (clicks included) against the logging server; writes `bench_serve.json` and
+    `bench_serve.md` into `out_dir`. `serve_args` come after the benchmark's own, so their
+    `--set traffic.store_uri=...` wins over the scratch store."""
     import httpx
 
     out_dir.mkdir(parents=True, exist_ok=True)
     queries = queries or DEFAULT_QUERIES
     headers = key_headers(env) or None
-    logging_args = {"off": ["--no-log"], "on": ["--log", "--set", f"traffic.store_uri={scratch_store(out_dir)}"]}
+    logging_args = {"off": ["--no-log", "--interleave-share", "0"],
+                    "on": ["--log", "--interleave-share", "0", "--set", f"traffic.store_uri={scratch_store(out_dir)}"]}
+    if interleave_share > 0:
+        logging_args["interleaved"] = ["--log", "--interleave-share", str(interleave_share), "--set",
+                                       f"traffic.store_uri={scratch_store(out_dir, 'bench_traffic_interleaved.db')}"]
     servers: dict[str, tuple[subprocess.Popen, str]] = {}
     startup_s = {}
     try:
@@ -125,11 +139,14 @@ def bench_serve(serve_args: list[str], out_dir: Path, *, requests: int = 2000, c
         cpu_after = {name: cpu_seconds(process.pid) for name, (process, _) in servers.items()}
         load_after = os.getloadavg()[0]
         health = httpx.get(f"{bases['on']}/health", headers=headers, timeout=5).json()
+        interleave = (httpx.get(f"{bases['interleaved']}/health", headers=headers, timeout=5).json()["interleave"]
+                      if "interleaved" in bases else None)
         sweep = bad_input_sweep(bases["on"], headers=headers)
     finally:
         for process, _ in servers.values():
             stop_server(process)
     traffic = health.pop("traffic", None)
+    health.pop("interleave", None)
     cpu_ms = {name: None if cpu_before[name] is None or cpu_after[name] is None
               else round((cpu_after[name] - cpu_before[name]) * 1000 / load.requests, 2) for name, load in loads.items()}
     report = {"model": health, "startup_s": startup_s["on"], "k": k, "rounds": rounds,
@@ -138,6 +155,9 @@ def bench_serve(serve_args: list[str], out_dir: Path, *, requests: int = 2000, c
               # The logging server's writer after the warm-up and the load: every search queued,
               # none dropped or failed.
               "traffic": traffic,
+              # The interleaving server's /health entry after the load: the challenger, the
+              # searches interleaved and those skipped (catalogue versions apart). None: not run.
+              "interleave": interleave,
               "bad_inputs": sweep, "bad_inputs_failed": [c["name"] for c in sweep if not c["ok"]],
               "threads": os.environ.get("OMP_NUM_THREADS", "default"), "cpus": os.cpu_count(),
               # The machine's 1-minute load average before and after the load: other work
@@ -151,9 +171,16 @@ def bench_serve(serve_args: list[str], out_dir: Path, *, requests: int = 2000, c
 
 def errors(report: dict) -> list[str]:
     """What makes a benchmark run fail: failed requests, bad inputs not refused as they must be,
-    searches the logging server did not log."""
-    out = [f"{run['errors']} failed request(s) with logging {name}" for name, run in report["load"].items()
-           if run["errors"]]
+    searches the logging server did not log, an interleaving server that did not interleave."""
+    out = [f"{run['errors']} failed request(s) with logging {SERVER_NAMES.get(name, name)}"
+           for name, run in report["load"].items() if run["errors"]]
+    interleave = report.get("interleave")
+    if interleave is not None and interleave.get("status") != "on":
+        out.append(f"the interleaving server did not interleave: {interleave.get('reason', 'no challenger')}")
+    elif interleave is not None and not interleave.get("interleaved"):
+        out.append(f"the interleaving server interleaved no search ({interleave.get('skipped')} skipped)")
+    if interleave is not None and interleave.get("challenger_failed"):
+        out.append(f"the challenger failed on {interleave['challenger_failed']} search(es) (see serve-interleaved.log)")
     if report["bad_inputs_failed"]:
         out.append(f"bad inputs not answered as expected: {', '.join(report['bad_inputs_failed'])}")
     traffic = report.get("traffic") or {}
@@ -165,9 +192,9 @@ def errors(report: dict) -> list[str]:
 
 
 def markdown(report: dict) -> str:
-    load, traffic = report["load"], report.get("traffic") or {}
+    load, traffic, interleave = report["load"], report.get("traffic") or {}, report.get("interleave")
     any_run = next(iter(load.values()))
-    rows = [f"| {name} | {run['requests']} | {run['concurrency']} | {run['latency_ms']['p50']} | "
+    rows = [f"| {SERVER_NAMES.get(name, name)} | {run['requests']} | {run['concurrency']} | {run['latency_ms']['p50']} | "
             f"{run['latency_ms']['p95']} | {run['latency_ms']['p99']} | {run['latency_ms']['max']} | "
             f"{run['throughput_rps']} | {run.get('cpu_ms_per_request')} | {run['errors']} |"
             for name, run in load.items()]
@@ -175,12 +202,19 @@ def markdown(report: dict) -> str:
              f"`alignsearch bench-serve --requests {any_run['requests']} --concurrency {any_run['concurrency']}` at "
              f"{report['measured_at']} ({report['cpus']} CPUs, threads {report['threads']}, load average "
              f"{' -> '.join(str(x) for x in report.get('load_average', []))}); k={report['k']}; "
-             f"server up in {report['startup_s']} s. Two servers side by side, the traffic log off and on, "
-             f"loaded in {report.get('rounds', 1)} alternating rounds.", "",
+             f"server up in {report['startup_s']} s. Servers side by side (the traffic log off and on"
+             + (", and on with interleaving" if interleave else "")
+             + f"), loaded in {report.get('rounds', 1)} alternating rounds.", "",
              "| traffic log | requests | concurrency | p50 ms | p95 ms | p99 ms | max ms | throughput req/s | "
              "server CPU ms/request | errors |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, "",
-             *(f"Statuses with logging {name}: {run['statuses']}" for name, run in load.items()), "",
+             *(f"Statuses with logging {SERVER_NAMES.get(name, name)}: {run['statuses']}" for name, run in load.items()),
+             "",
+             *([f"Interleaving: {interleave.get('share', 0):.0%} of searches, {interleave.get('champion')} with "
+                f"{interleave.get('challenger')} (catalogue {interleave.get('challenger_catalogue_version')}): "
+                f"{interleave.get('interleaved')} interleaved, {interleave.get('skipped')} skipped (catalogue "
+                "versions apart).", ""] if interleave and interleave.get("status") == "on" else
+               [f"Interleaving: off ({interleave.get('reason', '')}).", ""] if interleave else []),
              (f"Traffic log ({traffic.get('store_uri')}): {traffic.get('written')} events written in "
               f"{traffic.get('batches')} batches, {traffic.get('queued')} queued, {traffic.get('dropped')} dropped, "
               f"{traffic.get('failed')} failed (batch_size {traffic.get('batch_size')}, flush_ms "

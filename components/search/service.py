@@ -114,14 +114,15 @@ class SearchResponse(BaseModel):
                               "with a second model's (serve.interleave_share)")
 
 
-def _hits(frame: pd.DataFrame) -> list[Hit]:
-    """The answer's hits from the engine's frame; a model without the search page's columns
-    (words_shown, word_boxes aligned with it, image_hash, duplicates) leaves them empty."""
+def _hits(rows: list[dict]) -> list[Hit]:
+    """The answer's hits from the engine's frame rows (`frame.to_dict("records")`); a model
+    without the search page's columns (words_shown, word_boxes aligned with it, image_hash,
+    duplicates) leaves them empty."""
     def listed(value) -> list:
         return [] if value is None or isinstance(value, float) else list(value)
 
     hits = []
-    for r in frame.to_dict("records"):
+    for r in rows:
         shown = [str(w) for w in listed(r.get("words_shown"))]
         boxes = listed(r.get("word_boxes"))
         hits.append(Hit(rank=int(r["rank"]), ad_id=str(r["ad_id"]), title=str(r["title"]), score=float(r["score"]),
@@ -187,20 +188,19 @@ def _same_image_key(row: dict) -> str:
     return f"image:{digest}" if isinstance(digest, str) and digest else f"ad:{row['ad_id']}"
 
 
-def interleave_frames(champion: pd.DataFrame, challenger: pd.DataFrame, k: int, rng: random.Random,
-                      labels: tuple[str, str]) -> tuple[pd.DataFrame, list[str]]:
+def interleave_answers(champion: list[dict], challenger: list[dict], k: int, rng: random.Random,
+                       labels: tuple[str, str]) -> tuple[list[dict], list[str]]:
     """A team-draft interleaving (`interleave.team_draft`, the champion as team a) of two
-    answers (frames of one query, best first) into at most `k` rows, each row the contributing
-    model's own (its score, words and regions), ranks renumbered from 1; and per row the label
-    (`labels`: champion's, challenger's) of the model that contributed it."""
-    rows = {"a": champion.to_dict("records"), "b": challenger.to_dict("records")}
+    answers (the rows of one query's frames, best first) into at most `k` rows, each row the
+    contributing model's own (its score, words and regions), ranks renumbered from 1; and per
+    row the label (`labels`: champion's, challenger's) of the model that contributed it.
+    Plain dicts, not frames: building a frame per search cost more than the draft itself."""
+    rows = {"a": champion, "b": challenger}
     by_key = {team: {_same_image_key(r): r for r in reversed(rs)} for team, rs in rows.items()}
-    keys, teams = team_draft([_same_image_key(r) for r in rows["a"]], [_same_image_key(r) for r in rows["b"]],
-                             k, rng)
-    picked = [{**by_key[team][key], "rank": rank} for rank, (key, team) in enumerate(zip(keys, teams, strict=True),
-                                                                                      start=1)]
-    frame = pd.DataFrame(picked, columns=champion.columns) if picked else champion.iloc[:0]
-    return frame, [labels[0] if team == "a" else labels[1] for team in teams]
+    keys, teams = team_draft([_same_image_key(r) for r in champion], [_same_image_key(r) for r in challenger], k, rng)
+    picked = [{**by_key[team][key], "rank": rank}
+              for rank, (key, team) in enumerate(zip(keys, teams, strict=True), start=1)]
+    return picked, [labels[0] if team == "a" else labels[1] for team in teams]
 
 
 async def _send_json(send, status: int, body: dict, request_id: str) -> None:
@@ -381,7 +381,7 @@ def create_app(model: Any, cfg: ServeConfig, *, model_uri: str, info: dict | Non
 
     `challenger`: a second model; a search whose `interleave_draw(interleave_seed, request id)`
     is below `cfg.interleave_share` asks both and answers with a team-draft interleaving of the
-    two rankings (`interleave_frames`), logging per position which model contributed it, when
+    two rankings (`interleave_answers`), logging per position which model contributed it, when
     both answered from the same catalogue version (else the served model's answer alone).
     `interleave_off`: why there is no challenger although the share is above 0 (/health)."""
 
@@ -438,43 +438,44 @@ def create_app(model: Any, cfg: ServeConfig, *, model_uri: str, info: dict | Non
         # its traceback, a generic 500 with the request id for the client.
         log.debug("request %s: query %r, k=%d", request_id, request.query[:100], request.k)
         interleave = interleaving and interleave_draw(interleave_seed, request_id) < cfg.interleave_share
-        frames = _ask(request, interleave)
-        frame, contributors = frames[0], None
+        answers = _ask(request, interleave)
+        rows, contributors = answers[0], None
         if interleave:
-            frame, contributors = _interleave(request, request_id, *frames)
-        catalogue_version = _catalogue_of(frame) or (engine.catalogue_version if engine is not None else None)
+            rows, contributors = _interleave(request, request_id, *answers)
+        catalogue_version = _catalogue_of(rows) or (engine.catalogue_version if engine is not None else None)
         response = SearchResponse(request_id=request_id, query=request.query, k=request.k, model_uri=model_uri,
                                   model_version=version, catalogue_version=catalogue_version,
-                                  took_ms=round((time.perf_counter() - started) * 1000, 2), results=_hits(frame),
+                                  took_ms=round((time.perf_counter() - started) * 1000, 2), results=_hits(rows),
                                   interleaved=contributors is not None)
         if search_log is not None:
             _log_search(request, response, contributors)
         return response
 
-    def _ask(request: SearchRequest, both: bool) -> list[pd.DataFrame]:
-        """The served model's answer, and with `both` the challenger's, asked at once (each
-        model's batcher answers in its own thread)."""
+    def _ask(request: SearchRequest, both: bool) -> list[list[dict] | None]:
+        """The served model's answer (its frame's rows), and with `both` the challenger's, asked
+        at once (each model's batcher answers in its own thread)."""
         if batcher is not None:
             served = batcher.submit(request.query, request.k)
             second = challenger_batcher.submit(request.query, request.k) if both else None
-            return [served.result(), *([_challenger_answer(second.result)] if both else [])]
+            return [served.result().to_dict("records"), *([_challenger_answer(second.result)] if both else [])]
         query = pd.DataFrame({"query": [request.query], "k": [request.k]})
-        return [model.predict(query), *([_challenger_answer(lambda: challenger.predict(query))] if both else [])]
+        return [model.predict(query).to_dict("records"),
+                *([_challenger_answer(lambda: challenger.predict(query))] if both else [])]
 
-    def _challenger_answer(answer) -> pd.DataFrame | None:
+    def _challenger_answer(answer) -> list[dict] | None:
         # The challenger failing never fails a search: the served model answers it alone.
         try:
-            return answer()
+            return answer().to_dict("records")
         except Exception:  # noqa: BLE001
             log.exception("the challenger failed; answering with the served model alone")
             return None
 
-    def _catalogue_of(frame: pd.DataFrame) -> str | None:
-        return str(frame["catalogue_version"].iloc[0]) if "catalogue_version" in frame.columns and len(frame) \
-            else None
+    def _catalogue_of(rows: list[dict]) -> str | None:
+        version = rows[0].get("catalogue_version") if rows else None
+        return None if version is None or (isinstance(version, float) and version != version) else str(version)
 
-    def _interleave(request: SearchRequest, request_id: str, served: pd.DataFrame,
-                    second: pd.DataFrame | None) -> tuple[pd.DataFrame, list[str] | None]:
+    def _interleave(request: SearchRequest, request_id: str, served: list[dict],
+                    second: list[dict] | None) -> tuple[list[dict], list[str] | None]:
         # Both must rank one catalogue version: right after the served model's catalogue was
         # swapped, the challenger's copy of it may still be on its way (then: not interleaved).
         same = second is not None and _catalogue_of(served) is not None \
@@ -483,7 +484,7 @@ def create_app(model: Any, cfg: ServeConfig, *, model_uri: str, info: dict | Non
             interleave_counts["interleaved" if same else "skipped" if second is not None else "challenger_failed"] += 1
         if not same:
             return served, None
-        return interleave_frames(served, second, request.k, random.Random(f"{interleave_seed}:{request_id}"), labels)
+        return interleave_answers(served, second, request.k, random.Random(f"{interleave_seed}:{request_id}"), labels)
 
     def _log_search(request: SearchRequest, response: SearchResponse, contributors: list[str] | None) -> None:
         # Positions are the hits' places in the answer, from 1 (what a person scanning it sees).

@@ -299,19 +299,21 @@ def test_service_answers_alone_when_catalogues_differ_the_challenger_fails_or_th
 
 
 def test_interleaved_answer_shows_a_byte_identical_image_once():
-    import pandas as pd
+    from components.search.service import interleave_answers
 
-    from components.search.service import interleave_frames
-
-    def frame(ads, hashes):
-        return pd.DataFrame([{"query": "q", "rank": i + 1, "ad_id": a, "score": 1.0, "image_hash": h,
-                              "catalogue_version": "v1"} for i, (a, h) in enumerate(zip(ads, hashes, strict=True))])
+    def rows(ads, hashes):
+        return [{"query": "q", "rank": i + 1, "ad_id": a, "score": 1.0, "image_hash": h, "catalogue_version": "v1"}
+                for i, (a, h) in enumerate(zip(ads, hashes, strict=True))]
 
     # x1 and x2 have one image: the champion shows it as x1, the challenger as x2
-    champion = frame(["x1", "a", "b"], ["hx", "ha", "hb"])
-    challenger = frame(["x2", "c", "d"], ["hx", "hc", "hd"])
-    out, labels = interleave_frames(champion, challenger, 4, Coins([0.1, 0.1]), ("m/1", "m/2"))
-    assert out["ad_id"].tolist() == ["x1", "c", "a", "d"] and labels == ["m/1", "m/2", "m/1", "m/2"]
-    assert out["rank"].tolist() == [1, 2, 3, 4]
-    out, labels = interleave_frames(champion, challenger, 4, Coins([0.9, 0.9]), ("m/1", "m/2"))
-    assert out["ad_id"].tolist() == ["x2", "a", "c", "b"] and labels == ["m/2", "m/1", "m/2", "m/1"]
+    champion = rows(["x1", "a", "b"], ["hx", "ha", "hb"])
+    challenger = rows(["x2", "c", "d"], ["hx", "hc", "hd"])
+    out, labels = interleave_answers(champion, challenger, 4, Coins([0.1, 0.1]), ("m/1", "m/2"))
+    assert [r["ad_id"] for r in out] == ["x1", "c", "a", "d"] and labels == ["m/1", "m/2", "m/1", "m/2"]
+    assert [r["rank"] for r in out] == [1, 2, 3, 4]
+    out, labels = interleave_answers(champion, challenger, 4, Coins([0.9, 0.9]), ("m/1", "m/2"))
+    assert [r["ad_id"] for r in out] == ["x2", "a", "c", "b"] and labels == ["m/2", "m/1", "m/2", "m/1"]
+    # ads without a known image are told apart by id
+    out, _ = interleave_answers(rows(["a", "b"], [None, ""]), rows(["b", "a"], [None, None]), 2, Coins([0.1]),
+                                ("m/1", "m/2"))
+    assert [r["ad_id"] for r in out] == ["a", "b"]
