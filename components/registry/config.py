@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from components.systems import RegisteredSystem
 
@@ -45,6 +45,12 @@ class PromoteConfig(BaseModel):
         "advisory", description="off: the offline rule alone; advisory: a challenger that loses online "
         "significantly is not promoted, too few impressions leave the offline rule to decide; required: "
         "no promotion without an online win")
+    @field_validator("online", mode="before")
+    @classmethod
+    def _yaml_off_is_off(cls, value: object) -> object:
+        # YAML 1.1 (params.yaml, --set) reads a bare `off` as false.
+        return "off" if value is False else value
+
     min_online_impressions: int = Field(200, ge=1, description="interleaved searches needed for an online verdict")
     online_alpha: float = Field(0.05, gt=0, lt=1, description="significance level of the online verdict's test")
     rollback_window_days: float = Field(7.0, gt=0, description="the window of live CTR@10 a rollback compares")

@@ -76,3 +76,8 @@ def test_cli_reports_an_unknown_key_as_a_usage_error():
     result = CliRunner().invoke(app, ["search", "tree", "--set", "mach.lr=0.5"])
     assert result.exit_code == 2
     assert "mach" in result.output and "valid sections" in result.output
+
+
+def test_promote_online_off_is_read_as_the_word_not_yaml_false():
+    # YAML 1.1 reads a bare `off` as false, in params.yaml and in --set alike.
+    assert load_params(None, ["promote.online=off"]).promote.online == "off"

@@ -17,7 +17,10 @@ def ops_params(root: Path, dataset_dir: Path, *overrides: str) -> Params:
     return load_params(None, [
         f"data.path={dataset_dir}", f"data.cache_dir={root / 'cache'}", f"paths.flow_dir={root / 'flow'}",
         f"registry.tracking_uri={tracking_uri(root)}",
-        f"registry.artifact_location={root / 'mlruns' / 'artifacts'}", *TINY_TRAINING, *overrides])
+        f"registry.artifact_location={root / 'mlruns' / 'artifacts'}",
+        # promotion reads the traffic log: this store's own, never the repository's
+        f"traffic.store_uri=sqlite:///{root / 'traffic.db'}", f"traffic.dataset_dir={root / 'live'}",
+        *TINY_TRAINING, *overrides])
 
 
 def tracking_uri(root: Path) -> str:

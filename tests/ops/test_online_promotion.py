@@ -120,7 +120,7 @@ def test_a_challenger_that_loses_online_is_not_promoted_though_it_wins_offline(p
     # asking again with the same log: the same key, nothing changes
     assert promote_with(root, synthetic_dataset_dir, traffic)["outcome"] == "unchanged"
     # promote.online off: the offline rule alone, which promotes
-    off = promote_with(root, synthetic_dataset_dir, traffic, "promote.online='off'")
+    off = promote_with(root, synthetic_dataset_dir, traffic, "promote.online=off")
     assert off["outcome"] == "promoted" and off["online_status"] == "off", off["reason"]
     assert champion_now() == better
 

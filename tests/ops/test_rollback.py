@@ -45,7 +45,7 @@ def promoted_twice(two_versions, synthetic_dataset_dir, tmp_path):
     client = MlflowClient()
     for version in (worse, better):
         client.set_registered_model_alias(NAME, "challenger", version)
-        decision = promote_flow(as_flow_params(ops_params(root, synthetic_dataset_dir, "promote.online='off'",
+        decision = promote_flow(as_flow_params(ops_params(root, synthetic_dataset_dir, "promote.online=off",
                                                           "promote.guardrail_metric=ndcg@10")))
         assert decision["outcome"] == "promoted", decision["reason"]
         if version == worse:  # the first champion has nothing to go back to
@@ -146,7 +146,7 @@ def test_a_champion_whose_ctr_dropped_is_rolled_back_with_its_catalogue(promoted
     assert f"the rollback of v{better} restored it" in restored.description
 
     # the rolled-back version is still `challenger`, but never promoted again
-    again = promote_flow(as_flow_params(ops_params(root, synthetic_dataset_dir, "promote.online='off'",
+    again = promote_flow(as_flow_params(ops_params(root, synthetic_dataset_dir, "promote.online=off",
                                                    "promote.guardrail_metric=ndcg@10")))
     assert again["outcome"] == "unchanged" and "rolled back" in again["reason"], again["reason"]
     assert champion_now() == worse
