@@ -23,7 +23,7 @@ SLOW_TIMEOUT_S = 1200  # flows end to end and training on a shared 2-core box; t
 # Expensive session fixtures (a trained store, a registered catalogue, a running team stack) and
 # the group of the tests that use them: under pytest-xdist each group runs on one worker, so the
 # fixture is built once. Every other test file is its own group, free to run on either worker.
-SHARED_FIXTURES = {"trained_template": "ops", "catalogue_template": "catalogue", "team_stack": "team"}
+SHARED_FIXTURES = {"team_stack": "team", "trained_template": "ops", "catalogue_template": "catalogue"}
 
 
 # tryfirst: xdist's worker reads the `xdist_group` marks in its own collection hook, and it is
@@ -45,6 +45,12 @@ def pytest_collection_modifyitems(config, items):
             shared = [group for fixture, group in SHARED_FIXTURES.items() if fixture in item.fixturenames]
             parts = Path(str(item.fspath)).resolve().relative_to(REPO_ROOT / "tests").parts
             item.add_marker(pytest.mark.xdist_group(shared[0] if shared else "/".join(parts)))
+    if parallel:
+        # Longest first: the shared groups are the longest runs (minutes each); started last,
+        # one of them was the suite's tail while the other worker sat idle.
+        first = list(SHARED_FIXTURES.values())
+        items.sort(key=lambda item: next((first.index(m.args[0]) for m in item.iter_markers("xdist_group")
+                                          if m.args and m.args[0] in first), len(first)))
 
 
 @pytest.fixture(scope="session")
