@@ -46,11 +46,20 @@ def pytest_collection_modifyitems(config, items):
             parts = Path(str(item.fspath)).resolve().relative_to(REPO_ROOT / "tests").parts
             item.add_marker(pytest.mark.xdist_group(shared[0] if shared else "/".join(parts)))
     if parallel:
-        # Longest first: the shared groups are the longest runs (minutes each); started last,
-        # one of them was the suite's tail while the other worker sat idle.
+        # Longest first (the classic rule for two machines): the shared groups (minutes each),
+        # then the files of `slow` tests (flows, servers, schedules: up to a minute or two
+        # each), then the rest. Started last, a long one was the suite's tail while the other
+        # worker sat idle.
         first = list(SHARED_FIXTURES.values())
-        items.sort(key=lambda item: next((first.index(m.args[0]) for m in item.iter_markers("xdist_group")
-                                          if m.args and m.args[0] in first), len(first)))
+        slow_files = {item.fspath for item in items if item.get_closest_marker("slow") is not None}
+
+        def rank(item) -> int:
+            group = next((m.args[0] for m in item.iter_markers("xdist_group") if m.args), None)
+            if group in first:
+                return first.index(group)
+            return len(first) if item.fspath in slow_files else len(first) + 1
+
+        items.sort(key=rank)
 
 
 @pytest.fixture(scope="session")
