@@ -59,3 +59,15 @@ def trained_store(trained_template, synthetic_dataset_dir, tmp_path):
     artifact_repos.clear()
     yield root, cfg, relocate_paths(result, template, root)
     artifact_repos.clear()
+
+
+@pytest.fixture(scope="session")
+def two_versions(trained_template, synthetic_dataset_dir, tmp_path_factory):
+    """A store with v1 (the session's) and v2 (another seed, no word channel), built once for the
+    promotion-with-traffic and rollback tests, which copy it (read-only here): (root, worse,
+    better) by test ndcg@10."""
+    from two_versions import build_two_versions
+
+    root = tmp_path_factory.mktemp("two-versions")
+    worse, better = build_two_versions(trained_template[0], synthetic_dataset_dir, root)
+    return root, worse, better

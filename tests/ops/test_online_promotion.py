@@ -16,7 +16,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 from ops_helpers import as_flow_params, ops_params
-from two_versions import NAME, build_two_versions, copy_store, log_interleaved
+from two_versions import NAME, copy_store, log_interleaved
 
 from components.registry.config import PromoteConfig
 from components.registry.promotion import online_rule
@@ -51,15 +51,6 @@ def test_online_rule(mode, offline, online, promoted, says):
 
 
 # --------------------------------------------------------------------------- real promotions
-
-
-@pytest.fixture(scope="module")
-def two_versions(trained_template, synthetic_dataset_dir, tmp_path_factory):
-    """A store with v1 (the session's) and v2 (another seed, no word channel), built once for
-    this module: (root, worse, better) by test ndcg@10."""
-    root = tmp_path_factory.mktemp("two-versions")
-    worse, better = build_two_versions(trained_template[0], synthetic_dataset_dir, root)
-    return root, worse, better
 
 
 @pytest.fixture

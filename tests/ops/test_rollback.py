@@ -18,19 +18,12 @@ import pytest
 from catalogue_race import new_ads_dir
 from mlflow import MlflowClient
 from ops_helpers import as_flow_params, ops_params
-from two_versions import NAME, build_two_versions, copy_store, log_searches
+from two_versions import NAME, copy_store, log_searches
 from typer.testing import CliRunner
 
 from components.catalogue.live import add_ads, current_catalogue
 from components.registry.models import open_model
 from components.registry.promotion import champion_history
-
-
-@pytest.fixture(scope="module")
-def two_versions(trained_template, synthetic_dataset_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("rollback-two-versions")
-    worse, better = build_two_versions(trained_template[0], synthetic_dataset_dir, root)
-    return root, worse, better
 
 
 @pytest.fixture
