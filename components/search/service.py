@@ -58,6 +58,7 @@ import secrets
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Annotated, Any, Literal, Protocol
 
 import pandas as pd
@@ -256,8 +257,8 @@ class _Guard:
     reading included: a client that sends its body slowly holds a place (until
     `body_timeout_s`: 408), so slow clients cannot pile up past the limit unseen."""
 
-    def __init__(self, app, cfg: ServeConfig, api_key: str | None):
-        self.app, self.cfg, self.api_key = app, cfg, api_key
+    def __init__(self, app, cfg: ServeConfig, api_key: str | None, new_request_id: Callable[[], str]):
+        self.app, self.cfg, self.api_key, self.new_request_id = app, cfg, api_key, new_request_id
         self.hosts = None if api_key else allowed_hosts(cfg.host, cfg.port)
         self.in_flight = {"search": 0, "image": 0, "other": 0}
 
@@ -298,7 +299,7 @@ class _Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        request_id = uuid.uuid4().hex
+        request_id = self.new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
         headers = dict(scope.get("headers") or [])
 
@@ -370,7 +371,8 @@ class ClickResponse(BaseModel):
 def create_app(model: Any, cfg: ServeConfig, *, model_uri: str, info: dict | None = None,
                api_key: str | None = None, engine: Any = None, watcher: Any = None,
                image_file=None, search_log: SearchLog | None = None, challenger: Challenger | None = None,
-               interleave_seed: int = 0, interleave_off: str = "") -> FastAPI:
+               interleave_seed: int = 0, interleave_off: str = "",
+               new_request_id: Callable[[], str] = lambda: uuid.uuid4().hex) -> FastAPI:
     """The app over `model` (anything with `predict(DataFrame) -> DataFrame`, e.g. a pyfunc;
     None: not loaded, /health and /search answer 503). `api_key`: required on every route but
     the page when set (else `cfg.host`/`cfg.port` name the Host values answered).
@@ -383,7 +385,9 @@ def create_app(model: Any, cfg: ServeConfig, *, model_uri: str, info: dict | Non
     is below `cfg.interleave_share` asks both and answers with a team-draft interleaving of the
     two rankings (`interleave_answers`), logging per position which model contributed it, when
     both answered from the same catalogue version (else the served model's answer alone).
-    `interleave_off`: why there is no challenger although the share is above 0 (/health)."""
+    `interleave_off`: why there is no challenger although the share is above 0 (/health).
+    `new_request_id`: where request ids come from (random by default; the loop benchmark draws
+    them from a seed, so its interleavings repeat run after run)."""
 
     class SearchRequest(BaseModel):
         query: str = Field(..., max_length=cfg.max_query_chars, description="the user's text query")
@@ -589,5 +593,5 @@ def create_app(model: Any, cfg: ServeConfig, *, model_uri: str, info: dict | Non
                   for e in exc.errors()]
         return JSONResponse(status_code=422, content={"detail": errors, "request_id": _request_id(request)})
 
-    app.add_middleware(_Guard, cfg=cfg, api_key=api_key)
+    app.add_middleware(_Guard, cfg=cfg, api_key=api_key, new_request_id=new_request_id)
     return app
