@@ -21,7 +21,7 @@ from components.match.config import MatchConfig
 from components.registry.config import PromoteConfig, RegistryConfig
 from components.retrieve.config import IndexConfig
 from components.search.config import ServeConfig
-from components.traffic.config import TrafficConfig
+from components.traffic.config import LoopBenchmarkConfig, TrafficConfig
 from components.vision.config import PartsConfig
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
@@ -76,6 +76,7 @@ class Params(BaseModel):
     serve: ServeConfig = ServeConfig()
     compute: ComputeConfig = ComputeConfig()
     traffic: TrafficConfig = TrafficConfig()
+    benchmark_loop: LoopBenchmarkConfig = LoopBenchmarkConfig()
 
     @property
     def validation(self) -> ValidateConfig:

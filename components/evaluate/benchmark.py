@@ -153,7 +153,7 @@ def _benchmark_inputs(dataset_dir: str, features_path: str, eval_split: str):
     return _read_benchmark_inputs(dataset_dir, features_path, eval_split, _stamp(features_path))
 
 
-def _load_ad_words(align_dir: str, model_dir: str) -> AdWords:
+def load_ad_words(align_dir: str, model_dir: str) -> AdWords:
     from components.align.stage import LOGITS_FILE
 
     return _read_ad_words(align_dir, model_dir, _stamp(Path(align_dir) / LOGITS_FILE))
@@ -185,13 +185,13 @@ def _ad_words(context: BenchmarkContext, system: str, fraction: float, seed: int
     if not (system in WORD_SYSTEMS or system.startswith("ours")):
         return None
     if system == "ours_random_words":  # the control: ours' words and evidence, unlinked from the images
-        base = _load_ad_words(*context.alignments[_alignment_key("ours", context.full, seed)])
+        base = load_ad_words(*context.alignments[_alignment_key("ours", context.full, seed)])
         return AdWords(random_words(base.words, base.vocabulary, base.counts, seed),
                        shuffled_logits(base.logits, seed), base.vocabulary, base.counts)
     variant_key = _alignment_key(system, context.full, seed)
     if system != "ours" and variant_key in context.alignments:  # an alignment ablation (titles only, ...)
-        return _load_ad_words(*context.alignments[variant_key])
-    return _load_ad_words(*context.alignments[_alignment_key("ours", fraction, seed)])  # ours at its fraction
+        return load_ad_words(*context.alignments[variant_key])
+    return load_ad_words(*context.alignments[_alignment_key("ours", fraction, seed)])  # ours at its fraction
 
 
 def _cell_data(context: BenchmarkContext, system: str, fraction: float, seed: int) -> dict:

@@ -83,3 +83,37 @@ class TrafficConfig(_Section):
     import_clock_skew_s: float = Field(300.0, ge=0, description="`traffic import` refuses events timed more "
                                        "than this far in the future (the ad server's clock may run ahead)")
     simulator: SimulatorConfig = SimulatorConfig()
+
+
+# The systems a loop can run: the fine-tuned ones and late_fusion (its text_only warm-starts).
+LoopSystem = Literal["ours", "text_only", "implicit_fusion", "implicit_fusion_words", "late_fusion"]
+
+
+class LoopBenchmarkConfig(_Section):
+    """`alignsearch benchmark-loop` (docs/benchmark.md#the-loop-benchmark): every system runs its
+    own loop of simulated searches, ingest, warm retrain and promotion, from a model trained on a
+    small share of the training qrels."""
+
+    systems: list[LoopSystem] = Field(["ours", "text_only", "implicit_fusion", "late_fusion"], min_length=1)
+    seeds: list[int] = Field([0, 1, 2], min_length=1)
+    rounds: int = Field(3, ge=1, description="rounds after round 0 (searches, ingest, retrain, promotion)")
+    start_fraction: float = Field(0.1, gt=0, le=1, description="share of the training queries whose qrels "
+                                  "round 0 trains on; the others' relevance is known only to the simulated users")
+    searches: int = Field(1000, ge=1, description="searches per round answered by the champion alone")
+    online_searches: int = Field(500, ge=1, description="searches per round answered by a team-draft "
+                                 "interleaving of champion and challenger (the online verdict)")
+    final_searches: int = Field(500, ge=1, description="interleaved searches per pair of systems' final "
+                                "champions (the agreement of interleaving with the test split)")
+    agreement_min_delta: float = Field(0.02, ge=0, description="pairs whose test ndcg@10 differ by at least "
+                                       "this count in the interleaving agreement")
+    eval_split: Literal["valid", "test"] = Field("test", description="the split every reported number is on")
+    decide_split: Literal["valid", "test"] = Field("valid", description="the split the promotion rule reads: "
+                                                   "not the reported one, or the curves would be selected on it")
+    bootstrap_samples: int = Field(1000, ge=100)
+
+    @model_validator(mode="after")
+    def _decide_on_another_split(self) -> LoopBenchmarkConfig:
+        if self.decide_split == self.eval_split:
+            raise ValueError(f"decide_split and eval_split are both {self.eval_split!r}: promotion would select "
+                             "the champions on the split the benchmark reports")
+        return self

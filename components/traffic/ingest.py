@@ -352,7 +352,7 @@ def _link_or_copy(source: str, target: str) -> str:
     return target
 
 
-def _link_base(base_dir: Path, scratch: Path) -> None:
+def link_dataset_files(base_dir: Path, scratch: Path) -> None:
     """Everything of the base but the files the version writes itself, hard-linked."""
     for entry in sorted(base_dir.iterdir()):
         if entry.name in _OWN_NAMES:
@@ -455,7 +455,7 @@ def ingest(base_dir: Path, out_dir: Path, store: EventStore, cfg: TrafficConfig,
                  "base_hash": base_hash, "settings": _settings(cfg), "counts": counts,
                  "propensities": derived.propensities}
     with atomic_dir(out_dir) as scratch:
-        _link_base(base_dir, scratch)
+        link_dataset_files(base_dir, scratch)
         write_dataset(Dataset(ads=base.ads, queries=derived.queries, qrels=derived.qrels), scratch)
         (scratch / TRAFFIC_DIR).mkdir()
         obs.to_parquet(scratch / OBSERVATIONS_FILE, index=False)

@@ -64,6 +64,7 @@ COMMANDS = (
     ("train-matcher", stages.train_matcher),
     ("evaluate", stages.evaluate),
     ("benchmark", stages.benchmark),
+    ("benchmark-loop", stages.benchmark_loop),
     ("bench-index", search.bench_index),
 )
 for _name, _command in COMMANDS:

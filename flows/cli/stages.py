@@ -219,3 +219,36 @@ def benchmark(
                            map_cells=cell_mapper(cfg.compute))
     console.print(result.paths["markdown"].read_text(), markup=False, soft_wrap=True)
     console.print(f"Reports: {out}  ({result.seconds / 60:.1f} min)")
+
+
+def benchmark_loop(
+    data: Annotated[Path, typer.Option("--data", help="Dataset directory in the interchange format.")],
+    rounds: Annotated[Optional[int], typer.Option(help="Rounds after round 0 (default: params benchmark_loop.rounds).")] = None,  # noqa: UP045
+    searches: Annotated[Optional[int], typer.Option(help="Searches per round answered by the champion.")] = None,  # noqa: UP045
+    systems: Annotated[Optional[str], typer.Option(help="Comma-separated systems (default: params benchmark_loop.systems).")] = None,  # noqa: UP045
+    seeds: Annotated[Optional[str], typer.Option(help="Seeds, e.g. 0,1,2.")] = None,  # noqa: UP045
+    out: Annotated[Path, typer.Option(help="Where loop.json, loop.md and learning_curves.png go.")] = Path("reports/benchmark-loop"),
+    work: Annotated[Optional[Path], typer.Option(help="Keep the loops' datasets, models and traffic logs here (default: a temporary directory, deleted).")] = None,  # noqa: UP045
+    params: ParamsOption = PARAMS_FILE,
+    set_: SetOption = None,
+) -> None:
+    """Every system learns from simulated people's clicks, round by round, through the real
+    service, ingest, warm retrain and promotion rule; write loop.json/.md and learning curves."""
+    from components.traffic.loop_benchmark import run_loop_benchmark
+
+    cfg = load_config(params, set_)
+    update: dict = {}
+    if rounds is not None:
+        update["rounds"] = rounds
+    if searches is not None:
+        update["searches"] = searches
+    if systems is not None:
+        update["systems"] = [s.strip() for s in systems.split(",") if s.strip()]
+    if seeds is not None:
+        update["seeds"] = [int(x) for x in seeds.split(",") if x.strip()]
+    loop_cfg = cfg.benchmark_loop.model_validate({**cfg.benchmark_loop.model_dump(), **update})
+    result = run_loop_benchmark(loop_cfg, dataset_dir=data, out_dir=out, cache_dir=cfg.data.cache_dir,
+                                parts_cfg=cfg.vision, align_cfg=cfg.align, match_cfg=cfg.match, traffic=cfg.traffic,
+                                promote=cfg.promote, work_dir=work)
+    console.print(result.paths["markdown"].read_text(), markup=False, soft_wrap=True)
+    console.print(f"Reports: {out}  ({result.seconds / 60:.1f} min)")
