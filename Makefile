@@ -17,7 +17,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 60
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup run test lint bench ui clean openclipart
+.PHONY: setup run test lint bench bench-loop ui clean openclipart
 
 setup: $(STAMP)
 
@@ -51,6 +51,10 @@ lint: setup
 # at match.lr_grid, the rate that won for ours.
 bench: setup openclipart
 	$(VENV)/bin/alignsearch benchmark --data data/openclipart --out reports/benchmark
+
+# Each system learns from simulated clicks round by round (about 45 min on 2 cores, docs/benchmark.md).
+bench-loop: setup openclipart
+	$(VENV)/bin/alignsearch benchmark-loop --data data/openclipart --out reports/benchmark-loop
 
 ui: setup
 	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --workers 1 --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root mlruns/artifacts
