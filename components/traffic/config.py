@@ -104,7 +104,7 @@ class LoopBenchmarkConfig(_Section):
                                  "interleaving of champion and challenger (the online verdict)")
     final_searches: int = Field(500, ge=1, description="interleaved searches per pair of systems' final "
                                 "champions (the agreement of interleaving with the test split)")
-    agreement_min_delta: float = Field(0.02, ge=0, description="pairs whose test ndcg@10 differ by at least "
+    agreement_min_delta: float = Field(0.02, gt=0, description="pairs whose test ndcg@10 differ by at least "
                                        "this count in the interleaving agreement")
     eval_split: Literal["valid", "test"] = Field("test", description="the split every reported number is on")
     decide_split: Literal["valid", "test"] = Field("valid", description="the split the promotion rule reads: "

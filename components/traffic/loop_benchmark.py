@@ -64,6 +64,7 @@ from components.registry.promotion import (
     compare,
     online_rule,
     online_status,
+    void_guardrail,
 )
 from components.search.config import ServeConfig
 from components.search.interleave import contributor_label
@@ -252,16 +253,30 @@ def serving(model: RankedModel, traffic: TrafficConfig, *, challenger: RankedMod
     """The search service over `model` on a real uvicorn server on 127.0.0.1 (a free port),
     logging to `traffic.store_uri`; with `challenger`, every search is interleaved. Yields the
     base URL; on exit the server shuts down and the log has written everything queued."""
+    # IPPROTO_TCP named: asyncio turns Nagle off only on sockets that say they are TCP.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    try:
+        server, thread = _start_server(model, traffic, challenger, seed, sock)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(60)
+        sock.close()
+
+
+def _start_server(model: RankedModel, traffic: TrafficConfig, challenger: RankedModel | None, seed: int,
+                  sock: socket.socket):
     import uvicorn
 
     from components.catalogue.serving import TrafficLog
     from components.search.service import create_app
 
-    # IPPROTO_TCP named: asyncio turns Nagle off only on sockets that say they are TCP.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    cfg = ServeConfig(host="127.0.0.1", port=port, batch_max=1, log_traffic=True,
+    cfg = ServeConfig(host="127.0.0.1", port=sock.getsockname()[1], batch_max=1, log_traffic=True,
                       interleave_share=1.0 if challenger is not None else 0.0)
     ids = random.Random(seed)  # request ids (and so the interleavings' coins) repeat by seed
     app = create_app(model, cfg, model_uri=f"loop:{model.model.label}", info=model.info,
@@ -274,13 +289,9 @@ def serving(model: RankedModel, traffic: TrafficConfig, *, challenger: RankedMod
     while not server.started and thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.01)
     if not server.started:
-        raise RuntimeError("the loop benchmark's search service did not start")
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
         server.should_exit = True
-        thread.join(60)
-        sock.close()
+        raise RuntimeError("the loop benchmark's search service did not start")
+    return server, thread
 
 
 def simulator_seed(seed: int, round_: int, phase: int) -> int:
@@ -338,6 +349,7 @@ class LoopResult:
     comparisons: list[dict]  # every interleaved comparison with its test-split deltas
     champion: LoopModel
     details: dict[int, RunDetail]  # round -> the champion's per-query numbers after it
+    round_zero: LoopModel
 
 
 def _counts(traffic: TrafficConfig) -> tuple[int, int]:
@@ -346,18 +358,21 @@ def _counts(traffic: TrafficConfig) -> tuple[int, int]:
     return len(events.impressions), len(events.clicks)
 
 
-def _comparison(kind: str, seed: int, challenger: LoopModel, champion: LoopModel, verdict: OnlineVerdict,
-                preferences: pd.DataFrame, alpha: float, round_: int | None = None) -> dict:
+def _comparison(inputs: LoopInputs, kind: str, seed: int, challenger: LoopModel, champion: LoopModel,
+                verdict: OnlineVerdict, preferences: pd.DataFrame, round_: int | None = None) -> dict:
     delta = challenger.metrics["ndcg@10"] - champion.metrics["ndcg@10"]
     better = "challenger" if delta > 0 else "champion"
-    test = paired_test([challenger.detail], [champion.detail], "all", "ndcg@10", samples=1000, seed=seed)
+    test = paired_test([challenger.detail], [champion.detail], "all", "ndcg@10", samples=inputs.cfg.bootstrap_samples,
+                       seed=seed)
+    needed = impressions_needed(preferences, better, inputs.promote.online_alpha)
     online = {CHALLENGER_BETTER: 1, CHAMPION_BETTER: -1}.get(verdict.verdict, 0)  # significant, by side
     return {"kind": kind, "seed": seed, "round": round_, "challenger": challenger.label, "champion": champion.label,
             "test_delta": delta, "test_p_challenger_better": test["p"], "impressions": verdict.impressions,
             "preferred": verdict.preferred, "challenger_wins": verdict.challenger_wins,
             "champion_wins": verdict.champion_wins, "win_share": verdict.win_share, "p_value": verdict.p_value,
             "verdict": verdict.verdict, "online_sign": online,
-            "impressions_needed": impressions_needed(preferences, better, alpha)}
+            # the rule gives no verdict below min_online_impressions, however clear the clicks
+            "impressions_needed": None if needed is None else max(needed, inputs.promote.min_online_impressions)}
 
 
 def run_loop(inputs: LoopInputs, system: str, seed: int, work_dir: Path, *,
@@ -365,13 +380,16 @@ def run_loop(inputs: LoopInputs, system: str, seed: int, work_dir: Path, *,
     """One system's loop at one seed (see the module doc). `round_zero` gives the round-0 model
     when another loop already trained it (the benchmark shares text_only's with late_fusion)."""
     cfg, rule = inputs.cfg, inputs.promote
+    if work_dir.exists():  # a loop starts from nothing: an earlier run's log would mix into this one's
+        shutil.rmtree(work_dir)
     base_dir = loop_base(inputs.full_dir, work_dir / "base", cfg.start_fraction, seed)
+    guardrail_void = void_guardrail(rule, inputs.full_dir)  # as `alignsearch promote` on a title-less dataset
     traffic = inputs.traffic.model_copy(update={"store_uri": f"sqlite:///{work_dir / 'traffic.db'}",
                                                 "dataset_dir": str(work_dir / "live"), "retention_days": None})
     started = time.perf_counter()
-    champion = round_zero() if round_zero else train_model(inputs, system, ROUND_ZERO, base_dir, seed,
-                                                           work_dir / "round-0")
-    rows = [_row(system, seed, ROUND_ZERO, champion, None, 0, 0, time.perf_counter() - started, "start")]
+    champion = zero = round_zero() if round_zero else train_model(inputs, system, ROUND_ZERO, base_dir, seed,
+                                                                  work_dir / "round-0")
+    rows = [_row(system, seed, ROUND_ZERO, champion, None, 0, 0, champion.seconds, "start")]
     details = {ROUND_ZERO: champion.detail}
     decisions, comparisons = [], []
     for round_ in range(1, cfg.rounds + 1):
@@ -383,17 +401,18 @@ def run_loop(inputs: LoopInputs, system: str, seed: int, work_dir: Path, *,
             collected = _simulate(inputs, url, cfg.searches, people)
         with open_store(traffic) as store:
             ingested = ingest(base_dir, work_dir / "live", store, traffic)
+        searches, clicks = _counts(traffic)  # what the round's retraining learns from: everything logged so far
         challenger = train_model(inputs, system, round_, ingested.dataset_dir, seed, work_dir / f"round-{round_}",
-                                 champion=champion)
+                                 champion=champion if inputs.match_cfg.warm_start else None)
         verdict, preferences, online_users = interleave(inputs, champion, challenger, traffic, cfg.online_searches,
                                                         simulator_seed(seed, round_, PHASE_ONLINE))
-        offline = compare(challenger.decide_metrics, champion.decide_metrics, rule)
+        offline = compare(challenger.decide_metrics, champion.decide_metrics, rule, guardrail_void)
         status = online_status(verdict, rule, (challenger.label, champion.label))
         promoted, reason = online_rule(offline, status, rule)
-        comparison = _comparison("challenger", seed, challenger, champion, verdict, preferences, rule.online_alpha,
-                                 round_)
+        comparison = _comparison(inputs, "challenger", seed, challenger, champion, verdict, preferences, round_)
         comparisons.append({**comparison, "system": system})
-        worse = paired_test([champion.detail], [challenger.detail], "all", "ndcg@10", samples=1000, seed=seed)
+        worse = paired_test([champion.detail], [challenger.detail], "all", "ndcg@10", samples=cfg.bootstrap_samples,
+                            seed=seed)
         decisions.append({"system": system, "seed": seed, "round": round_, "challenger": challenger.label,
                           "champion": champion.label, "promoted": promoted, "reason": reason,
                           "offline_promote": offline[0], "offline_reason": offline[1], "online_status": status[0],
@@ -404,21 +423,22 @@ def run_loop(inputs: LoopInputs, system: str, seed: int, work_dir: Path, *,
                           "challenger_significantly_worse": bool(worse["p"] < 0.05),
                           "searches_answered": collected.searches + online_users.searches,
                           "clicks_acknowledged": collected.clicks_acknowledged + online_users.clicks_acknowledged,
+                          "online_clicks_acknowledged": online_users.clicks_acknowledged,
                           "ingest": ingested.as_dict()})
         if promoted:
             champion = challenger
-        impressions, clicks = _counts(traffic)
-        rows.append(_row(system, seed, round_, champion, challenger, impressions, clicks,
+        rows.append(_row(system, seed, round_, champion, challenger, searches, clicks,
                          time.perf_counter() - started, "promoted" if promoted else "kept"))
         details[round_] = champion.detail
-    return LoopResult(rows, decisions, comparisons, champion, details)
+    return LoopResult(rows, decisions, comparisons, champion, details, zero)
 
 
 def _row(system: str, seed: int, round_: int, champion: LoopModel, challenger: LoopModel | None, searches: int,
          clicks: int, seconds: float, outcome: str) -> dict:
+    """The champion after a round; `searches`/`clicks`: what the round's retraining learnt from."""
     return {"system": system, "seed": seed, "round": round_, "champion": champion.version,
             "searches": searches, "clicks": clicks,
-            "ndcg@10": champion.metrics["ndcg@10"],
+            "ndcg@10": champion.metrics["ndcg@10"], "decide_ndcg@10": champion.decide_metrics["ndcg@10"],
             "image_only/ndcg@10": champion.metrics.get(f"{IMAGE_ONLY}/ndcg@10", float("nan")),
             "challenger_ndcg@10": None if challenger is None else challenger.metrics["ndcg@10"],
             "outcome": outcome, "seconds": round(seconds, 1)}
@@ -446,17 +466,16 @@ def run_loop_benchmark(cfg: LoopBenchmarkConfig, *, dataset_dir: Path, out_dir: 
     try:
         for seed in cfg.seeds:
             finals: dict[str, LoopModel] = {}
-            text_zero: dict[str, Path] = {}
+            text_zero: dict[str, LoopModel] = {}
             for system in systems:
                 t = time.perf_counter()
                 loop_dir = work / f"{system}-seed{seed}"
                 zero = None
                 if system == "late_fusion" and "text_only" in text_zero:
-                    zero = functools.partial(train_model, inputs, system, ROUND_ZERO, loop_dir / "base", seed,
-                                             loop_dir / "round-0", text_scorer_dir=text_zero["text_only"])
+                    zero = functools.partial(_late_fusion_zero, inputs, loop_dir, seed, text_zero["text_only"])
                 result = run_loop(inputs, system, seed, loop_dir, round_zero=zero)
                 if system == "text_only":
-                    text_zero["text_only"] = loop_dir / "round-0" / "scorer"
+                    text_zero["text_only"] = result.round_zero
                 rows += result.rows
                 decisions += result.decisions
                 comparisons += result.comparisons
@@ -476,6 +495,15 @@ def run_loop_benchmark(cfg: LoopBenchmarkConfig, *, dataset_dir: Path, out_dir: 
     return result
 
 
+def _late_fusion_zero(inputs: LoopInputs, loop_dir: Path, seed: int, text_only: LoopModel) -> LoopModel:
+    """late_fusion's round 0 over text_only's round-0 model (the same data and seed: the model it
+    would train itself); its time counts text_only's training."""
+    model = train_model(inputs, "late_fusion", ROUND_ZERO, loop_dir / "base", seed, loop_dir / "round-0",
+                        text_scorer_dir=text_only.scorer_dir / "scorer")
+    model.seconds += text_only.seconds
+    return model
+
+
 def _progress(out_dir: Path, rows: list[dict], decisions: list[dict], comparisons: list[dict],
               timings: dict[str, float]) -> None:
     """What is done so far (an hour-long run shows its progress, and a failure keeps it)."""
@@ -487,6 +515,8 @@ def _progress(out_dir: Path, rows: list[dict], decisions: list[dict], comparison
 def _final_comparisons(inputs: LoopInputs, finals: dict[str, LoopModel], seed: int, work_dir: Path) -> list[dict]:
     """Each pair of final champions interleaved on the same simulated people (the later system of
     `finals` as the challenger), each pair with a traffic log of its own."""
+    if work_dir.exists():
+        shutil.rmtree(work_dir)
     out = []
     names = list(finals)
     for i, first in enumerate(names):
@@ -496,6 +526,6 @@ def _final_comparisons(inputs: LoopInputs, finals: dict[str, LoopModel], seed: i
             work_dir.mkdir(parents=True, exist_ok=True)
             verdict, preferences, _ = interleave(inputs, finals[first], finals[second], traffic,
                                                  inputs.cfg.final_searches, simulator_seed(seed, 999, PHASE_FINAL))
-            out.append({**_comparison("final", seed, finals[second], finals[first], verdict, preferences,
-                                      inputs.promote.online_alpha), "system": f"{second} vs {first}"})
+            out.append({**_comparison(inputs, "final", seed, finals[second], finals[first], verdict, preferences),
+                        "system": f"{second} vs {first}"})
     return out

@@ -23,6 +23,8 @@ from components.traffic.config import LoopBenchmarkConfig
 
 JSON_FILE, MARKDOWN_FILE, PLOT_FILE = "loop.json", "loop.md", "learning_curves.png"
 AGREEMENT_TARGET = 0.9
+# "final": two systems' final champions; "challenger": a round's challenger against its champion.
+AGREEMENT_KINDS = ("final", "challenger")
 METRICS = ("ndcg@10", f"{IMAGE_ONLY}/ndcg@10")
 
 
@@ -46,7 +48,8 @@ def learning_curves(rows: pd.DataFrame) -> pd.DataFrame:
     grouped = rows.groupby(["system", "round"], sort=False)
     out = grouped.agg(seeds=("seed", "nunique"), clicks=("clicks", "mean"), searches=("searches", "mean"),
                       ndcg=("ndcg@10", "mean"), ndcg_sd=("ndcg@10", "std"),
-                      image_only=("image_only/ndcg@10", "mean"), seconds=("seconds", "mean"),
+                      image_only=("image_only/ndcg@10", "mean"), decide=("decide_ndcg@10", "mean"),
+                      seconds=("seconds", "mean"),
                       promoted=("outcome", lambda o: int((o == "promoted").sum())))
     return out.reset_index()
 
@@ -80,6 +83,7 @@ def agreement(comparisons: pd.DataFrame, min_delta: float) -> dict:
     share_right = int((np.sign(apart["win_share"].fillna(0.5) - 0.5) == better).sum())
     needed = apart["impressions_needed"].dropna()
     return {"comparisons": int(len(comparisons)), "apart": int(len(apart)), "significant_right": significant_right,
+            "reached": int(len(needed)),
             "significant_wrong": significant_wrong, "share_right": share_right,
             "agreement": significant_right / len(apart) if len(apart) else math.nan,
             "direction_agreement": share_right / len(apart) if len(apart) else math.nan,
@@ -120,7 +124,10 @@ def summarise(result: LoopBenchmarkResult, cfg: LoopBenchmarkConfig, promote: Pr
     bad_promotions = int((decisions["promoted"] & decisions["challenger_significantly_worse"]).sum()) \
         if len(decisions) else 0
     return {"curves": curves, "gains": gains, "speed": speed,
-            "agreement": agreement(comparisons, cfg.agreement_min_delta) if len(comparisons) else {},
+            "agreement": {kind: agreement(part, cfg.agreement_min_delta)
+                          for kind, part in [("all", comparisons),
+                                             *((k, comparisons[comparisons["kind"] == k]) for k in AGREEMENT_KINDS)]
+                          if len(part)},
             "bad_promotions": bad_promotions, "promotions": int(decisions["promoted"].sum()) if len(decisions) else 0,
             "decisions": len(decisions), "last_round": last}
 
@@ -131,10 +138,14 @@ def _markdown(result: LoopBenchmarkResult, summary: dict, cfg: LoopBenchmarkConf
              f"{cfg.searches} searches + {cfg.online_searches} interleaved; round 0 on {cfg.start_fraction:.0%} of the "
              f"training queries' qrels; promote.online = {promote.online})", "",
              f"Took {result.seconds / 60:.1f} min. Test numbers are on the `{cfg.eval_split}` split, which the "
-             "simulated people never search; clicks are the loop's own, summed over rounds (mean over seeds).", "",
+             f"simulated people never search; promotion reads `{cfg.decide_split}`. `clicks`: the clicks logged before "
+             "the round's retraining (what it learnt from, mean over seeds; round 0 learns from the start share's "
+             "qrels alone).", "",
              "## Learning curves (the champion after each round, mean over seeds)", ""]
-    table = curves[["system", "round", "clicks", "ndcg", "ndcg_sd", "image_only", "promoted", "seconds"]].rename(
+    table = curves[["system", "round", "clicks", "ndcg", "ndcg_sd", "image_only", "decide", "promoted",
+                    "seconds"]].rename(
         columns={"ndcg": "test ndcg@10", "ndcg_sd": "sd", "image_only": "image-only ndcg@10",
+                 "decide": f"{cfg.decide_split} ndcg@10",
                  "promoted": "promoted (of seeds)", "seconds": "seconds/seed"})
     lines += [_markdown_table(table), "", "## Targets", ""]
     ours = summary["gains"].get("ours")
@@ -158,16 +169,19 @@ def _markdown(result: LoopBenchmarkResult, summary: dict, cfg: LoopBenchmarkConf
                      f"({speed['late_fusion_final']:.4f}) after {reach(speed['ours_clicks_to_late_fusion_final'])}; "
                      f"late_fusion reaches ours' final ({speed['ours_final']:.4f}) after "
                      f"{reach(speed['late_fusion_clicks_to_ours_final'])}.")
-    agree = summary["agreement"]
-    if agree:
+    for kind, agree in summary["agreement"].items():
         met = agree["apart"] > 0 and agree["agreement"] >= AGREEMENT_TARGET
-        lines.append(f"- **Interleaving agrees with the test split** (comparisons {cfg.agreement_min_delta} or more "
-                     f"apart on test ndcg@10: {agree['apart']} of {agree['comparisons']}): significant and right in "
+        what = {"all": "all comparisons", "final": "the systems' final champions, pairwise",
+                "challenger": "each round's challenger against its champion"}[kind]
+        lines.append(f"- **Interleaving agrees with the test split**, {what} ({cfg.agreement_min_delta} or more apart on "
+                     f"test ndcg@10: {agree['apart']} of {agree['comparisons']}): significant and right in "
                      f"{agree['significant_right']} ({_f(agree['agreement'], 3)}), significant and wrong in "
                      f"{agree['significant_wrong']}, win share leaning the right way in {agree['share_right']} "
-                     f"({_f(agree['direction_agreement'], 3)}); impressions the sign test needed: median "
-                     f"{_f(agree['impressions_needed_median'], 0)}, max {_f(agree['impressions_needed_max'], 0)} "
-                     f"(of {_f(agree['impressions_per_comparison'], 0)} per comparison): "
+                     f"({_f(agree['direction_agreement'], 3)}); the sign test settled for the better model in "
+                     f"{agree['reached']} of them, after a median of {_f(agree['impressions_needed_median'], 0)} "
+                     f"impressions (max {_f(agree['impressions_needed_max'], 0)}; "
+                     f"{_f(agree['impressions_per_comparison'], 0)} per comparison, never fewer than "
+                     f"promote.min_online_impressions = {promote.min_online_impressions}): "
                      f"**{'met' if met else 'missed'}** (target {AGREEMENT_TARGET:.0%}).")
     lines.append(f"- **Never promotes a significantly worse challenger** (paired bootstrap p < 0.05 on test): "
                  f"{summary['bad_promotions']} of {summary['promotions']} promotions ({summary['decisions']} decisions): "
@@ -198,7 +212,7 @@ def plot_curves(curves: pd.DataFrame, out_path: Path) -> Path:
         for system, part in curves.groupby("system", sort=False):
             part = part.sort_values("round")
             ax.plot(part["clicks"], part[column], marker="o", label=system)
-        ax.set_xlabel("clicks collected (mean over seeds)")
+        ax.set_xlabel("clicks the round's retraining learnt from (mean over seeds)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     ax.legend(loc="lower right")

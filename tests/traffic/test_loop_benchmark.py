@@ -65,20 +65,28 @@ def test_two_rounds_through_the_service_account_for_every_event(synthetic_datase
     for system in ("ours", "late_fusion"):
         mine = rows[rows["system"] == system].sort_values("round")
         assert mine["round"].tolist() == [0, 1, 2]
-        # The champion's test quality never drops, and the clicks collected only grow.
-        assert mine["ndcg@10"].is_monotonic_increasing, mine
-        assert mine["clicks"].is_monotonic_increasing and mine["clicks"].iloc[-1] > 0
         decisions = [d for d in report["decisions"] if d["system"] == system]
         assert [d["round"] for d in decisions] == [1, 2]
-        for d in decisions:  # the online verdict was there and read every interleaved search
+        for d, (_, row) in zip(decisions, mine.iloc[1:].iterrows(), strict=True):
+            # the online verdict was there, read every interleaved search, and the rule (advisory)
+            # followed both verdicts: a significant online loss vetoes, otherwise offline decides
             assert d["online"]["impressions"] == 40 and d["online_status"] != "missing", d
+            assert d["promoted"] == (d["offline_promote"] and d["online_status"] != "champion_better"), d
+            assert row["outcome"] == ("promoted" if d["promoted"] else "kept")
+        # Quality as the rule reads it (valid) never drops; a kept round keeps its champion.
+        assert mine["decide_ndcg@10"].is_monotonic_increasing, mine
+        kept = mine["outcome"] == "kept"
+        assert (mine["ndcg@10"][kept].to_numpy() == mine["ndcg@10"].shift()[kept].to_numpy()).all(), mine
+        assert mine["clicks"].is_monotonic_increasing and mine["clicks"].iloc[-1] > 0
         # Every event: the log holds exactly what the simulated people were answered and had
         # acknowledged, and a last ingest puts every click into the loop's data exactly once.
         traffic = cfg.traffic.model_copy(update={"store_uri": f"sqlite:///{work / f'{system}-seed0' / 'traffic.db'}"})
         with open_store(traffic) as store:
             events = store.read()
             assert len(events.impressions) == sum(d["searches_answered"] for d in decisions) == 2 * (60 + 40)
-            assert len(events.clicks) == sum(d["clicks_acknowledged"] for d in decisions) == mine["clicks"].iloc[-1]
+            assert len(events.clicks) == sum(d["clicks_acknowledged"] for d in decisions)
+            # a round's retraining had every click logged before it: all but its own online phase's
+            assert mine["clicks"].iloc[-1] == len(events.clicks) - decisions[-1]["online_clicks_acknowledged"]
             live = work / f"{system}-seed0" / "live"
             ingest(work / f"{system}-seed0" / "base", live, store, traffic)
         observations = read_observations(live)
@@ -89,5 +97,15 @@ def test_two_rounds_through_the_service_account_for_every_event(synthetic_datase
         pd.testing.assert_frame_equal(version.split("test").qrels[["query_id", "ad_id", "relevance"]],
                                       full.split("test").qrels[["query_id", "ad_id", "relevance"]])
         assert set(version.queries["query_id"]) == set(full.queries["query_id"])  # no new query: training texts
+    assert (rows["outcome"] == "promoted").any(), rows  # the loop did move a champion
     final = [c for c in report["comparisons"] if c["kind"] == "final"]
     assert len(final) == 1 and final[0]["impressions"] == 40
+    # The same simulated people met both systems: the same queries in the same order (round 1's;
+    # their clicks differ as the two systems showed different ads).
+    firsts = []
+    for system in ("ours", "late_fusion"):
+        traffic = cfg.traffic.model_copy(update={"store_uri": f"sqlite:///{work / f'{system}-seed0' / 'traffic.db'}"})
+        with open_store(traffic) as store:
+            firsts.append(store.read().impressions.sort_values("seq").head(60)[["query"]]
+                          .reset_index(drop=True))
+    pd.testing.assert_frame_equal(*firsts)
