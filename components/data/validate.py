@@ -151,7 +151,7 @@ class ValidationError(Exception):
 
 
 @dataclass
-class _Rule:
+class Rule:
     name: str  # the sentence the report shows, e.g. "ad_id must be unique"
     column: str | None  # the dataset column the rule is about
     expectation: Any  # a great_expectations expectation
@@ -159,16 +159,16 @@ class _Rule:
 
 
 @dataclass
-class _Suite:
+class Suite:
     name: str
     table: str  # what the report names: a file, "images/" or "dataset"
     frame: pd.DataFrame  # the table plus fact columns, index 0..n-1
     row_id: Callable[[pd.DataFrame, int], str]
-    rules: list[_Rule] = field(default_factory=list)
+    rules: list[Rule] = field(default_factory=list)
     data_columns: list[str] = field(default_factory=list)  # the table's own columns, before facts
 
 
-def _isnull(value: Any) -> bool:
+def isnull(value: Any) -> bool:
     try:
         return bool(pd.isna(value))
     except (TypeError, ValueError):  # lists and arrays are values, not nulls
@@ -177,7 +177,7 @@ def _isnull(value: Any) -> bool:
 
 def _facts(series: pd.Series, fn: Callable[[Any], Any]) -> pd.Series:
     """Per-row fact of a column: None where the value is null (null rules report those)."""
-    return pd.Series([None if _isnull(v) else fn(v) for v in series.tolist()], index=series.index, dtype=object)
+    return pd.Series([None if isnull(v) else fn(v) for v in series.tolist()], index=series.index, dtype=object)
 
 
 def _is_integer(value: Any) -> bool:
@@ -196,7 +196,7 @@ def _is_positive_finite(value: Any) -> bool:
 
 def _id_of(column: str) -> Callable[[pd.DataFrame, int], str]:
     def row_id(frame: pd.DataFrame, i: int) -> str:
-        if column in frame.columns and not _isnull(frame.at[i, column]):
+        if column in frame.columns and not isnull(frame.at[i, column]):
             return str(frame.at[i, column])
         return f"row {i}"
 
@@ -207,80 +207,80 @@ def _qrel_id(frame: pd.DataFrame, i: int) -> str:
     parts = []
     for column in ("query_id", "ad_id"):
         value = frame.at[i, column] if column in frame.columns else None
-        parts.append("?" if _isnull(value) else str(value))
+        parts.append("?" if isnull(value) else str(value))
     return f"{parts[0]} -> {parts[1]}" if parts != ["?", "?"] else f"row {i}"
 
 
-def _table_rules(gx, suite: _Suite, required: dict[str, str], optional: dict[str, str]) -> None:
+def _table_rules(gx, suite: Suite, required: dict[str, str], optional: dict[str, str]) -> None:
     """Column presence, nulls, types and split values of one table (facts added to its frame)."""
     E = gx.expectations
     frame = suite.frame
     suite.data_columns = [str(c) for c in frame.columns]
     for column in required:
         if column not in frame.columns:
-            suite.rules.append(_Rule(f"required column '{column}' must be present", column, E.ExpectColumnToExist(column=column)))
+            suite.rules.append(Rule(f"required column '{column}' must be present", column, E.ExpectColumnToExist(column=column)))
     present = [c for c in required if c in frame.columns] + [c for c in optional if c in frame.columns]
     for column in present:
         dtype = {**required, **optional}[column]
         if column in required:
-            suite.rules.append(_Rule(f"{column} must not be null", column, E.ExpectColumnValuesToNotBeNull(column=column)))
+            suite.rules.append(Rule(f"{column} must not be null", column, E.ExpectColumnValuesToNotBeNull(column=column)))
         if column == "split":
-            suite.rules.append(_Rule(
+            suite.rules.append(Rule(
                 f"split must be one of {', '.join(SPLITS)}", column,
                 E.ExpectColumnValuesToBeInSet(column=column, value_set=list(SPLITS)), show=(column,)))
         elif dtype == "string":
             fact = f"{column}_is_string"
             frame[fact] = _facts(frame[column], lambda v: isinstance(v, str))
-            suite.rules.append(_Rule(
+            suite.rules.append(Rule(
                 f"{column} must be a string", column,
                 E.ExpectColumnValuesToBeInSet(column=fact, value_set=[True]), show=(column,)))
         elif column == "relevance":
             frame["relevance_is_integer"] = _facts(frame[column], _is_integer)
             frame["relevance_value"] = pd.to_numeric(
                 _facts(frame[column], lambda v: float(v) if _is_integer(v) else None), errors="coerce")
-            suite.rules.append(_Rule(
+            suite.rules.append(Rule(
                 "relevance must be an integer", column,
                 E.ExpectColumnValuesToBeInSet(column="relevance_is_integer", value_set=[True]), show=(column,)))
-            suite.rules.append(_Rule(
+            suite.rules.append(Rule(
                 "relevance must be >= 0", column,
                 E.ExpectColumnValuesToBeBetween(column="relevance_value", min_value=0), show=(column,)))
         elif column == "weight":  # optional, but then on every row: a null weight is an error
             frame["weight_is_positive_finite"] = pd.Series(
                 [_is_positive_finite(v) for v in frame[column].tolist()], index=frame.index, dtype=object)
-            suite.rules.append(_Rule(
+            suite.rules.append(Rule(
                 "weight must be a finite number > 0", column,
                 E.ExpectColumnValuesToBeInSet(column="weight_is_positive_finite", value_set=[True]), show=(column,)))
 
 
-def _ads_suite(gx, ads: pd.DataFrame) -> _Suite:
-    suite = _Suite("ads", ADS_FILE, ads.copy().reset_index(drop=True), _id_of("ad_id"))
+def _ads_suite(gx, ads: pd.DataFrame) -> Suite:
+    suite = Suite("ads", ADS_FILE, ads.copy().reset_index(drop=True), _id_of("ad_id"))
     _table_rules(gx, suite, ADS_COLUMNS, ADS_OPTIONAL_COLUMNS)
     if "ad_id" in suite.frame.columns:
-        suite.rules.append(_Rule("ad_id must be unique", "ad_id", gx.expectations.ExpectColumnValuesToBeUnique(column="ad_id")))
+        suite.rules.append(Rule("ad_id must be unique", "ad_id", gx.expectations.ExpectColumnValuesToBeUnique(column="ad_id")))
     return suite
 
 
-def _queries_suite(gx, queries: pd.DataFrame) -> _Suite:
+def _queries_suite(gx, queries: pd.DataFrame) -> Suite:
     E = gx.expectations
-    suite = _Suite("queries", QUERIES_FILE, queries.copy().reset_index(drop=True), _id_of("query_id"))
+    suite = Suite("queries", QUERIES_FILE, queries.copy().reset_index(drop=True), _id_of("query_id"))
     _table_rules(gx, suite, QUERIES_COLUMNS, {})
     frame = suite.frame
     if "query_id" in frame.columns:
-        suite.rules.append(_Rule("query_id must be unique", "query_id", E.ExpectColumnValuesToBeUnique(column="query_id")))
+        suite.rules.append(Rule("query_id must be unique", "query_id", E.ExpectColumnValuesToBeUnique(column="query_id")))
     if "text" in frame.columns:
         frame["text_stripped_length"] = pd.to_numeric(
             _facts(frame["text"], lambda v: len(v.strip()) if isinstance(v, str) else None), errors="coerce")
-        suite.rules.append(_Rule(
+        suite.rules.append(Rule(
             "text must be non-empty after strip", "text",
             E.ExpectColumnValuesToBeBetween(column="text_stripped_length", min_value=1), show=("text",)))
     return suite
 
 
-def _qrels_suite(gx, qrels: pd.DataFrame) -> _Suite:
-    suite = _Suite("qrels", QRELS_FILE, qrels.copy().reset_index(drop=True), _qrel_id)
+def _qrels_suite(gx, qrels: pd.DataFrame) -> Suite:
+    suite = Suite("qrels", QRELS_FILE, qrels.copy().reset_index(drop=True), _qrel_id)
     _table_rules(gx, suite, QRELS_COLUMNS, QRELS_OPTIONAL_COLUMNS)
     if {"query_id", "ad_id"} <= set(suite.frame.columns):
-        suite.rules.append(_Rule(
+        suite.rules.append(Rule(
             "(query_id, ad_id) pairs must be unique", "query_id, ad_id",
             gx.expectations.ExpectCompoundColumnsToBeUnique(column_list=["query_id", "ad_id"])))
     return suite
@@ -290,15 +290,15 @@ def _lookup(table: pd.DataFrame, key: str, value: str) -> dict[Any, Any] | None:
     if key not in table.columns or value not in table.columns:
         return None
     first = table.drop_duplicates(subset=[key])
-    return {k: v for k, v in zip(first[key].tolist(), first[value].tolist(), strict=True) if not _isnull(k)}
+    return {k: v for k, v in zip(first[key].tolist(), first[value].tolist(), strict=True) if not isnull(k)}
 
 
-def _cross_table_suite(gx, ads: pd.DataFrame, queries: pd.DataFrame, qrels: pd.DataFrame) -> _Suite:
+def _cross_table_suite(gx, ads: pd.DataFrame, queries: pd.DataFrame, qrels: pd.DataFrame) -> Suite:
     """Per-qrel facts: does its query/ad exist, and is it in the same split as both."""
     E = gx.expectations
     keep = [c for c in ("query_id", "ad_id", "split") if c in qrels.columns]
     frame = qrels[keep].copy().reset_index(drop=True)
-    suite = _Suite("cross_table", QRELS_FILE, frame, _qrel_id)
+    suite = Suite("cross_table", QRELS_FILE, frame, _qrel_id)
     for side, table, file_name in (("query", queries, QUERIES_FILE), ("ad", ads, ADS_FILE)):
         key = f"{side}_id"
         if key not in frame.columns or key not in table.columns:
@@ -306,24 +306,24 @@ def _cross_table_suite(gx, ads: pd.DataFrame, queries: pd.DataFrame, qrels: pd.D
         split_of = _lookup(table, key, "split")
         known = set(table[key].dropna().tolist())
         frame[f"{side}_exists"] = _facts(frame[key], lambda v, known=known: v in known)
-        suite.rules.append(_Rule(
+        suite.rules.append(Rule(
             f"{key} must refer to a{'n' if side == 'ad' else ''} {side} in {file_name}", key,
             E.ExpectColumnValuesToBeInSet(column=f"{side}_exists", value_set=[True])))
         if split_of is None or "split" not in frame.columns:
             continue
         frame[f"{side}_split"] = _facts(frame[key], lambda v, split_of=split_of: split_of.get(v))
         frame[f"split_matches_{side}"] = pd.Series(
-            [None if _isnull(s) or _isnull(o) else s == o
+            [None if isnull(s) or isnull(o) else s == o
              for s, o in zip(frame["split"].tolist(), frame[f"{side}_split"].tolist(), strict=True)],
             dtype=object)
-        suite.rules.append(_Rule(
+        suite.rules.append(Rule(
             f"qrel split must equal its {side}'s split", "split",
             E.ExpectColumnValuesToBeInSet(column=f"split_matches_{side}", value_set=[True]),
             show=("split", f"{side}_split")))
     return suite
 
 
-def _splits_suite(gx, ads: pd.DataFrame, queries: pd.DataFrame, qrels: pd.DataFrame) -> _Suite:
+def _splits_suite(gx, ads: pd.DataFrame, queries: pd.DataFrame, qrels: pd.DataFrame) -> Suite:
     """One row per split: how many ads, queries, and queries with a positive qrel it has."""
     rows = []
     positive_queries: set[Any] = set()
@@ -339,9 +339,9 @@ def _splits_suite(gx, ads: pd.DataFrame, queries: pd.DataFrame, qrels: pd.DataFr
             row["num_queries"] = int(len(in_split))
             row["num_queries_with_positive_qrel"] = int(in_split.isin(positive_queries).sum())
         rows.append(row)
-    suite = _Suite("splits", DATASET_TABLE, pd.DataFrame(rows), _id_of("split"))
+    suite = Suite("splits", DATASET_TABLE, pd.DataFrame(rows), _id_of("split"))
     if can_count and "relevance" in qrels.columns:
-        suite.rules.append(_Rule(
+        suite.rules.append(Rule(
             "every split must have a query with a positive qrel", "split",
             gx.expectations.ExpectColumnValuesToBeBetween(column="num_queries_with_positive_qrel", min_value=1),
             show=("num_queries", "num_queries_with_positive_qrel")))
@@ -400,21 +400,21 @@ def _check_image(real_root: str, image_path: Any, max_pixels: int) -> _ImageFact
     return _ImageFacts(True, False, True, int(width), int(height), too_large=False)
 
 
-def _images_suite(gx, root: Path, ads: pd.DataFrame, cfg: ValidateConfig) -> tuple[_Suite | None, dict[str, Any]]:
+def _images_suite(gx, root: Path, ads: pd.DataFrame, cfg: ValidateConfig) -> tuple[Suite | None, dict[str, Any]]:
     if "image_path" not in ads.columns:
         return None, {}
     E = gx.expectations
     started = time.perf_counter()
     keep = [c for c in ("ad_id", "image_path") if c in ads.columns]
     frame = ads[keep].copy().reset_index(drop=True)
-    paths = [p for p in dict.fromkeys(frame["image_path"].tolist()) if not _isnull(p)]
+    paths = [p for p in dict.fromkeys(frame["image_path"].tolist()) if not isnull(p)]
     # Pillow decodes with the GIL released, so threads scale over cores without pickling.
     workers = min(32, 4 * (os.cpu_count() or 1))
     real_root = os.path.realpath(root)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         checked = dict(zip(paths, pool.map(lambda p: _check_image(real_root, p, cfg.max_image_pixels), paths),
                            strict=True))
-    facts = [checked.get(p, _MISSING) if not _isnull(p) else _MISSING for p in frame["image_path"].tolist()]
+    facts = [checked.get(p, _MISSING) if not isnull(p) else _MISSING for p in frame["image_path"].tolist()]
     frame["image_exists"] = pd.Series([f.exists for f in facts], dtype=object)
     frame["image_not_linked"] = pd.Series([None if f.linked is None else not f.linked for f in facts], dtype=object)
     frame["image_decodes"] = pd.Series([f.decodes for f in facts], dtype=object)
@@ -423,18 +423,18 @@ def _images_suite(gx, root: Path, ads: pd.DataFrame, cfg: ValidateConfig) -> tup
     frame["image_width"] = pd.to_numeric(pd.Series([f.width for f in facts], dtype=object), errors="coerce")
     frame["image_height"] = pd.to_numeric(pd.Series([f.height for f in facts], dtype=object), errors="coerce")
     frame["image_min_side"] = frame[["image_width", "image_height"]].min(axis=1, skipna=False)
-    suite = _Suite("images", IMAGES_TABLE, frame, _id_of("image_path"))
+    suite = Suite("images", IMAGES_TABLE, frame, _id_of("image_path"))
     suite.rules = [
-        _Rule("image_path must exist under the dataset directory", "image_path",
+        Rule("image_path must exist under the dataset directory", "image_path",
               E.ExpectColumnValuesToBeInSet(column="image_exists", value_set=[True])),
-        _Rule("image_path must not be a symlink (nor lead out of the directory through one)", "image_path",
+        Rule("image_path must not be a symlink (nor lead out of the directory through one)", "image_path",
               E.ExpectColumnValuesToBeInSet(column="image_not_linked", value_set=[True])),
-        _Rule(f"image must decode as {FORMAT_NAMES} (Pillow verify + load)", "image_path",
+        Rule(f"image must decode as {FORMAT_NAMES} (Pillow verify + load)", "image_path",
               E.ExpectColumnValuesToBeInSet(column="image_decodes", value_set=[True])),
-        _Rule(f"image must have at most {cfg.max_image_pixels:,} pixels (validate.max_image_pixels)", "image_path",
+        Rule(f"image must have at most {cfg.max_image_pixels:,} pixels (validate.max_image_pixels)", "image_path",
               E.ExpectColumnValuesToBeInSet(column="image_pixels_within_limit", value_set=[True]),
               show=("image_width", "image_height")),
-        _Rule(f"image sides must be >= {cfg.min_image_side} px", "image_path",
+        Rule(f"image sides must be >= {cfg.min_image_side} px", "image_path",
               E.ExpectColumnValuesToBeBetween(column="image_min_side", min_value=cfg.min_image_side),
               show=("image_width", "image_height")),
     ]
@@ -470,7 +470,7 @@ def _format_value(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
-def _failures_of(suite: _Suite, result: Any, max_examples: int) -> list[RuleFailure]:
+def _failures_of(suite: Suite, result: Any, max_examples: int) -> list[RuleFailure]:
     rules = {rule.expectation.meta["rule_key"]: rule for rule in suite.rules}
     failures = []
     for item in result.results:
@@ -513,7 +513,7 @@ def _exception_message(info: Any) -> str:
     return ""
 
 
-def _new_context(gx, data_docs_dir: Path | None):
+def new_context(gx, data_docs_dir: Path | None):
     from great_expectations.data_context.types.base import (
         DataContextConfig,
         InMemoryStoreBackendDefaults,
@@ -539,7 +539,7 @@ def _new_context(gx, data_docs_dir: Path | None):
     return context
 
 
-def _run_suite(gx, context, source, suite: _Suite, max_examples: int) -> list[RuleFailure]:
+def _run_suite(gx, context, source, suite: Suite, max_examples: int) -> list[RuleFailure]:
     for n, rule in enumerate(suite.rules):
         rule.expectation.meta = {"rule_key": n, "rule": rule.name, "table": suite.table}
         rule.expectation.description = f"{suite.table}: {rule.name}"
@@ -551,7 +551,7 @@ def _run_suite(gx, context, source, suite: _Suite, max_examples: int) -> list[Ru
     return _failures_of(suite, result, max_examples)
 
 
-def _run_suites(gx, context, source_name: str, suites: list[_Suite], max_examples: int) -> list[RuleFailure]:
+def run_suites(gx, context, source_name: str, suites: list[Suite], max_examples: int) -> list[RuleFailure]:
     source = context.data_sources.add_pandas(source_name)
     failures: list[RuleFailure] = []
     for suite in suites:
@@ -581,7 +581,7 @@ def validate_dataset(root: Path, cfg: ValidateConfig, report_dir: Path | None = 
         if data_docs_dir.exists():
             shutil.rmtree(data_docs_dir)  # stale pages of an earlier run would mix into the index
         data_docs_dir.mkdir(parents=True)
-    context = _new_context(gx, data_docs_dir)
+    context = new_context(gx, data_docs_dir)
 
     ads, queries, qrels = dataset.ads, dataset.queries, dataset.qrels
     suites = [_ads_suite(gx, ads), _queries_suite(gx, queries), _qrels_suite(gx, qrels)]
@@ -592,7 +592,7 @@ def validate_dataset(root: Path, cfg: ValidateConfig, report_dir: Path | None = 
     suites += [_cross_table_suite(gx, ads, queries, qrels), splits_suite]
 
     expectations_started = time.perf_counter()
-    failures = _run_suites(gx, context, "alignsearch_dataset", suites, cfg.max_examples)
+    failures = run_suites(gx, context, "alignsearch_dataset", suites, cfg.max_examples)
     stats: dict[str, dict[str, Any]] = {
         "ads": _table_stats(ads), "queries": _table_stats(queries), "qrels": _table_stats(qrels),
         "images": image_stats,
@@ -632,12 +632,12 @@ def validate_ads(root: Path, ads: pd.DataFrame, cfg: ValidateConfig,
     started = time.perf_counter()
     import great_expectations as gx  # slow (~3-5 s the first time): only when a validation runs
 
-    context = _new_context(gx, None)
+    context = new_context(gx, None)
     suites = [_ads_suite(gx, ads)]
     images_suite, image_stats = _images_suite(gx, Path(root), ads, cfg)
     if images_suite is not None:
         suites.append(images_suite)
-    failures = _run_suites(gx, context, "alignsearch_new_ads", suites, cfg.max_examples) + list(extra_failures)
+    failures = run_suites(gx, context, "alignsearch_new_ads", suites, cfg.max_examples) + list(extra_failures)
     empty = {"rows": 0, "columns": []}
     stats = {"ads": _table_stats(ads), "queries": empty, "qrels": empty, "images": image_stats}
     return ValidationResult(root=Path(root), success=not failures, failures=failures, stats=stats,

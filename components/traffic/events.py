@@ -196,7 +196,8 @@ def _click_row(event: Click) -> dict[str, Any]:
             "position": event.position, "time_us": _to_us(event.time)}
 
 
-def _impression(row: Any) -> Impression:
+def impression_from_row(row: Any) -> Impression:
+    """An `Impression` from a stored row (the log's columns, `time_us` and all)."""
     return Impression(
         event_id=row.event_id, query=row.query, k=row.k, model_name=row.model_name,
         model_version=row.model_version, catalogue_version=row.catalogue_version, source=row.source,
@@ -366,7 +367,7 @@ class EventStore:
     def impression(self, event_id: str) -> Impression | None:
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(IMPRESSIONS).where(IMPRESSIONS.c.event_id == event_id)).first()
-        return _impression(row) if row is not None else None
+        return impression_from_row(row) if row is not None else None
 
     def clicked(self, request_id: str, ad_id: str) -> bool:
         """Whether the log holds a click on `ad_id` of the search `request_id`."""

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from components.data.format import ADS_FILE, DatasetFormatError
-from components.data.validate import RuleFailure, _isnull, _new_context, _Rule, _run_suites, _Suite
+from components.data.validate import Rule, RuleFailure, Suite, isnull, new_context, run_suites
 from components.traffic.config import TrafficConfig
 from components.traffic.events import (
     IMPRESSIONS,
@@ -37,7 +37,7 @@ from components.traffic.events import (
     EventStore,
     Hit,
     Impression,
-    _impression,
+    impression_from_row,
 )
 
 log = logging.getLogger(__name__)
@@ -261,22 +261,22 @@ def _fact(values: list[Any]) -> pd.Series:
     return pd.Series(values, dtype=object)
 
 
-def _schema_suite(gx, frame: pd.DataFrame, rows: _Rows, table: str) -> _Suite:
+def _schema_suite(gx, frame: pd.DataFrame, rows: _Rows, table: str) -> Suite:
     E = gx.expectations
     raw = frame.copy()
-    suite = _Suite("import_schema", table, raw, _row_id)
+    suite = Suite("import_schema", table, raw, _row_id)
     suite.data_columns = list(frame.columns)
     is_impression = [kind == "impression" for kind in rows.kind]
     n = len(frame)
 
     def rule(name: str, column: str, fact: str, values: list[Any], show: tuple[str, ...] = ()) -> None:
         raw[fact] = _fact(values)
-        suite.rules.append(_Rule(name, column, E.ExpectColumnValuesToBeInSet(column=fact, value_set=[True]),
+        suite.rules.append(Rule(name, column, E.ExpectColumnValuesToBeInSet(column=fact, value_set=[True]),
                                  show=tuple(c for c in show if c in raw.columns)))
 
     for column in REQUIRED_COLUMNS:
         if column not in frame.columns:
-            suite.rules.append(_Rule(f"required column '{column}' must be present", column,
+            suite.rules.append(Rule(f"required column '{column}' must be present", column,
                                      E.ExpectColumnToExist(column=column)))
     if "kind" in frame.columns:
         rule("kind must be impression or click", "kind", "kind_ok", [k is not None for k in rows.kind], ("kind",))
@@ -294,18 +294,18 @@ def _schema_suite(gx, frame: pd.DataFrame, rows: _Rows, table: str) -> _Suite:
          ("position",))
     raw_k, raw_score, raw_took = _column(frame, "k"), _column(frame, "score"), _column(frame, "took_ms")
     rule("k, when given, must be an integer >= every position of its impression", "k", "k_ok",
-         [None if not imp or _isnull(raw_k[i]) else
+         [None if not imp or isnull(raw_k[i]) else
           (rows.k[i] is not None and rows.k[i] >= 1 and (rows.position[i] is None or rows.k[i] >= rows.position[i]))
           for i, imp in enumerate(is_impression)], ("k", "position"))
     rule("score, when given, must be a finite number", "score", "score_ok",
-         [None if _isnull(raw_score[i]) else rows.score[i] is not None for i in range(n)], ("score",))
+         [None if isnull(raw_score[i]) else rows.score[i] is not None for i in range(n)], ("score",))
     rule("took_ms, when given, must be a number >= 0", "took_ms", "took_ms_ok",
-         [None if _isnull(raw_took[i]) else (rows.took_ms[i] is not None and rows.took_ms[i] >= 0) for i in range(n)],
+         [None if isnull(raw_took[i]) else (rows.took_ms[i] is not None and rows.took_ms[i] >= 0) for i in range(n)],
          ("took_ms",))
     for name, max_chars in OPTIONAL_TEXT.items():
         raw_values = _column(frame, name)
         rule(f"{name}, when given, must be text of 1-{max_chars} characters", name, f"{name}_ok",
-             [None if _isnull(raw_values[i]) else rows.text[name][i] is not None for i in range(n)], (name,))
+             [None if isnull(raw_values[i]) else rows.text[name][i] is not None for i in range(n)], (name,))
     # One search has one time, query, k, ...: its rows must say the same.
     first: dict[str, int] = {}
     agrees: list[bool | None] = [None] * n
@@ -336,7 +336,7 @@ def _logged_impressions(store: EventStore, event_ids: Collection[str]) -> dict[s
         for start in range(0, len(ids), _STORE_LOOKUP_CHUNK):
             chunk = ids[start:start + _STORE_LOOKUP_CHUNK]
             for row in conn.execute(sa.select(IMPRESSIONS).where(IMPRESSIONS.c.event_id.in_(chunk))):
-                found[row.event_id] = _impression(row)
+                found[row.event_id] = impression_from_row(row)
     return found
 
 
@@ -367,10 +367,10 @@ def _same_content(logged: Impression, imported: Impression, store: EventStore) -
 
 
 def _events_suite(gx, frame: pd.DataFrame, rows: _Rows, table: str, *, store: EventStore, cfg: TrafficConfig,
-                  ad_ids: Collection[str], ads_source: str, now: dt.datetime) -> tuple[_Suite, dict[str, Impression]]:
+                  ad_ids: Collection[str], ads_source: str, now: dt.datetime) -> tuple[Suite, dict[str, Impression]]:
     E = gx.expectations
     raw = frame.copy()
-    suite = _Suite("import_events", table, raw, _row_id)
+    suite = Suite("import_events", table, raw, _row_id)
     suite.data_columns = list(frame.columns)
     n = len(frame)
     in_file = _file_impressions(rows)
@@ -378,7 +378,7 @@ def _events_suite(gx, frame: pd.DataFrame, rows: _Rows, table: str, *, store: Ev
 
     def rule(name: str, column: str, fact: str, values: list[Any], show: tuple[str, ...] = ()) -> None:
         raw[fact] = _fact(values)
-        suite.rules.append(_Rule(name, column, E.ExpectColumnValuesToBeInSet(column=fact, value_set=[True]),
+        suite.rules.append(Rule(name, column, E.ExpectColumnValuesToBeInSet(column=fact, value_set=[True]),
                                  show=tuple(c for c in show if c in raw.columns)))
 
     known = set(ad_ids)
@@ -474,14 +474,14 @@ def import_events(path: Path, store: EventStore, cfg: TrafficConfig, *, ad_ids: 
                           clicks=len(rows.clicks()), failures=[], num_rules=0)
     import great_expectations as gx  # slow (~3-5 s the first time): only when an import runs
 
-    context = _new_context(gx, None)
+    context = new_context(gx, None)
     schema = _schema_suite(gx, frame, rows, table)
-    result.failures = _run_suites(gx, context, "alignsearch_import_schema", [schema], max_examples)
+    result.failures = run_suites(gx, context, "alignsearch_import_schema", [schema], max_examples)
     result.num_rules = len(schema.rules)
     if result.success:  # the event rules read valid values only
         events, impressions = _events_suite(gx, frame, rows, table, store=store, cfg=cfg, ad_ids=ad_ids,
                                             ads_source=ads_source, now=now or dt.datetime.now(dt.UTC))
-        result.failures = _run_suites(gx, context, "alignsearch_import_events", [events], max_examples)
+        result.failures = run_suites(gx, context, "alignsearch_import_events", [events], max_examples)
         result.num_rules += len(events.rules)
         if result.success:
             result.added = store.append(_to_events(rows, impressions))

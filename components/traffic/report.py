@@ -251,7 +251,7 @@ class ReportRun:
     files: dict[str, Path]
 
 
-def _experiment_id(mlflow_client, name: str, beside: str | None) -> str:
+def experiment_id_for(mlflow_client, name: str, beside: str | None) -> str:
     """The monitoring experiment's id, created on first use; its artifacts go under those of the
     experiment `beside` (the project's) when that one keeps them on local disk."""
     found = mlflow_client.get_experiment_by_name(name)
@@ -283,7 +283,7 @@ def log_report(table: pd.DataFrame, by_version: pd.DataFrame, *, experiment: str
 
     files = write_report(table, by_version, out_dir)
     mlflow_client = client()
-    experiment_id = _experiment_id(mlflow_client, experiment, beside_experiment)
+    experiment_id = experiment_id_for(mlflow_client, experiment, beside_experiment)
     pairs = list(dict.fromkeys(zip(by_version["model_name"], by_version["model_version"], strict=True)))
     names = sorted({name for name, _ in pairs})
     tags = {**source_tags("alignsearch traffic report"),

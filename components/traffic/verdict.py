@@ -44,7 +44,7 @@ from components.search.interleave import contributor_label
 from components.traffic.config import TrafficConfig
 from components.traffic.events import Events, open_store
 from components.traffic.interleaving import PREFERENCE_COLUMNS, impression_preferences
-from components.traffic.report import _experiment_id, compute_report
+from components.traffic.report import compute_report, experiment_id_for
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def log_verdict(verdict: OnlineVerdict, preferences: pd.DataFrame | None, *, exp
     from mlflow.entities import Metric, Param
 
     mlflow_client = client()
-    experiment_id = _experiment_id(mlflow_client, experiment, beside_experiment)
+    experiment_id = experiment_id_for(mlflow_client, experiment, beside_experiment)
     model_name = verdict.challenger.rsplit("/", 1)[0]
     tags = {**source_tags("alignsearch traffic compare"), "alignsearch.report": "online_compare",
             "model_name": model_name, "challenger": verdict.challenger, "champion": verdict.champion,
