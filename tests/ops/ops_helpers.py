@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
+
+import httpx
+import pytest
 
 from components.config import Params, load_params
 
@@ -66,3 +72,27 @@ def relocate_paths(value, old_root: Path, root: Path):
     import json
 
     return json.loads(json.dumps(value).replace(str(old_root), str(root)))
+
+
+def start_serve(root: Path, model_uri: str, sets: list[str], *, cwd: Path, log_path: Path,
+                timeout_s: float = 240) -> tuple[subprocess.Popen, str]:
+    """`alignsearch serve` of `model_uri` in a child process on a free port (`--set` each of
+    `sets`; output to `log_path`), once its /health answers 200: (process, base URL). Fails the
+    test with the end of the log when it exits or does not come up in `timeout_s`."""
+    port = free_port()
+    with log_path.open("w") as log:  # the child keeps its own handle
+        server = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(port),
+                                   "--model-uri", model_uri, *[arg for item in sets for arg in ("--set", item)]],
+                                  env=fresh_env(root), cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return server, url
+        except httpx.TransportError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            pytest.fail("`alignsearch serve` did not come up:\n" + log_path.read_text()[-3000:])
+        time.sleep(0.3)

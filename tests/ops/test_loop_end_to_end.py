@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
-from ops_helpers import free_port, fresh_env
+from ops_helpers import start_serve
 from typer.testing import CliRunner
 
 from components.config import Params, load_params
@@ -85,27 +84,11 @@ def _versions(client: MlflowClient) -> list[str]:
 # --------------------------------------------------------------------------- serving and people
 
 
-def _serve(cfg: Params, root: Path, log_file) -> tuple[subprocess.Popen, str]:
+def _serve(cfg: Params, root: Path) -> tuple[subprocess.Popen, str]:
     """`alignsearch serve` of the champion in a child process, logging into the test's traffic log."""
-    port = free_port()
     sets = [f"registry.tracking_uri={cfg.registry.tracking_uri}", f"data.cache_dir={cfg.data.cache_dir}",
             f"traffic.store_uri={cfg.traffic.store_uri}"]
-    server = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(port),
-                               "--model-uri", f"models:/{MODEL}@champion",
-                               *[arg for item in sets for arg in ("--set", item)]],
-                              env=fresh_env(root), cwd=root, stdout=log_file, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return server, url
-        except httpx.TransportError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            pytest.fail("`alignsearch serve` did not come up:\n" + Path(log_file.name).read_text()[-3000:])
-        time.sleep(0.3)
+    return start_serve(root, f"models:/{MODEL}@champion", sets, cwd=root, log_path=root / "serve.log")
 
 
 def _people(base_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -123,8 +106,7 @@ def _people(base_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 def _simulate(cfg: Params, root: Path, base_dir: Path) -> UsersResult:
     """Serve v1, let the people search and click, stop the server cleanly (its log is written)."""
     queries, qrels = _people(base_dir)
-    with (root / "serve.log").open("w") as log_file:
-        server, url = _serve(cfg, root, log_file)
+    server, url = _serve(cfg, root)
     try:
         people = SimulatorConfig(seed=11, split="train", num_searches=NUM_SEARCHES, k=10)
         result = run_users(url, queries, qrels, people)

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import httpx
 import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
-from ops_helpers import free_port, fresh_env, ops_params
+from ops_helpers import fresh_env, ops_params, start_serve
 from typer.testing import CliRunner
 
 from components.catalogue.serving import EngineModel
@@ -135,28 +134,16 @@ def test_serve_command_over_http(trained_store, tmp_path):
     from components.traffic.events import EventStore
 
     root, _, _ = trained_store
-    port = free_port()
     store_uri = f"sqlite:///{tmp_path / 'traffic.db'}"
-    server = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(port), "--model-uri", URI,
-                               *_cli_sets(root), "--set", f"traffic.store_uri={store_uri}",
-                               "--set", "traffic.flush_ms=60000"],  # written only when stopped
-                              env=fresh_env(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              cwd=tmp_path)
+    server, url = start_serve(root, URI, [f"registry.tracking_uri=sqlite:///{root / 'mlruns' / 'mlflow.db'}",
+                                          f"traffic.store_uri={store_uri}",
+                                          "traffic.flush_ms=60000"],  # written only when stopped
+                              cwd=tmp_path, log_path=tmp_path / "serve.log", timeout_s=180)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None, server.stdout.read()
-            assert time.monotonic() < deadline, "the service did not come up"
-            time.sleep(0.5)
-        answer = httpx.get(f"http://127.0.0.1:{port}/search", params={"q": "star", "k": 2}, timeout=30)
+        answer = httpx.get(f"{url}/search", params={"q": "star", "k": 2}, timeout=30)
         assert answer.status_code == 200 and len(answer.json()["results"]) == 2
-        assert httpx.post(f"http://127.0.0.1:{port}/search", json={"query": ""}, timeout=30).status_code == 422
-        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).json()
+        assert httpx.post(f"{url}/search", json={"query": ""}, timeout=30).status_code == 422
+        health = httpx.get(f"{url}/health", timeout=30).json()
         assert health["traffic"]["queued"] == 1 and health["traffic"]["written"] == 0
     finally:
         server.terminate()

@@ -22,7 +22,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ops"))  # ops_helpers: one store helper set
 
-from ops_helpers import as_flow_params, free_port, fresh_env, ops_params, tracking_uri  # noqa: E402
+from ops_helpers import as_flow_params, ops_params, start_serve, tracking_uri  # noqa: E402
 
 from components.traffic.events import EventStore  # noqa: E402
 
@@ -55,26 +55,10 @@ def trained_root(synthetic_dataset_dir, tmp_path_factory) -> Path:
 
 
 def _start(root: Path, store_uri: str, tmp_path: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
     sets = [f"registry.tracking_uri={tracking_uri(root)}", f"data.cache_dir={root / 'cache'}",
             f"traffic.store_uri={store_uri}", f"traffic.batch_size={BATCH_SIZE}", f"traffic.flush_ms={FLUSH_MS}",
             "serve.max_in_flight=64"]
-    log = (tmp_path / "serve.log").open("w")
-    server = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(port), "--model-uri", URI,
-                               *[arg for item in sets for arg in ("--set", item)]],
-                              env=fresh_env(root), cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return server, url
-        except httpx.TransportError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            pytest.fail("`alignsearch serve` did not come up:\n" + (tmp_path / "serve.log").read_text()[-3000:])
-        time.sleep(0.3)
+    return start_serve(root, URI, sets, cwd=tmp_path, log_path=tmp_path / "serve.log")
 
 
 class Load:
