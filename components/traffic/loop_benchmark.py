@@ -119,6 +119,7 @@ class LoopModel:
     scorer_dir: Path
     metrics: dict[str, float]  # flat metrics on the evaluation split (reports/metrics.json layout)
     decide_metrics: dict[str, float]  # the same on the split the promotion rule reads
+    people_metrics: dict[str, float]  # the same on what the simulated people search: the training queries
     detail: RunDetail  # per-query numbers behind them (paired tests)
     rankings: dict[str, list[tuple[str, float]]]  # normalised training query text -> ranked (ad, score)
     seconds: float
@@ -213,7 +214,9 @@ def train_model(inputs: LoopInputs, system: str, version: int, dataset_dir: Path
     texts = dict(zip(catalogue.queries["query_id"].astype(str), catalogue.queries["text"].map(normalize_text),
                      strict=True))
     served = scorer.score_matrix(data_of(catalogue, CATALOGUE))
-    model = LoopModel(system, version, work_dir, metrics, decide_metrics, detail,
+    # judged by the full qrels: the relevance the simulated people click by (the loop's data holds less)
+    people_metrics = flatten_records(evaluate_scores(catalogue, served, seed))
+    model = LoopModel(system, version, work_dir, metrics, decide_metrics, people_metrics, detail,
                       _rankings(served, texts, inputs.traffic.simulator.k), time.perf_counter() - started)
     log.info("%s: %s %s ndcg@10 %.4f (image-only %.4f), %.1f s", model.label, "warm" if champion else "cold",
              inputs.cfg.eval_split, metrics["ndcg@10"], metrics.get(f"{IMAGE_ONLY}/ndcg@10", float("nan")),
@@ -361,13 +364,14 @@ def _counts(traffic: TrafficConfig) -> tuple[int, int]:
 def _comparison(inputs: LoopInputs, kind: str, seed: int, challenger: LoopModel, champion: LoopModel,
                 verdict: OnlineVerdict, preferences: pd.DataFrame, round_: int | None = None) -> dict:
     delta = challenger.metrics["ndcg@10"] - champion.metrics["ndcg@10"]
+    people_delta = challenger.people_metrics["ndcg@10"] - champion.people_metrics["ndcg@10"]
     better = "challenger" if delta > 0 else "champion"
     test = paired_test([challenger.detail], [champion.detail], "all", "ndcg@10", samples=inputs.cfg.bootstrap_samples,
                        seed=seed)
     needed = impressions_needed(preferences, better, inputs.promote.online_alpha)
     online = {CHALLENGER_BETTER: 1, CHAMPION_BETTER: -1}.get(verdict.verdict, 0)  # significant, by side
     return {"kind": kind, "seed": seed, "round": round_, "challenger": challenger.label, "champion": champion.label,
-            "test_delta": delta, "test_p_challenger_better": test["p"], "impressions": verdict.impressions,
+            "test_delta": delta, "test_p_challenger_better": test["p"], "people_delta": people_delta, "impressions": verdict.impressions,
             "preferred": verdict.preferred, "challenger_wins": verdict.challenger_wins,
             "champion_wins": verdict.champion_wins, "win_share": verdict.win_share, "p_value": verdict.p_value,
             "verdict": verdict.verdict, "online_sign": online,
@@ -439,6 +443,7 @@ def _row(system: str, seed: int, round_: int, champion: LoopModel, challenger: L
     return {"system": system, "seed": seed, "round": round_, "champion": champion.version,
             "searches": searches, "clicks": clicks,
             "ndcg@10": champion.metrics["ndcg@10"], "decide_ndcg@10": champion.decide_metrics["ndcg@10"],
+            "people_ndcg@10": champion.people_metrics["ndcg@10"],
             "image_only/ndcg@10": champion.metrics.get(f"{IMAGE_ONLY}/ndcg@10", float("nan")),
             "challenger_ndcg@10": None if challenger is None else challenger.metrics["ndcg@10"],
             "outcome": outcome, "seconds": round(seconds, 1)}

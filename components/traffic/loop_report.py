@@ -49,6 +49,7 @@ def learning_curves(rows: pd.DataFrame) -> pd.DataFrame:
     out = grouped.agg(seeds=("seed", "nunique"), clicks=("clicks", "mean"), searches=("searches", "mean"),
                       ndcg=("ndcg@10", "mean"), ndcg_sd=("ndcg@10", "std"),
                       image_only=("image_only/ndcg@10", "mean"), decide=("decide_ndcg@10", "mean"),
+                      people=("people_ndcg@10", "mean"),
                       seconds=("seconds", "mean"),
                       promoted=("outcome", lambda o: int((o == "promoted").sum())))
     return out.reset_index()
@@ -72,12 +73,13 @@ def clicks_to_reach(curves: pd.DataFrame, system: str, target: float) -> float |
     return None if reached.empty else float(reached.iloc[0]["clicks"])
 
 
-def agreement(comparisons: pd.DataFrame, min_delta: float) -> dict:
-    """Of the interleaved comparisons whose models differ by >= `min_delta` on test ndcg@10: how
+def agreement(comparisons: pd.DataFrame, min_delta: float, delta: str = "test_delta") -> dict:
+    """Of the interleaved comparisons whose models differ by >= `min_delta` in `delta` (test
+    ndcg@10, or `people_delta`: ndcg@10 on the training queries the simulated people search): how
     often the online verdict is significant and picks the better one, how often the win share
-    leans the right way, and the impressions the sign test needed."""
-    apart = comparisons[comparisons["test_delta"].abs() >= min_delta]
-    better = np.sign(apart["test_delta"])
+    leans the right way, and the impressions the sign test needed (counted for test's better)."""
+    apart = comparisons[comparisons[delta].abs() >= min_delta]
+    better = np.sign(apart[delta])
     significant_right = int((apart["online_sign"] == better).sum())
     significant_wrong = int(((apart["online_sign"] != 0) & (apart["online_sign"] != better)).sum())
     share_right = int((np.sign(apart["win_share"].fillna(0.5) - 0.5) == better).sum())
@@ -128,6 +130,11 @@ def summarise(result: LoopBenchmarkResult, cfg: LoopBenchmarkConfig, promote: Pr
                           for kind, part in [("all", comparisons),
                                              *((k, comparisons[comparisons["kind"] == k]) for k in AGREEMENT_KINDS)]
                           if len(part)},
+            "agreement_people": {kind: agreement(part, cfg.agreement_min_delta, "people_delta")
+                                 for kind, part in [("all", comparisons),
+                                                    *((k, comparisons[comparisons["kind"] == k])
+                                                      for k in AGREEMENT_KINDS)]
+                                 if len(part)},
             "bad_promotions": bad_promotions, "promotions": int(decisions["promoted"].sum()) if len(decisions) else 0,
             "decisions": len(decisions), "last_round": last}
 
@@ -140,12 +147,13 @@ def _markdown(result: LoopBenchmarkResult, summary: dict, cfg: LoopBenchmarkConf
              f"Took {result.seconds / 60:.1f} min. Test numbers are on the `{cfg.eval_split}` split, which the "
              f"simulated people never search; promotion reads `{cfg.decide_split}`. `clicks`: the clicks logged before "
              "the round's retraining (what it learnt from, mean over seeds; round 0 learns from the start share's "
-             "qrels alone).", "",
+             "qrels alone). `train-query ndcg@10`: on the training queries the simulated people search, judged by "
+             "the full qrels they click by.", "",
              "## Learning curves (the champion after each round, mean over seeds)", ""]
-    table = curves[["system", "round", "clicks", "ndcg", "ndcg_sd", "image_only", "decide", "promoted",
+    table = curves[["system", "round", "clicks", "ndcg", "ndcg_sd", "image_only", "decide", "people", "promoted",
                     "seconds"]].rename(
         columns={"ndcg": "test ndcg@10", "ndcg_sd": "sd", "image_only": "image-only ndcg@10",
-                 "decide": f"{cfg.decide_split} ndcg@10",
+                 "decide": f"{cfg.decide_split} ndcg@10", "people": "train-query ndcg@10",
                  "promoted": "promoted (of seeds)", "seconds": "seconds/seed"})
     lines += [_markdown_table(table), "", "## Targets", ""]
     ours = summary["gains"].get("ours")
@@ -183,6 +191,11 @@ def _markdown(result: LoopBenchmarkResult, summary: dict, cfg: LoopBenchmarkConf
                      f"{_f(agree['impressions_per_comparison'], 0)} per comparison, never fewer than "
                      f"promote.min_online_impressions = {promote.min_online_impressions}): "
                      f"**{'met' if met else 'missed'}** (target {AGREEMENT_TARGET:.0%}).")
+    for kind, agree in summary["agreement_people"].items():
+        lines.append(f"  - the same verdicts against what the simulated people search (ndcg@10 on the training "
+                     f"queries by the full qrels), {kind}: {agree['apart']} of {agree['comparisons']} apart, "
+                     f"significant and right in {agree['significant_right']} ({_f(agree['agreement'], 3)}), "
+                     f"significant and wrong in {agree['significant_wrong']}.")
     lines.append(f"- **Never promotes a significantly worse challenger** (paired bootstrap p < 0.05 on test): "
                  f"{summary['bad_promotions']} of {summary['promotions']} promotions ({summary['decisions']} decisions): "
                  f"**{'met' if summary['bad_promotions'] == 0 else 'missed'}**.")
@@ -192,7 +205,8 @@ def _markdown(result: LoopBenchmarkResult, summary: dict, cfg: LoopBenchmarkConf
                   "`kind` challenger: a round's challenger against its champion; final: two systems' final champions. "
                   "test delta = challenger - champion on test ndcg@10; verdict: the sign test at "
                   f"promote.online_alpha = {promote.online_alpha}.", ""]
-        table = comparisons[["kind", "system", "seed", "round", "challenger", "champion", "test_delta", "impressions",
+        table = comparisons[["kind", "system", "seed", "round", "challenger", "champion", "test_delta", "people_delta",
+                             "impressions",
                              "challenger_wins", "champion_wins", "p_value", "verdict", "impressions_needed"]]
         lines.append(_markdown_table(table))
     lines += ["", "## Promotion decisions", ""]
@@ -228,7 +242,8 @@ def write_reports(result: LoopBenchmarkResult, cfg: LoopBenchmarkConfig, promote
                "seconds": result.seconds, "timings": result.timings, "rows": result.rows,
                "decisions": result.decisions, "comparisons": result.comparisons,
                "curves": summary["curves"].to_dict("records"), "gains": summary["gains"], "speed": summary["speed"],
-               "agreement": summary["agreement"], "bad_promotions": summary["bad_promotions"]}
+               "agreement": summary["agreement"], "agreement_people": summary["agreement_people"],
+               "bad_promotions": summary["bad_promotions"]}
     paths = {"json": out_dir / JSON_FILE, "markdown": out_dir / MARKDOWN_FILE, "plot": out_dir / PLOT_FILE}
     paths["json"].write_text(json.dumps(payload, indent=2, default=str) + "\n")
     paths["markdown"].write_text(_markdown(result, summary, cfg, promote))
