@@ -100,14 +100,15 @@ def _f(value, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+# Columns shown with fewer decimals than the metrics' 4 (means over seeds of counts and times).
+DIGITS = {"clicks": 0, "searches": 0, "seconds/seed": 1, "impressions_needed": 0, "round": 0}
+
+
 def _markdown_table(frame: pd.DataFrame) -> str:
-    """Whole-number columns (rounds, counts) as integers, the others to 4 decimals."""
-    whole = {c for c in frame.columns if pd.api.types.is_numeric_dtype(frame[c])
-             and np.allclose(frame[c].dropna() % 1, 0)}
     header = "| " + " | ".join(frame.columns) + " |\n|" + "---|" * len(frame.columns) + "\n"
     return header + "".join(
-        "| " + " | ".join(_f(v, 0) if c in whole and isinstance(v, float) else _f(v) for c, v in zip(frame.columns, row, strict=True))
-        + " |\n" for row in frame.itertuples(index=False))
+        "| " + " | ".join(_f(v, DIGITS.get(c, 4)) for c, v in zip(frame.columns, row, strict=True)) + " |\n"
+        for row in frame.itertuples(index=False))
 
 
 def summarise(result: LoopBenchmarkResult, cfg: LoopBenchmarkConfig, promote: PromoteConfig) -> dict:
