@@ -15,7 +15,7 @@ from flows.cli import app
 runner = CliRunner()
 
 
-COMMANDS = {"ads", "align", "bench-index", "bench-serve", "benchmark", "data", "evaluate", "features", "promote", "retrain", "rollback", "run",
+COMMANDS = {"ads", "align", "bench-index", "bench-serve", "benchmark", "benchmark-loop", "data", "evaluate", "features", "promote", "retrain", "rollback", "run",
             "schedule", "search", "serve", "team", "traffic", "train-matcher"}
 SUBCOMMANDS = {"ads": {"add", "remove", "status"}, "data": {"build", "hash", "validate"}, "align": {"compare", "show", "train"}, "team": {"down", "status", "up"},
                "traffic": {"compare", "export", "import", "ingest", "prune", "report", "simulate"}}
