@@ -54,7 +54,7 @@ lint: setup
 bench: setup openclipart
 	$(VENV)/bin/alignsearch benchmark --data data/openclipart --out reports/benchmark
 
-# Each system learns from simulated clicks round by round (about 45 min on 2 cores, docs/benchmark.md).
+# Each system learns from simulated clicks round by round (about 50 min on 2 cores, docs/benchmark.md).
 bench-loop: setup openclipart
 	$(VENV)/bin/alignsearch benchmark-loop --data data/openclipart --out reports/benchmark-loop
 
