@@ -40,11 +40,9 @@ openclipart:
 run: setup openclipart
 	$(VENV)/bin/alignsearch run
 
-# Three workers on two cores: with two, a third of the CPU sat idle while tests waited on the
-# servers and child processes they start (Prefect, MLflow, serve, the cron minute).
 test: setup
 	@bash infra/ensure_chromium.sh
-	$(VENV)/bin/pytest -q -n 3 --dist loadgroup --durations=15
+	$(VENV)/bin/pytest -q -n 2 --dist loadgroup --durations=15
 
 lint: setup
 	$(VENV)/bin/ruff check components flows infra tests

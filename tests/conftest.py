@@ -32,7 +32,7 @@ SHARED_FIXTURES = {"team_stack": "team", "trained_template": "ops", "catalogue_t
 def pytest_collection_modifyitems(config, items):
     """A `slow` test without its own `timeout` mark gets SLOW_TIMEOUT_S (pyproject: 600 s for the rest).
 
-    With pytest-xdist (`make test` runs `-n 3 --dist loadgroup`): the tests of one file stay on
+    With pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): the tests of one file stay on
     one worker (module fixtures are built once), and the tests using one of SHARED_FIXTURES are
     one group (in file order, so tests/team's files that must run before test_stack.py's last
     test, which stops the stack, still do).
@@ -46,7 +46,7 @@ def pytest_collection_modifyitems(config, items):
             parts = Path(str(item.fspath)).resolve().relative_to(REPO_ROOT / "tests").parts
             item.add_marker(pytest.mark.xdist_group(shared[0] if shared else "/".join(parts)))
     if parallel:
-        # Longest first (the classic rule for a few machines): the shared groups (minutes each),
+        # Longest first (the classic rule for two machines): the shared groups (minutes each),
         # then the files of `slow` tests (flows, servers, schedules: up to a minute or two
         # each), then the rest. Started last, a long one was the suite's tail while the other
         # worker sat idle.

@@ -65,9 +65,17 @@ def test_a_change_over_a_two_tag_pointer_keeps_its_ads_and_leaves_one_tag(traine
     assert {"old:1", "new:1"} <= set(second.catalogue.ads["ad_id"])
 
 
+TEAM_RACE = "tests/team/test_race_on_the_team_stack.py"
+
+
 @pytest.mark.slow
-def test_every_acknowledged_ad_is_in_the_final_catalogue(trained_store, tmp_path, monkeypatch):
+def test_every_acknowledged_ad_is_in_the_final_catalogue(trained_store, tmp_path, monkeypatch, request):
     from flows.retrain import retrain_flow
+
+    if any(item.nodeid.startswith(TEAM_RACE) for item in request.session.items):
+        # The same race (catalogue_race.py) runs in this session against the team stack's MLflow
+        # server (Postgres, S3): the harder backend. Run this file alone to race a local server.
+        pytest.skip(f"the same race runs on the team stack in this session ({TEAM_RACE})")
 
     root, cfg, _ = trained_store
     cache = cfg.data.cache_dir
