@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -83,8 +84,9 @@ def champion_now() -> str:
 
 
 def recorded(version: str, key: str) -> dict:
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/{version}"))
-    return json.loads((local / "promotion" / f"decision-{key}.json").read_text())
+    with tempfile.TemporaryDirectory() as scratch:  # mlflow would leave its download in /tmp
+        local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/{version}", dst_path=scratch))
+        return json.loads((local / "promotion" / f"decision-{key}.json").read_text())
 
 
 @pytest.mark.slow

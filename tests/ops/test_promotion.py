@@ -5,6 +5,7 @@ The rule itself (`compare`) is also checked on hand-made numbers."""
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -107,9 +108,10 @@ def _state(client: MlflowClient) -> dict:
 
 
 def _decisions(version) -> list[dict]:
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/{version}"))
-    return [json.loads(p.read_text()) for p in sorted((local / "promotion").glob("decision-*.json"))] \
-        if (local / "promotion").is_dir() else []
+    with tempfile.TemporaryDirectory() as scratch:  # mlflow would leave its download in /tmp
+        local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/{version}", dst_path=scratch))
+        return [json.loads(p.read_text()) for p in sorted((local / "promotion").glob("decision-*.json"))] \
+            if (local / "promotion").is_dir() else []
 
 
 def _promote(root, dataset_dir, *rule: str) -> dict:
