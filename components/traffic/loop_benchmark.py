@@ -70,7 +70,7 @@ from components.search.config import ServeConfig
 from components.search.interleave import contributor_label
 from components.systems import WORD_SYSTEMS
 from components.traffic.config import LoopBenchmarkConfig, TrafficConfig
-from components.traffic.events import open_store
+from components.traffic.events import open_store, utc_now
 from components.traffic.ingest import ingest, link_dataset_files
 from components.traffic.interleaving import impression_preferences
 from components.traffic.loop_report import LoopBenchmarkResult, write_reports
@@ -143,6 +143,11 @@ class LoopInputs:
     traffic: TrafficConfig
     promote: PromoteConfig
     cfg: LoopBenchmarkConfig
+
+    @functools.cached_property
+    def titles(self) -> dict[str, str]:
+        """ad id -> title, what the service shows beside each ad."""
+        return dict(zip(self.full.ads["ad_id"].astype(str), self.full.ads["title"].fillna("").astype(str), strict=True))
 
     def split_features(self, name: str):
         return self.features.take(self.full.ad_rows(self.full.split(name)))
@@ -314,13 +319,12 @@ def interleave(inputs: LoopInputs, champion: LoopModel, challenger: LoopModel, t
                searches: int, seed: int) -> tuple[OnlineVerdict, pd.DataFrame, UsersResult]:
     """`searches` simulated searches answered by a team-draft interleaving of the two models;
     the online verdict of `challenger` against `champion` over them, and its per-impression rows."""
-    titles = dict(zip(inputs.full.ads["ad_id"].astype(str), inputs.full.ads["title"].fillna("").astype(str),
-                      strict=True))
-    with serving(RankedModel(champion, titles), traffic, challenger=RankedModel(challenger, titles),
+    started = utc_now()  # the log holds earlier phases too: read this one's events only
+    with serving(RankedModel(champion, inputs.titles), traffic, challenger=RankedModel(challenger, inputs.titles),
                  seed=seed) as url:
         users = _simulate(inputs, url, searches, seed)
     with open_store(traffic) as store:
-        events = store.read()
+        events = store.read(start=started)
     preferences = impression_preferences(events, challenger.label, champion.label)
     verdict = verdict_of(preferences, challenger.label, champion.label, inputs.promote.online_alpha,
                          min_impressions=inputs.promote.min_online_impressions)
@@ -357,8 +361,8 @@ class LoopResult:
 
 def _counts(traffic: TrafficConfig) -> tuple[int, int]:
     with open_store(traffic) as store:
-        events = store.read()
-    return len(events.impressions), len(events.clicks)
+        counts = store.counts()
+    return counts.impressions, counts.clicks
 
 
 def _comparison(inputs: LoopInputs, kind: str, seed: int, challenger: LoopModel, champion: LoopModel,
@@ -398,10 +402,8 @@ def run_loop(inputs: LoopInputs, system: str, seed: int, work_dir: Path, *,
     decisions, comparisons = [], []
     for round_ in range(1, cfg.rounds + 1):
         started = time.perf_counter()
-        titles = dict(zip(inputs.full.ads["ad_id"].astype(str), inputs.full.ads["title"].fillna("").astype(str),
-                          strict=True))
         people = simulator_seed(seed, round_, PHASE_COLLECT)
-        with serving(RankedModel(champion, titles), traffic, seed=people) as url:
+        with serving(RankedModel(champion, inputs.titles), traffic, seed=people) as url:
             collected = _simulate(inputs, url, cfg.searches, people)
         with open_store(traffic) as store:
             ingested = ingest(base_dir, work_dir / "live", store, traffic)

@@ -37,8 +37,14 @@ AlignOption = Annotated[Optional[Path], typer.Option("--align")]  # noqa: UP045
 OutOption = Annotated[Optional[Path], typer.Option(help="Output directory.")]  # noqa: UP045
 
 
-def _float_list(text: str | None) -> list[float] | None:
-    return None if text is None else [float(x) for x in text.split(",") if x.strip()]
+def _comma_list(text: str | None, kind: type = str) -> list | None:
+    """`a,b,c` -> [kind(a), kind(b), kind(c)]; None (the option not given) stays None, '' is []."""
+    return None if text is None else [kind(x.strip()) for x in text.split(",") if x.strip()]
+
+
+def _with_options(section, **given):
+    """A params section with the options given on the command line (None: not given) in place."""
+    return section.model_validate({**section.model_dump(), **{k: v for k, v in given.items() if v is not None}})
 
 
 def features(data: DataOption = None, out: OutOption = None,
@@ -204,16 +210,8 @@ def benchmark(
     from flows.compute import cell_mapper  # Prefect
 
     cfg = load_config(params, set_)
-    update: dict = {}
-    if systems is not None:
-        update["systems"] = [s.strip() for s in systems.split(",") if s.strip()]
-    if ablations is not None:
-        update["ablations"] = [s.strip() for s in ablations.split(",") if s.strip()]
-    if fractions is not None:
-        update["fractions"] = _float_list(fractions)
-    if seeds is not None:
-        update["seeds"] = [int(x) for x in seeds.split(",") if x.strip()]
-    bench_cfg = cfg.benchmark.model_validate({**cfg.benchmark.model_dump(), **update})
+    bench_cfg = _with_options(cfg.benchmark, systems=_comma_list(systems), ablations=_comma_list(ablations),
+                              fractions=_comma_list(fractions, float), seeds=_comma_list(seeds, int))
     result = run_benchmark(bench_cfg, dataset_dir=data, out_dir=out, cache_dir=cfg.data.cache_dir,
                            parts_cfg=cfg.vision, align_cfg=cfg.align, match_cfg=cfg.match, quick=quick,
                            map_cells=cell_mapper(cfg.compute))
@@ -237,16 +235,8 @@ def benchmark_loop(
     from components.traffic.loop_benchmark import run_loop_benchmark
 
     cfg = load_config(params, set_)
-    update: dict = {}
-    if rounds is not None:
-        update["rounds"] = rounds
-    if searches is not None:
-        update["searches"] = searches
-    if systems is not None:
-        update["systems"] = [s.strip() for s in systems.split(",") if s.strip()]
-    if seeds is not None:
-        update["seeds"] = [int(x) for x in seeds.split(",") if x.strip()]
-    loop_cfg = cfg.benchmark_loop.model_validate({**cfg.benchmark_loop.model_dump(), **update})
+    loop_cfg = _with_options(cfg.benchmark_loop, rounds=rounds, searches=searches, systems=_comma_list(systems),
+                             seeds=_comma_list(seeds, int))
     result = run_loop_benchmark(loop_cfg, dataset_dir=data, out_dir=out, cache_dir=cfg.data.cache_dir,
                                 parts_cfg=cfg.vision, align_cfg=cfg.align, match_cfg=cfg.match, traffic=cfg.traffic,
                                 promote=cfg.promote, work_dir=work)
