@@ -6,6 +6,7 @@ Nothing here reads a developer's data/ or mlruns/: every fixture writes under tm
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,36 @@ def pytest_collection_modifyitems(config, items):
             return len(first) if item.fspath in slow_files else len(first) + 1
 
         items.sort(key=rank)
+
+
+# A run writes gigabytes (every flow test has its models, catalogue bundles and MLflow store), so a
+# passed test's tmp_path is emptied once its fixtures are torn down. Emptied, not removed as
+# pytest's `tmp_path_retention_policy = "failed"` does: that frees the name, the next test of the
+# same name gets the same path, and MLflow's and SQLAlchemy's engines cached by that path in this
+# process still read the deleted files. A failed test keeps its directory.
+_TMP_PATH_TO_EMPTY = pytest.StashKey[Path]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    tmp_path = (getattr(item, "funcargs", None) or {}).get("tmp_path")
+    if report.when == "call" and report.passed and tmp_path is not None:
+        item.stash[_TMP_PATH_TO_EMPTY] = tmp_path
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    result = yield
+    tmp_path = item.stash.get(_TMP_PATH_TO_EMPTY, None)
+    if tmp_path is not None and tmp_path.is_dir():
+        for child in tmp_path.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+    return result
 
 
 @pytest.fixture(scope="session")

@@ -34,6 +34,7 @@ import datetime as dt
 import hashlib
 import logging
 import re
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -284,12 +285,23 @@ class EventStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _create_tables(self) -> None:
-        try:
-            METADATA.create_all(self.engine)
-        except sa.exc.DatabaseError:
-            # Another process created them between the check and the CREATE: they are there now.
-            METADATA.create_all(self.engine)
+    def _create_tables(self, attempts: int = 3) -> None:
+        # Several processes open a new log at once (a server's writer processes): each statement
+        # says IF NOT EXISTS, where `create_all`'s check-then-create let the later ones fail.
+        # PostgreSQL may still refuse one of two concurrent CREATEs (its catalogue's unique
+        # index): the next attempt finds the table there.
+        for attempt in range(1, attempts + 1):
+            try:
+                with self.engine.begin() as conn:
+                    for table in METADATA.sorted_tables:
+                        conn.execute(sa.schema.CreateTable(table, if_not_exists=True))
+                        for index in table.indexes:
+                            conn.execute(sa.schema.CreateIndex(index, if_not_exists=True))
+                break
+            except sa.exc.DatabaseError:
+                if attempt == attempts:
+                    raise
+                time.sleep(0.05 * attempt)
         self._add_missing_columns()
 
     def _add_missing_columns(self) -> None:

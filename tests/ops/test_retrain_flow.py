@@ -142,6 +142,7 @@ def test_title_less_dataset_registers_whichever_of_ours_and_implicit_fusion_word
     for system in values:
         assert f"eval/{system}/valid/ndcg_at_10" in run.data.metrics
     assert "train_matcher/implicit_fusion_words/seconds" in run.data.metrics
+    (tmp_path / "down").mkdir()  # not mlflow's default, a directory in /tmp that nobody removes
     model = mlflow.pyfunc.load_model(f"models:/alignsearch/{result['version']}", dst_path=str(tmp_path / "down"))
     assert model.unwrap_python_model().engine.meta["system"] == winner
     query = read_dataset(dataset_dir).split("test").queries["text"].iloc[0]

@@ -125,6 +125,7 @@ def test_a_champion_whose_ctr_dropped_is_rolled_back_with_its_catalogue(promoted
     tags = client.get_model_version(NAME, better).tags
     assert tags["alignsearch.rollback.outcome"] == "rolled_back" and tags["alignsearch.rollback.to"] == worse
     assert tags["alignsearch.rollback.forced"] == "false"
+    (tmp_path / "down").mkdir()  # not mlflow's default, a directory in /tmp that nobody removes
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/{better}", dst_path=str(tmp_path / "down")))
     [record] = [json.loads(p.read_text()) for p in (local / "rollback").glob("decision-*.json")]
     assert record["outcome"] == "rolled_back" and record["champion_ctr"]["ctr_at_10"] == pytest.approx(0.2)
