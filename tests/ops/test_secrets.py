@@ -4,6 +4,7 @@ messages, the retraining run's params, params.json and failure tag (`redact_uri`
 from __future__ import annotations
 
 import json
+import tempfile
 
 import pytest
 from mlflow import MlflowClient
@@ -54,9 +55,9 @@ def test_mlflow_prints_no_run_link_built_from_a_uri_with_a_password(monkeypatch)
 
 def _everything_recorded(client: MlflowClient, run_id: str) -> str:
     run = client.get_run(run_id)
-    params = client.download_artifacts(run_id, "params.json")
-    with open(params) as handle:
-        logged = json.load(handle)
+    with tempfile.TemporaryDirectory() as scratch:  # mlflow's default would stay in /tmp
+        with open(client.download_artifacts(run_id, "params.json", dst_path=scratch)) as handle:
+            logged = json.load(handle)
     return json.dumps([run.data.params, run.data.tags, logged])
 
 

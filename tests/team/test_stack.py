@@ -118,7 +118,7 @@ class _Echo(mlflow.pyfunc.PythonModel):  # a minimal pyfunc model: nothing of th
 
 
 @pytest.mark.timeout(300)
-def test_mlflow_on_postgres_artifacts_in_bucket_registry_alias(team_stack, team_env, monkeypatch):
+def test_mlflow_on_postgres_artifacts_in_bucket_registry_alias(team_stack, team_env, monkeypatch, tmp_path):
     import psycopg2
     from mlflow import MlflowClient
 
@@ -147,7 +147,7 @@ def test_mlflow_on_postgres_artifacts_in_bucket_registry_alias(team_stack, team_
     version = mlflow.register_model(info.model_uri, "team-smoke-model")
     client.set_registered_model_alias("team-smoke-model", "champion", version.version)
     assert client.get_model_version_by_alias("team-smoke-model", "champion").version == version.version
-    loaded = mlflow.pyfunc.load_model("models:/team-smoke-model@champion")
+    loaded = mlflow.pyfunc.load_model("models:/team-smoke-model@champion", dst_path=str(tmp_path))
     assert loaded is not None
 
 
@@ -208,7 +208,7 @@ def deployment_run(team_stack, team_root, tmp_path_factory) -> dict:
 
 
 @pytest.mark.timeout(1200)  # includes the module's deployment run
-def test_prefect_yaml_deployment_runs_on_a_worker_and_registers(deployment_run, team_env):
+def test_prefect_yaml_deployment_runs_on_a_worker_and_registers(deployment_run, team_env, tmp_path):
     """The worker's venv over the project's packages retrained on a tiny synthetic dataset:
     the run is COMPLETED, version 1 is challenger then champion, its artifacts are in the bucket,
     and the promoted model answers from the server's registry."""
@@ -227,7 +227,7 @@ def test_prefect_yaml_deployment_runs_on_a_worker_and_registers(deployment_run, 
     import pandas as pd
 
     mlflow.set_registry_uri(team_env["MLFLOW_TRACKING_URI"])
-    model = mlflow.pyfunc.load_model("models:/alignsearch@champion")
+    model = mlflow.pyfunc.load_model("models:/alignsearch@champion", dst_path=str(tmp_path))  # not a /tmp leftover
     hits = model.predict(pd.DataFrame({"query": ["red"], "k": [3]}))
     assert 0 < len(hits) <= 3 and {"ad_id", "score"} <= set(hits.columns)
 
