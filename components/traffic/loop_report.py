@@ -171,13 +171,16 @@ def _markdown(result: LoopBenchmarkResult, summary: dict, cfg: LoopBenchmarkConf
                          f"{gain[IMAGE_ONLY]['delta']:+.4f} (p = {gain[IMAGE_ONLY]['p']:.4f})")
     speed = summary["speed"]
     if speed:
-        def reach(clicks):
-            return "never (within these rounds)" if clicks is None else f"{clicks:.0f} clicks"
+        def reach(who, target, clicks):
+            if clicks is None:
+                return f"{who} does not reach {target} within these rounds"
+            return f"{who} reaches {target} after {clicks:.0f} clicks"
 
-        lines.append(f"- **Learning speed**: ours reaches late_fusion's final test ndcg@10 "
-                     f"({speed['late_fusion_final']:.4f}) after {reach(speed['ours_clicks_to_late_fusion_final'])}; "
-                     f"late_fusion reaches ours' final ({speed['ours_final']:.4f}) after "
-                     f"{reach(speed['late_fusion_clicks_to_ours_final'])}.")
+        lines.append("- **Learning speed**: "
+                     + reach("ours", f"late_fusion's final test ndcg@10 ({speed['late_fusion_final']:.4f})",
+                             speed["ours_clicks_to_late_fusion_final"]) + "; "
+                     + reach("late_fusion", f"ours' final ({speed['ours_final']:.4f})",
+                             speed["late_fusion_clicks_to_ours_final"]) + ".")
     for kind, agree in summary["agreement"].items():
         met = agree["apart"] > 0 and agree["agreement"] >= AGREEMENT_TARGET
         what = {"all": "all comparisons", "final": "the systems' final champions, pairwise",
