@@ -36,3 +36,13 @@ def load_config(params: Path, overrides: list[str] | None) -> Params:
     except ValueError as exc:  # pydantic.ValidationError is a ValueError
         err_console.print(f"[red]Invalid parameters ({params}):[/red]\n{exc}")
         raise typer.Exit(2) from exc
+
+
+def comma_list(text: str | None, kind: type = str) -> list | None:
+    """`a,b,c` -> [kind(a), kind(b), kind(c)]; None (the option not given) stays None, '' is []."""
+    return None if text is None else [kind(x.strip()) for x in text.split(",") if x.strip()]
+
+
+def with_options(section, **given):
+    """A params section with the options given on the command line (None: not given) in place."""
+    return section.model_validate({**section.model_dump(), **{k: v for k, v in given.items() if v is not None}})

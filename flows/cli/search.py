@@ -32,6 +32,7 @@ from flows.cli.options import (
     ModelUriOption,
     ParamsOption,
     SetOption,
+    comma_list,
     console,
     err_console,
     load_config,
@@ -239,8 +240,8 @@ def bench_index(
     configure_mlflow(cfg.registry)
     try:
         result = measure_index(model_uri or cfg.serve.model_uri, data or cfg.data.out_dir, cfg.data.cache_dir, out,
-                               sizes=[int(s) for s in sizes.split(",") if s.strip()], encode_ads=encode_ads,
-                               threads=threads, skip=set((skip or "").split(",")) - {""}, console=console)
+                               sizes=comma_list(sizes, int), encode_ads=encode_ads,
+                               threads=threads, skip=set(comma_list(skip) or []), console=console)
     except LookupError as exc:
         err_console.print(f"[red]{redact_uri(str(exc))}[/red]", soft_wrap=True)
         raise typer.Exit(1) from exc

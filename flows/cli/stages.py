@@ -25,9 +25,11 @@ from flows.cli.options import (
     DataOption,
     ParamsOption,
     SetOption,
+    comma_list,
     console,
     err_console,
     load_config,
+    with_options,
 )
 
 align_app = typer.Typer(help="The label-free alignment of image parts to words.", no_args_is_help=True)
@@ -35,16 +37,6 @@ align_app = typer.Typer(help="The label-free alignment of image parts to words."
 FeaturesOption = Annotated[Optional[Path], typer.Option("--features")]  # noqa: UP045
 AlignOption = Annotated[Optional[Path], typer.Option("--align")]  # noqa: UP045
 OutOption = Annotated[Optional[Path], typer.Option(help="Output directory.")]  # noqa: UP045
-
-
-def _comma_list(text: str | None, kind: type = str) -> list | None:
-    """`a,b,c` -> [kind(a), kind(b), kind(c)]; None (the option not given) stays None, '' is []."""
-    return None if text is None else [kind(x.strip()) for x in text.split(",") if x.strip()]
-
-
-def _with_options(section, **given):
-    """A params section with the options given on the command line (None: not given) in place."""
-    return section.model_validate({**section.model_dump(), **{k: v for k, v in given.items() if v is not None}})
 
 
 def features(data: DataOption = None, out: OutOption = None,
@@ -210,8 +202,8 @@ def benchmark(
     from flows.compute import cell_mapper  # Prefect
 
     cfg = load_config(params, set_)
-    bench_cfg = _with_options(cfg.benchmark, systems=_comma_list(systems), ablations=_comma_list(ablations),
-                              fractions=_comma_list(fractions, float), seeds=_comma_list(seeds, int))
+    bench_cfg = with_options(cfg.benchmark, systems=comma_list(systems), ablations=comma_list(ablations),
+                             fractions=comma_list(fractions, float), seeds=comma_list(seeds, int))
     result = run_benchmark(bench_cfg, dataset_dir=data, out_dir=out, cache_dir=cfg.data.cache_dir,
                            parts_cfg=cfg.vision, align_cfg=cfg.align, match_cfg=cfg.match, quick=quick,
                            map_cells=cell_mapper(cfg.compute))
@@ -235,8 +227,8 @@ def benchmark_loop(
     from components.traffic.loop_benchmark import run_loop_benchmark
 
     cfg = load_config(params, set_)
-    loop_cfg = _with_options(cfg.benchmark_loop, rounds=rounds, searches=searches, systems=_comma_list(systems),
-                             seeds=_comma_list(seeds, int))
+    loop_cfg = with_options(cfg.benchmark_loop, rounds=rounds, searches=searches, systems=comma_list(systems),
+                            seeds=comma_list(seeds, int))
     result = run_loop_benchmark(loop_cfg, dataset_dir=data, out_dir=out, cache_dir=cfg.data.cache_dir,
                                 parts_cfg=cfg.vision, align_cfg=cfg.align, match_cfg=cfg.match, traffic=cfg.traffic,
                                 promote=cfg.promote, work_dir=work)

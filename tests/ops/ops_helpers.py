@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
+import mlflow
 import pytest
 
 from components.config import Params, load_params
@@ -96,3 +99,11 @@ def start_serve(root: Path, model_uri: str, sets: list[str], *, cwd: Path, log_p
             server.kill()
             pytest.fail("`alignsearch serve` did not come up:\n" + log_path.read_text()[-3000:])
         time.sleep(0.3)
+
+
+def decision_records(model_uri: str, folder: str) -> list[dict]:
+    """The decision records (`<folder>/decision-*.json`, by file name) a registered model version
+    carries: `folder` is "promotion" or "rollback"."""
+    with tempfile.TemporaryDirectory() as scratch:  # mlflow's default would be a /tmp directory nobody removes
+        local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=scratch))
+        return [json.loads(p.read_text()) for p in sorted((local / folder).glob("decision-*.json"))]

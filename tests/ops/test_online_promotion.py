@@ -9,14 +9,11 @@ The rule itself (`online_rule`) is checked on hand-made verdicts too."""
 from __future__ import annotations
 
 import datetime as dt
-import json
-import tempfile
 from pathlib import Path
 
-import mlflow
 import pytest
 from mlflow import MlflowClient
-from ops_helpers import as_flow_params, ops_params
+from ops_helpers import as_flow_params, decision_records, ops_params
 from two_versions import NAME, copy_store, log_interleaved
 
 from components.registry.config import PromoteConfig
@@ -84,9 +81,8 @@ def champion_now() -> str:
 
 
 def recorded(version: str, key: str) -> dict:
-    with tempfile.TemporaryDirectory() as scratch:  # mlflow would leave its download in /tmp
-        local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/{version}", dst_path=scratch))
-        return json.loads((local / "promotion" / f"decision-{key}.json").read_text())
+    [record] = [r for r in decision_records(f"models:/{NAME}/{version}", "promotion") if r["key"] == key]
+    return record
 
 
 @pytest.mark.slow

@@ -5,13 +5,12 @@ The rule itself (`compare`) is also checked on hand-made numbers."""
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import mlflow
 import pytest
 from mlflow import MlflowClient
-from ops_helpers import as_flow_params, ops_params
+from ops_helpers import as_flow_params, decision_records, ops_params
 
 from components.catalogue.live import catalogue_carrier
 from components.registry.config import PromoteConfig
@@ -108,10 +107,7 @@ def _state(client: MlflowClient) -> dict:
 
 
 def _decisions(version) -> list[dict]:
-    with tempfile.TemporaryDirectory() as scratch:  # mlflow would leave its download in /tmp
-        local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/{version}", dst_path=scratch))
-        return [json.loads(p.read_text()) for p in sorted((local / "promotion").glob("decision-*.json"))] \
-            if (local / "promotion").is_dir() else []
+    return decision_records(f"models:/{NAME}/{version}", "promotion")
 
 
 def _promote(root, dataset_dir, *rule: str) -> dict:

@@ -10,14 +10,12 @@ traffic log in tmp with hand-made searches of each version timed in its own time
 from __future__ import annotations
 
 import datetime as dt
-import json
 from pathlib import Path
 
-import mlflow
 import pytest
 from catalogue_race import new_ads_dir
 from mlflow import MlflowClient
-from ops_helpers import as_flow_params, ops_params
+from ops_helpers import as_flow_params, decision_records, ops_params
 from two_versions import NAME, copy_store, log_searches
 from typer.testing import CliRunner
 
@@ -125,9 +123,7 @@ def test_a_champion_whose_ctr_dropped_is_rolled_back_with_its_catalogue(promoted
     tags = client.get_model_version(NAME, better).tags
     assert tags["alignsearch.rollback.outcome"] == "rolled_back" and tags["alignsearch.rollback.to"] == worse
     assert tags["alignsearch.rollback.forced"] == "false"
-    (tmp_path / "down").mkdir()  # not mlflow's default, a directory in /tmp that nobody removes
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/{better}", dst_path=str(tmp_path / "down")))
-    [record] = [json.loads(p.read_text()) for p in (local / "rollback").glob("decision-*.json")]
+    [record] = decision_records(f"models:/{NAME}/{better}", "rollback")
     assert record["outcome"] == "rolled_back" and record["champion_ctr"]["ctr_at_10"] == pytest.approx(0.2)
     restored = client.get_model_version(NAME, worse)
     assert restored.tags["alignsearch.champion.restored_from"] == better
